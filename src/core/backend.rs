@@ -1,0 +1,33 @@
+//! The `Backend` seam: protocol-neutral operations performed inside the HSM.
+//!
+//! Implemented by `hsm::Pkcs11Backend`. Async at the seam (callers are request handlers on the
+//! tokio runtime); implementations run the blocking work elsewhere. Must not depend on HTTP or
+//! PKCS#11 types.
+
+use std::future::Future;
+
+use super::{AeadDecrypt, AeadEncrypt, AeadSealed, CryptoError, HsmHealth, KeyInfo, Plaintext};
+
+/// Operations the core needs from a key manager. Every cryptographic operation happens inside it.
+pub trait Backend: Send + Sync + 'static {
+    /// AES-GCM encrypt with a key in the HSM and an IV the HSM generates.
+    fn aead_encrypt(
+        &self,
+        req: AeadEncrypt,
+    ) -> impl Future<Output = Result<AeadSealed, CryptoError>> + Send;
+
+    /// AES-GCM decrypt; a tag mismatch is `InvalidCiphertext` and costs no session.
+    fn aead_decrypt(
+        &self,
+        req: AeadDecrypt,
+    ) -> impl Future<Output = Result<Plaintext, CryptoError>> + Send;
+
+    /// The key's attributes (cached; no per-request object search).
+    fn key_info(&self, key: &str) -> impl Future<Output = Result<KeyInfo, CryptoError>> + Send;
+
+    /// Random bytes from the HSM's generator.
+    fn random(&self, len: usize) -> impl Future<Output = Result<Vec<u8>, CryptoError>> + Send;
+
+    /// Token and session state (cheap; no cryptographic operation).
+    fn health(&self) -> impl Future<Output = HsmHealth> + Send;
+}

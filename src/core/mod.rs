@@ -1,0 +1,17 @@
+//! The protocol-neutral core: key operations, key state, AAD framing and the `Backend` seam.
+//!
+//! Everything here is plain Rust data. It must not depend on HTTP (`hyper`, `http`), wire JSON
+//! (`serde_json`), PKCS#11 (`cryptoki`) or any front end: front ends translate their wire format
+//! into these types, and `hsm` implements [`Backend`].
+
+pub mod backend;
+pub mod error;
+pub mod framing;
+pub mod health;
+pub mod service;
+pub mod types;
+
+pub use backend::Backend;
+pub use error::CryptoError;
+// pub use service::{KeyService, KeyServiceSettings};
+pub use types::*;

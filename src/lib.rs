@@ -1,0 +1,37 @@
+//! ekm-proxy: an external key manager proxy in front of a PKCS#11 HSM.
+//!
+//! Module map, in the order a request travels (see DESIGN.md §1):
+//!
+//! - [`server`]: TCP listeners, TLS (rustls), HTTP (hyper 1), routing, the admin listener.
+//! - [`front`]: one module per cloud protocol; parses the wire format into core requests and maps
+//!   [`core::CryptoError`] back to the wire exactly once.
+//! - [`auth`]: proves who is calling (SigV4, client certificate) and yields a [`auth::Principal`].
+//! - [`authz`]: decides whether a principal may do an operation on a key; only it makes a
+//!   [`authz::Permit`].
+//! - [`core`]: protocol-neutral key operations, key state and framing over the [`core::Backend`] seam.
+//! - [`hsm`]: the PKCS#11 backend; the only module that imports `cryptoki`.
+//! - [`config`], [`app`]: configuration parsing/validation and the composition root.
+//! - [`metrics`], [`audit`]: leaves every module may use.
+//! - [`dev`], [`client`], [`bench`]: the dev profile, an XKS client, and the benchmark.
+//!
+//! Dependency rules (arrows point inward; a test greps for violations):
+//! `main → app → server → front::* → {auth, authz, core}`; `app → hsm → core`; `app → config`;
+//! any module → `metrics`, `audit`. Never `front → hsm`; never HTTP or wire-JSON types in `core`
+//! or `hsm`; never `cryptoki` outside `hsm`.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod audit;
+pub mod auth;
+pub mod authz;
+pub mod bench;
+pub mod client;
+pub mod config;
+pub mod core;
+pub mod dev;
+pub mod front;
+pub mod hsm;
+pub mod metrics;
+pub mod secret;
+pub mod server;
