@@ -1,1 +1,26 @@
-//! TODO
+//! Authentication: proves who is calling and yields a [`Principal`].
+//!
+//! Depends on `secret` and `metrics` only; knows nothing of key operations, policy or the HSM.
+
+pub mod sigv4;
+
+/// Who the caller proved to be. Made only by this module's verifiers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// A SigV4 signature made with a configured credential.
+    SigV4 {
+        /// The access key id that signed the request.
+        access_key_id: String,
+        /// The region in the credential scope.
+        region: String,
+    },
+}
+
+impl Principal {
+    /// A short, loggable name of the principal (never a secret).
+    pub fn name(&self) -> &str {
+        match self {
+            Principal::SigV4 { access_key_id, .. } => access_key_id,
+        }
+    }
+}

@@ -1,1 +1,3 @@
-//! TODO
+//! The dev profile: certificates, token bootstrap and config for trying ekm-proxy locally.
+
+pub mod certs;

@@ -1,1 +1,3 @@
-//! TODO
+//! Listeners, TLS, HTTP serving, routing and the admin listener.
+
+pub mod tls;

@@ -1,0 +1,1 @@
+//! SigV4 (stub; being written).

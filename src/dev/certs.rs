@@ -1,0 +1,1 @@
+//! Dev certificates (stub; being written).

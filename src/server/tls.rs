@@ -1,0 +1,1 @@
+//! TLS (stub; being written).
