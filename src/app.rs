@@ -1,1 +1,297 @@
-//! TODO
+//! The composition root: builds every part from [`Settings`], starts the listeners and background
+//! tasks, reloads on request, and owns shutdown. Nothing else wires modules together.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::config::Settings;
+use crate::core::{HealthMonitor, KeyService, KillSwitch};
+use crate::front::xks::XksFront;
+use crate::hsm::Pkcs11Backend;
+use crate::metrics::Metrics;
+use crate::server::admin::Admin;
+use crate::server::tls;
+use crate::server::{Listener, Router, Shutdown};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The HSM could not be opened.
+    #[error("HSM: {0}")]
+    Hsm(#[from] crate::hsm::HsmError),
+    /// A listener's TLS configuration is unusable.
+    #[error("listener '{listener}': {source}")]
+    Tls {
+        /// Which listener.
+        listener: String,
+        /// What is wrong.
+        source: tls::TlsError,
+    },
+    /// A socket could not be bound.
+    #[error("cannot bind {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: String,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Metric registration failed (a bug).
+    #[error("metrics: {0}")]
+    Metrics(String),
+    /// A start-up task failed.
+    #[error("start-up task failed: {0}")]
+    Task(String),
+}
+
+/// A running proxy.
+pub struct Running {
+    addrs: HashMap<String, SocketAddr>,
+    admin_addr: Option<SocketAddr>,
+    shutdown: Shutdown,
+    tasks: JoinSet<()>,
+    service: Arc<KeyService<Pkcs11Backend>>,
+    xks: Arc<XksFront<Pkcs11Backend>>,
+    tls: HashMap<String, Arc<ArcSwap<rustls::ServerConfig>>>,
+    metrics: Metrics,
+    alpn: Vec<Vec<u8>>,
+}
+
+/// Build and start everything described by `settings`.
+pub async fn start(settings: Settings) -> Result<Running, StartError> {
+    let metrics = Metrics::new(prometheus::Registry::new()).map_err(|e| StartError::Metrics(e.to_string()))?;
+    // Module load, C_Initialize, C_Login and the key-cache warm-up are blocking FFI work.
+    let hsm_settings = settings.hsm.clone();
+    let (hsm_metrics, cache_metrics) = (metrics.hsm.clone(), metrics.cache.clone());
+    let backend = tokio::task::spawn_blocking(move || Pkcs11Backend::start(hsm_settings, hsm_metrics, cache_metrics))
+        .await
+        .map_err(|e| StartError::Task(e.to_string()))??;
+    let backend = Arc::new(backend);
+
+    let kill = Arc::new(KillSwitch::default());
+    let health = HealthMonitor::new(backend.clone(), settings.core.health_key.clone(), settings.core.health_max_age);
+    let service = Arc::new(KeyService::new(backend.clone(), settings.core.keys.clone(), kill.clone(), health));
+    let xks = Arc::new(XksFront::new(&settings.xks, service.clone(), metrics.requests.clone()));
+    let router = Arc::new(Router {
+        xks: Some(xks.clone()),
+        metrics: metrics.requests.clone(),
+        max_body_bytes: settings.server.max_body_bytes,
+        request_timeout: settings.server.request_timeout,
+    });
+
+    let shutdown = Shutdown::default();
+    let mut tasks = JoinSet::new();
+    let server_settings = Arc::new(settings.server.clone());
+    let connections = Arc::new(Semaphore::new(settings.server.max_connections));
+    let alpn: Vec<Vec<u8>> =
+        if settings.server.http2 { vec![b"h2".to_vec(), b"http/1.1".to_vec()] } else { vec![b"http/1.1".to_vec()] };
+    let mut addrs = HashMap::new();
+    let mut tls_configs = HashMap::new();
+    for l in &settings.listeners {
+        let tls_config = match &l.tls {
+            None => None,
+            Some(t) => {
+                let cfg = build_tls(t, &alpn)
+                    .map_err(|source| StartError::Tls { listener: l.name.clone(), source })?;
+                let cfg = Arc::new(ArcSwap::new(cfg));
+                tls_configs.insert(l.name.clone(), cfg.clone());
+                Some(cfg)
+            }
+        };
+        let listener = Listener::bind(
+            &l.name,
+            l.addr,
+            tls_config,
+            router.clone(),
+            server_settings.clone(),
+            connections.clone(),
+            metrics.requests.clone(),
+        )
+        .await
+        .map_err(|source| StartError::Bind { what: l.name.clone(), addr: l.addr, source })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind { what: l.name.clone(), addr: l.addr, source })?;
+        tracing::info!(listener = %l.name, %addr, tls = l.tls.is_some(), "listening");
+        addrs.insert(l.name.clone(), addr);
+        tasks.spawn(listener.run(shutdown.clone()));
+    }
+    let admin_addr = match &settings.admin {
+        None => None,
+        Some(a) => {
+            let admin = Admin::bind(a.addr, service.clone(), metrics.clone())
+                .await
+                .map_err(|source| StartError::Bind { what: "admin".into(), addr: a.addr, source })?;
+            let addr = admin.local_addr().map_err(|source| StartError::Bind { what: "admin".into(), addr: a.addr, source })?;
+            tracing::info!(%addr, "admin listening");
+            tasks.spawn(admin.run(shutdown.clone()));
+            Some(addr)
+        }
+    };
+
+    // Background: deep health refresh, kill-switch file watch.
+    {
+        let service = service.clone();
+        let interval = settings.core.health_interval;
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            loop {
+                let report = service.health().refresh().await;
+                tracing::debug!(status = report.status.as_str(), "health refreshed");
+                tokio::select! {
+                    _ = shutdown.wait() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+            }
+        });
+    }
+    if let Some(path) = settings.core.kill_switch_file.clone() {
+        let kill = kill.clone();
+        let shutdown = shutdown.clone();
+        // Checked at start so requests never race the first poll.
+        kill.set(path.exists());
+        tasks.spawn(async move {
+            let mut was = kill.engaged();
+            if was {
+                tracing::warn!(file = %path.display(), "kill switch ENGAGED: every key operation is refused");
+            }
+            loop {
+                tokio::select! {
+                    _ = shutdown.wait() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                let now = tokio::fs::try_exists(&path).await.unwrap_or(true);
+                kill.set(now);
+                if now != was {
+                    if now {
+                        tracing::warn!(file = %path.display(), "kill switch ENGAGED: every key operation is refused");
+                    } else {
+                        tracing::warn!(file = %path.display(), "kill switch released");
+                    }
+                    was = now;
+                }
+            }
+        });
+    }
+
+    Ok(Running {
+        addrs,
+        admin_addr,
+        shutdown,
+        tasks,
+        service,
+        xks,
+        tls: tls_configs,
+        metrics,
+        alpn,
+    })
+}
+
+fn build_tls(t: &tls::TlsSettings, alpn: &[Vec<u8>]) -> Result<Arc<rustls::ServerConfig>, tls::TlsError> {
+    let alpn: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
+    // Rejected client certificates are logged by the verifier and counted by the listener as
+    // failed handshakes, so no extra hook is needed here.
+    tls::server_config(t, &alpn, None)
+}
+
+impl Running {
+    /// The bound address of the listener called `name`.
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.addrs.get(name).copied()
+    }
+
+    /// The admin listener's bound address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The key service (tests and the benchmark's raw lane use its backend).
+    pub fn service(&self) -> &Arc<KeyService<Pkcs11Backend>> {
+        &self.service
+    }
+
+    /// The metric families.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Apply a new configuration without dropping connections: SigV4 credentials, key stores,
+    /// policy, limits, disabled keys and TLS certificates. Listener addresses and HSM settings
+    /// need a restart; a change there is logged and ignored.
+    pub fn reload(&self, new: &Settings) -> Result<(), StartError> {
+        let mut fresh = Vec::new();
+        for l in &new.listeners {
+            if let (Some(t), Some(slot)) = (&l.tls, self.tls.get(&l.name)) {
+                let cfg = build_tls(t, &self.alpn)
+                    .map_err(|source| StartError::Tls { listener: l.name.clone(), source })?;
+                fresh.push((slot.clone(), cfg));
+            }
+            if self.addrs.get(&l.name).is_none() {
+                tracing::warn!(listener = %l.name, "new listener ignored until restart");
+            }
+        }
+        // Only swap once every certificate loaded, so a bad file changes nothing.
+        for (slot, cfg) in fresh {
+            slot.store(cfg);
+        }
+        self.xks.reload(&new.xks);
+        self.service.reload(new.core.keys.clone());
+        tracing::info!("configuration reloaded");
+        Ok(())
+    }
+
+    /// Stop accepting, drain in-flight requests (up to the grace period), stop the HSM workers.
+    pub async fn shutdown(mut self) {
+        self.shutdown.trigger();
+        while self.tasks.join_next().await.is_some() {}
+        self.service.backend().shutdown();
+    }
+
+    /// A handle that triggers shutdown (for signal handlers).
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+}
+
+/// Run until SIGTERM or ctrl-c; reload on SIGHUP. Returns the process exit code.
+pub async fn serve(settings: Settings) -> i32 {
+    let source = settings.source.clone();
+    let running = match start(settings).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "start-up failed");
+            return 1;
+        }
+    };
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "SIGHUP handler unavailable; reload disabled");
+            None
+        }
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => break,
+            _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending::<()>().await } } => {
+                match crate::config::load(&source) {
+                    Ok(new) => if let Err(e) = running.reload(&new) {
+                        tracing::error!(error = %e, "reload refused; the running configuration is unchanged");
+                    },
+                    Err(e) => tracing::error!(problems = %e, "reload refused; the running configuration is unchanged"),
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down: draining in-flight requests");
+    running.shutdown().await;
+    tracing::info!("stopped");
+    0
+}

@@ -32,6 +32,7 @@ pub mod core;
 pub mod dev;
 pub mod front;
 pub mod hsm;
+pub mod logging;
 pub mod metrics;
 pub mod secret;
 pub mod server;

@@ -1,1 +1,205 @@
-fn main() {}
+//! The `ekm-proxy` command: serve, validate configuration, inspect keys, set up the dev profile,
+//! and benchmark. Exit codes: 0 success, 1 runtime failure, 64 configuration error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use ekm_proxy::config::{self, EXIT_CONFIG};
+
+#[derive(Parser)]
+#[command(name = "ekm-proxy", version, about = "External key manager proxy in front of a PKCS#11 HSM")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the configured listeners until SIGTERM or ctrl-c (SIGHUP reloads).
+    Serve {
+        /// Configuration file.
+        #[arg(long, env = "EKM_PROXY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate the configuration (files, secrets, limits) and report every problem.
+    CheckConfig {
+        /// Configuration file.
+        #[arg(long, env = "EKM_PROXY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Inspect the keys on the configured token.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Dev profile helpers (dev only: fixed, public credentials).
+    Dev {
+        #[command(subcommand)]
+        command: DevCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// List every key: label, type, size, usage, custody attributes, and whether the proxy can use it.
+    List {
+        /// Configuration file.
+        #[arg(long, env = "EKM_PROXY_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevCommand {
+    /// Create (idempotently) the dev token and keys, the dev certificates and hsm-config/dev.toml.
+    Init {
+        /// Repository root (where certs/ and hsm-config/ live).
+        #[arg(long, default_value = ".")]
+        root: PathBuf,
+        /// PKCS#11 module; default: the installed SoftHSMv2.
+        #[arg(long)]
+        module: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Keys { command: KeysCommand::List { config } } => keys_list(&config),
+        Command::Dev { command: DevCommand::Init { root, module } } => dev_init(&root, module),
+    };
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+fn load(path: &std::path::Path) -> Result<config::Settings, i32> {
+    config::load(path).map_err(|e| {
+        eprint!("{e}");
+        EXIT_CONFIG
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, i32> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
+        eprintln!("cannot start the async runtime: {e}");
+        1
+    })
+}
+
+fn serve(path: &std::path::Path) -> i32 {
+    let settings = match load(path) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let _guard = match ekm_proxy::logging::init(&settings.logging) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("cannot open the audit file: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    match runtime() {
+        Ok(rt) => rt.block_on(ekm_proxy::app::serve(settings)),
+        Err(code) => code,
+    }
+}
+
+fn check_config(path: &std::path::Path) -> i32 {
+    match load(path) {
+        Ok(s) => {
+            println!(
+                "{}: OK ({} listener(s), {} XKS key store(s), token {})",
+                path.display(),
+                s.listeners.len(),
+                s.xks.key_stores.len(),
+                s.hsm.token
+            );
+            0
+        }
+        Err(code) => code,
+    }
+}
+
+fn keys_list(path: &std::path::Path) -> i32 {
+    let settings = match load(path) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    ekm_proxy::logging::init_cli("warn");
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async {
+        let metrics = ekm_proxy::metrics::Metrics::standalone();
+        let hsm = settings.hsm.clone();
+        let started = tokio::task::spawn_blocking(move || {
+            ekm_proxy::hsm::Pkcs11Backend::start(hsm, metrics.hsm.clone(), metrics.cache.clone())
+        })
+        .await;
+        let backend = match started {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                eprintln!("HSM: {e}");
+                return 1;
+            }
+            Err(e) => {
+                eprintln!("start-up task failed: {e}");
+                return 1;
+            }
+        };
+        let keys = match backend.list_keys().await {
+            Ok(k) => k,
+            Err(e) => {
+                eprintln!("cannot list keys: {e}");
+                return 1;
+            }
+        };
+        println!("{}", keys_table(&keys));
+        backend.shutdown();
+        0
+    })
+}
+
+fn dev_init(root: &std::path::Path, module: Option<PathBuf>) -> i32 {
+    ekm_proxy::logging::init_cli("info");
+    match ekm_proxy::dev::profile::init(root, module) {
+        Ok(report) => {
+            println!("{report}");
+            0
+        }
+        Err(e) => {
+            eprintln!("dev init failed: {e}");
+            1
+        }
+    }
+}
+
+/// `keys list` output: one row per key, and whether the proxy would use it (and why not).
+fn keys_table(keys: &[ekm_proxy::core::KeyInfo]) -> String {
+    let mut out = format!(
+        "{:<32} {:<16} {:<40} {:<9} {:<11} {}\n",
+        "LABEL", "SPEC", "USAGE", "SENSITIVE", "EXTRACTABLE", "USABLE BY PROXY"
+    );
+    for k in keys {
+        let usable = match (&k.custody_violation, k.is_aes_256()) {
+            (Some(why), _) => format!("no: {why}"),
+            (None, false) => "no: only AES-256 keys serve XKS requests".to_owned(),
+            (None, true) if !k.usage.encrypt && !k.usage.decrypt => "no: neither encrypt nor decrypt allowed".to_owned(),
+            (None, true) => "yes".to_owned(),
+        };
+        out.push_str(&format!(
+            "{:<32} {:<16} {:<40} {:<9} {:<11} {}\n",
+            k.label,
+            k.key_spec(),
+            k.usage.names().join(","),
+            k.sensitive,
+            k.extractable,
+            usable
+        ));
+    }
+    out
+}

@@ -13,5 +13,6 @@ pub mod types;
 
 pub use backend::Backend;
 pub use error::CryptoError;
-// pub use service::{KeyService, KeyServiceSettings};
+pub use health::{HealthMonitor, HealthReport};
+pub use service::{KeyService, KeyServiceSettings, KeyStatus, KillSwitch};
 pub use types::*;

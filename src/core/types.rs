@@ -198,3 +198,43 @@ pub struct HsmHealth {
     /// Operator-facing detail when not ACTIVE.
     pub detail: String,
 }
+
+/// A key operation, as authorized by `authz` and performed by the core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// Read the key's metadata.
+    KeyMetadata,
+    /// AES-GCM encrypt.
+    Encrypt,
+    /// AES-GCM decrypt.
+    Decrypt,
+    /// Wrap (Google Cloud EKM).
+    Wrap,
+    /// Unwrap (Google Cloud EKM).
+    Unwrap,
+}
+
+impl Operation {
+    /// Lowercase name for logs, metrics and policy files.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Operation::KeyMetadata => "metadata",
+            Operation::Encrypt => "encrypt",
+            Operation::Decrypt => "decrypt",
+            Operation::Wrap => "wrap",
+            Operation::Unwrap => "unwrap",
+        }
+    }
+
+    /// Parse the lowercase name used in policy files.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "metadata" => Operation::KeyMetadata,
+            "encrypt" => Operation::Encrypt,
+            "decrypt" => Operation::Decrypt,
+            "wrap" => Operation::Wrap,
+            "unwrap" => Operation::Unwrap,
+            _ => return None,
+        })
+    }
+}

@@ -1,1 +1,28 @@
-//! TODO
+//! The PKCS#11 HSM backend: the only module that imports `cryptoki` (DESIGN.md §4).
+//!
+//! - [`settings`]: [`HsmSettings`] and [`TokenSelector`] (plain data from `config`).
+//! - `module`: the process-wide registry of initialized PKCS#11 modules (one per path; the one
+//!   justified global, because `C_Initialize`/`C_Finalize` are process-wide) and token selection.
+//! - `worker`: OS threads, each owning one logged-in session; jobs, recovery and backoff.
+//! - `keys`: label → handle lookup (exactly one match), attributes → `core::KeyInfo`, the custody
+//!   check, and the moka cache warmed at start.
+//! - `gcm`: `CKM_AES_GCM` with an HSM-generated IV.
+//! - `errors`: [`HsmError`] and the single `CKR_*` → `CryptoError` mapping.
+//! - [`backend`]: [`Pkcs11Backend`], the async handle implementing `core::Backend`.
+//! - [`bootstrap`]: idempotent token and key creation (dev setup, tests, `keys create`).
+//!
+//! Depends on `core`, `metrics` and `secret` only; never on HTTP, wire formats or front ends.
+
+pub mod backend;
+pub mod bootstrap;
+mod errors;
+mod gcm;
+mod keys;
+mod module;
+pub mod settings;
+mod worker;
+
+pub use backend::Pkcs11Backend;
+pub use bootstrap::{KeyKind, KeyReport, KeySpec, TokenReport, ensure_key, ensure_token};
+pub use errors::HsmError;
+pub use settings::{HsmSettings, TokenSelector};

@@ -1,0 +1,230 @@
+//! The configuration file as serde sees it: every key of `config.example.toml`, with defaults.
+//! Unknown keys are errors (a typo in a security setting must not be silently ignored).
+
+use serde::Deserialize;
+
+use super::secret_source::SecretSource;
+
+/// The whole file.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// `[server]`
+    #[serde(default)]
+    pub server: RawServer,
+    /// `[[listener]]`
+    #[serde(default)]
+    pub listener: Vec<RawListener>,
+    /// `[admin]`
+    pub admin: Option<RawAdmin>,
+    /// `[hsm]`
+    pub hsm: Option<RawHsm>,
+    /// `[health]`
+    #[serde(default)]
+    pub health: RawHealth,
+    /// `[security]`
+    #[serde(default)]
+    pub security: RawSecurity,
+    /// `[logging]`
+    #[serde(default)]
+    pub logging: RawLogging,
+    /// `[xks]`
+    #[serde(default)]
+    pub xks: RawXks,
+}
+
+/// `[server]`
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// Per-request deadline.
+    pub request_timeout_ms: Option<u64>,
+    /// Time allowed to send request headers.
+    pub header_read_timeout_ms: Option<u64>,
+    /// Time allowed for a TLS handshake.
+    pub tls_handshake_timeout_ms: Option<u64>,
+    /// Largest request body.
+    pub max_body_bytes: Option<usize>,
+    /// Most concurrent connections.
+    pub max_connections: Option<usize>,
+    /// Drain time on shutdown.
+    pub shutdown_grace_ms: Option<u64>,
+    /// Offer HTTP/2.
+    pub http2: Option<bool>,
+}
+
+/// `[[listener]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    /// Name for logs.
+    pub name: Option<String>,
+    /// `host:port`
+    pub address: String,
+    /// Must be `true` to serve without TLS (local testing only).
+    #[serde(default)]
+    pub plain_http: bool,
+    /// `[listener.tls]`
+    pub tls: Option<RawTls>,
+}
+
+/// `[listener.tls]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM certificate chain (leaf first).
+    pub certificate: String,
+    /// PEM private key.
+    pub private_key: String,
+    /// `[listener.tls.client_auth]`: require client certificates (mTLS).
+    pub client_auth: Option<RawClientAuth>,
+}
+
+/// `[listener.tls.client_auth]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClientAuth {
+    /// PEM bundle of trusted client CAs.
+    pub ca_bundle: String,
+    /// Allowed subject CNs / DNS SANs; empty allows any certificate from the CA.
+    #[serde(default)]
+    pub allowed_subjects: Vec<String>,
+}
+
+/// `[admin]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// `host:port`
+    pub address: String,
+}
+
+/// `[hsm]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHsm {
+    /// PKCS#11 module path.
+    pub module: String,
+    /// Token label.
+    pub token_label: Option<String>,
+    /// Token serial (instead of the label).
+    pub token_serial: Option<String>,
+    /// User PIN.
+    pub user_pin: Option<SecretSource>,
+    /// Worker threads.
+    pub workers: Option<usize>,
+    /// Queue capacity.
+    pub queue_capacity: Option<usize>,
+    /// Per-operation deadline.
+    pub op_timeout_ms: Option<u64>,
+    /// Allow extractable / non-sensitive keys.
+    #[serde(default)]
+    pub allow_exportable_keys: bool,
+    /// Key cache capacity.
+    pub key_cache_capacity: Option<u64>,
+}
+
+/// `[health]`
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    /// Dedicated health-check key label.
+    pub key: Option<String>,
+    /// Background check interval.
+    pub interval_secs: Option<u64>,
+    /// Oldest cached report served.
+    pub max_age_secs: Option<u64>,
+}
+
+/// `[security]`
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecurity {
+    /// Kill switch file.
+    pub kill_switch_file: Option<String>,
+    /// Keys refused for every operation.
+    #[serde(default)]
+    pub disabled_keys: Vec<String>,
+}
+
+/// `[logging]`
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawLogging {
+    /// `text` or `json`.
+    pub format: Option<String>,
+    /// Filter directive.
+    pub level: Option<String>,
+    /// Separate audit file.
+    pub audit_file: Option<String>,
+}
+
+/// `[xks]`
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawXks {
+    /// `xksProxyFleetSize`
+    pub fleet_size: Option<u32>,
+    /// `xksProxyVendor`
+    pub vendor: Option<String>,
+    /// `[[xks.key_store]]`
+    #[serde(default)]
+    pub key_store: Vec<RawKeyStore>,
+}
+
+/// `[[xks.key_store]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeyStore {
+    /// Name.
+    pub name: String,
+    /// Path prefix (`""` or `/a/b`).
+    #[serde(default)]
+    pub path_prefix: String,
+    /// Accepted regions; `["*"]` for any.
+    pub regions: Vec<String>,
+    /// `spec` (default) or `aws-sample`.
+    pub aad_framing: Option<String>,
+    /// aws-sample framing only: the sample proxy's static `ciphertext_metadata_b64`.
+    pub ciphertext_metadata: Option<String>,
+    /// Exposed key labels (globs); `["*"]` for all.
+    pub keys: Vec<String>,
+    /// Serve (default) or answer InvalidStateException.
+    pub enabled: Option<bool>,
+    /// Largest plaintext/ciphertext (bytes).
+    pub max_plaintext_bytes: Option<usize>,
+    /// Largest AAD (bytes).
+    pub max_aad_bytes: Option<usize>,
+    /// `[[xks.key_store.credential]]`
+    #[serde(default)]
+    pub credential: Vec<RawCredential>,
+    /// `[[xks.key_store.rule]]`
+    #[serde(default)]
+    pub rule: Vec<RawRule>,
+}
+
+/// `[[xks.key_store.credential]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCredential {
+    /// 20–30 chars of `[A-Z2-7]`.
+    pub access_key_id: String,
+    /// 43–64 chars of `[A-Za-z0-9/+=]`.
+    pub secret: SecretSource,
+}
+
+/// `[[xks.key_store.rule]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    /// Name reported in denials.
+    pub name: String,
+    /// Keys the rule applies to (globs; default all).
+    pub keys: Option<Vec<String>>,
+    /// Operations the rule applies to (`metadata`, `encrypt`, `decrypt`; default all).
+    pub operations: Option<Vec<String>>,
+    /// The requestMetadata field constrained.
+    pub attribute: String,
+    /// Allowed values (globs).
+    pub allow: Vec<String>,
+}

@@ -1,0 +1,395 @@
+//! `Pkcs11Backend`: the async face of the HSM layer and its implementation of `core::Backend`.
+//!
+//! Async callers never run a PKCS#11 call: they read the key cache (hot path, no queue), then
+//! enqueue a job on the bounded queue and await the worker's reply with a deadline. Full queue →
+//! `HsmBusy`, deadline → `HsmTimeout`, no session up → `HsmUnavailable` at once.
+//!
+//! Must not depend on HTTP, wire formats or front ends; `app` builds it, `core` uses it through
+//! the `Backend` trait.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use tokio::sync::oneshot;
+
+use super::errors::{HsmError, ck_error_name, login_is_fatal};
+use super::keys::{KeyCache, KeyEntry};
+use super::module::Module;
+use super::settings::HsmSettings;
+use super::worker::{Control, Job, OpTimers, Reply, Shared, TokenSummary, Work, Worker, open_logged_in};
+use crate::core::{
+    AeadDecrypt, AeadEncrypt, AeadSealed, Backend, CryptoError, HealthStatus, HsmHealth, KeyInfo, Plaintext,
+};
+use crate::metrics::{CacheMetrics, HsmMetrics};
+
+/// Largest `random` request served (the HSM's RNG is shared by every caller).
+pub const MAX_RANDOM_LEN: usize = 1024 * 1024;
+
+/// The PKCS#11 backend. Cheap to clone (one `Arc`); `Send + Sync`. Workers stop when
+/// [`Pkcs11Backend::shutdown`] is called or the last clone is dropped.
+#[derive(Clone)]
+pub struct Pkcs11Backend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    jobs: Sender<Job>,
+    /// A receiver of our own, to answer jobs still queued once every worker has stopped.
+    leftovers: Receiver<Job>,
+    workers: Mutex<Vec<WorkerHandle>>,
+    sessions_total: usize,
+    closed: AtomicBool,
+    op_timeout: Duration,
+    /// Token identity read at start, for health reports when no worker can answer.
+    identity: TokenSummary,
+}
+
+struct WorkerHandle {
+    control: Sender<Control>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Pkcs11Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pkcs11Backend")
+            .field("module", &self.inner.shared.module.path())
+            .field("token", &self.inner.identity.label)
+            .field("sessions_total", &self.inner.sessions_total)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pkcs11Backend {
+    /// Load the module (shared process-wide per path), select the token by label or serial, open
+    /// and log in one session per worker, warm the key cache with every secret key on the token,
+    /// and start the workers.
+    ///
+    /// Blocking (PKCS#11 calls on the calling thread): call it before serving, or from
+    /// `spawn_blocking`. A refused PIN fails here after a single `C_Login` attempt.
+    pub fn start(settings: HsmSettings, metrics: HsmMetrics, cache_metrics: CacheMetrics) -> Result<Self, HsmError> {
+        let problems = settings.problems();
+        if !problems.is_empty() {
+            return Err(HsmError::InvalidSettings(problems));
+        }
+        let module = Module::acquire(&settings.module)?;
+        let (slot, token_info) = module.find_token(&settings.token)?;
+        let identity = TokenSummary::from(&token_info);
+        let shared = Arc::new(Shared {
+            module,
+            slot,
+            token_label: identity.label.clone(),
+            user_pin: settings.user_pin,
+            keys: KeyCache::new(settings.key_cache_capacity, cache_metrics, settings.allow_exportable_keys),
+            timers: OpTimers::new(&metrics),
+            metrics,
+            sessions_up: Default::default(),
+            login_refused: AtomicBool::new(false),
+        });
+
+        // Sessions are opened here, sequentially: the first C_Login decides for all of them (later
+        // sessions inherit the login), so a wrong PIN costs exactly one attempt.
+        let mut sessions = Vec::with_capacity(settings.workers);
+        for _ in 0..settings.workers {
+            let session = open_logged_in(&shared).map_err(|e| {
+                if login_is_fatal(&e) || matches!(e, cryptoki::error::Error::Pkcs11(_, cryptoki::context::Function::Login)) {
+                    HsmError::Login { user: "user", token: identity.label.clone(), ckr: ck_error_name(&e).into_owned() }
+                } else {
+                    HsmError::pkcs11("C_OpenSession", &e)
+                }
+            })?;
+            sessions.push(session);
+        }
+        let warmed = match sessions.first().and_then(|s| s.session()) {
+            Some(session) => shared.keys.warm(session).map_err(|f| HsmError::Pkcs11 {
+                op: "key cache warm-up",
+                ckr: f.error.to_string(),
+            })?,
+            None => 0,
+        };
+
+        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(settings.queue_capacity);
+        let mut workers = Vec::with_capacity(settings.workers);
+        for (index, session) in sessions.into_iter().enumerate() {
+            let (control_tx, control_rx) = crossbeam_channel::unbounded::<Control>();
+            let worker = Worker::new(index, session, Arc::clone(&shared));
+            let jobs = jobs_rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("hsm-worker-{index}"))
+                .spawn(move || worker.run(jobs, control_rx));
+            match spawned {
+                Ok(thread) => workers.push(WorkerHandle { control: control_tx, thread: Some(thread) }),
+                Err(e) => {
+                    stop_workers(workers);
+                    return Err(HsmError::Thread(e.to_string()));
+                }
+            }
+        }
+        tracing::info!(
+            module = %shared.module.path().display(),
+            token = %identity.label,
+            serial = %identity.serial,
+            workers = settings.workers,
+            keys_cached = warmed,
+            "HSM backend started"
+        );
+        Ok(Self {
+            inner: Arc::new(Inner {
+                shared,
+                jobs: jobs_tx,
+                leftovers: jobs_rx,
+                sessions_total: settings.workers,
+                workers: Mutex::new(workers),
+                closed: AtomicBool::new(false),
+                op_timeout: settings.op_timeout,
+                identity,
+            }),
+        })
+    }
+
+    /// Every key on the token (secret keys, RSA and EC private keys), sorted by label, with the
+    /// custody verdict. For `ekm-proxy keys list`; runs on a worker.
+    pub async fn list_keys(&self) -> Result<Vec<KeyInfo>, CryptoError> {
+        self.call(|reply| Work::ListKeys { reply }).await
+    }
+
+    /// Simulate an HSM dropping every session, used by recovery tests and operators' drills.
+    ///
+    /// cryptoki 0.12 has no safe binding for `C_CloseAllSessions` (and this crate forbids
+    /// `unsafe`), so each worker closes its own session with a real `C_CloseSession`; only when all
+    /// have closed are they released to reconnect, so the token sees no session left and forgets
+    /// the login, exactly as after `C_CloseAllSessions`. Returns how many sessions were closed.
+    /// Requests arriving meanwhile fail with `HsmUnavailable` or wait in the queue.
+    pub async fn close_all_sessions(&self) -> Result<usize, CryptoError> {
+        let controls = self.controls();
+        let (resume_tx, resume_rx) = crossbeam_channel::bounded::<()>(0);
+        let mut acks = Vec::with_capacity(controls.len());
+        for control in &controls {
+            let (tx, rx) = oneshot::channel();
+            if control.send(Control::CloseSession { closed: tx, resume: resume_rx.clone() }).is_ok() {
+                acks.push(rx);
+            }
+        }
+        let mut closed = 0;
+        for ack in acks {
+            if let Ok(Ok(true)) = tokio::time::timeout(self.inner.op_timeout, ack).await {
+                closed += 1;
+            }
+        }
+        // Disconnecting releases every worker to reconnect.
+        drop(resume_tx);
+        tracing::warn!(closed, "drill: closed every HSM worker session");
+        Ok(closed)
+    }
+
+    /// Simulate the HSM forgetting our login (partition reset, HA fail-over): one worker calls
+    /// `C_Logout`, which logs out every session of this process on the token. Workers discover it
+    /// from the return codes of their next calls and log in again. For recovery tests and drills.
+    pub async fn logout_all_sessions(&self) -> Result<(), CryptoError> {
+        let controls = self.controls();
+        let Some(control) = controls.first() else {
+            return Err(CryptoError::HsmUnavailable("no HSM worker".to_owned()));
+        };
+        let (tx, rx) = oneshot::channel();
+        control
+            .send(Control::Logout { done: tx })
+            .map_err(|_| CryptoError::HsmUnavailable("HSM worker stopped".to_owned()))?;
+        match tokio::time::timeout(self.inner.op_timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(CryptoError::HsmUnavailable("HSM worker stopped".to_owned())),
+            Err(_) => Err(CryptoError::HsmTimeout),
+        }
+    }
+
+    /// Stop the workers: each answers what is still queued, closes its session and exits; new
+    /// requests fail with `HsmUnavailable`. Idempotent; also done when the last clone is dropped.
+    /// Blocks until the workers have exited (at most one in-flight operation each).
+    pub fn shutdown(&self) {
+        self.inner.shutdown();
+    }
+
+    fn controls(&self) -> Vec<Sender<Control>> {
+        lock(&self.inner.workers).iter().map(|w| w.control.clone()).collect()
+    }
+
+    /// The cached entry for `label`, or one `C_FindObjects` on a worker.
+    async fn entry(&self, label: &str) -> Result<Arc<KeyEntry>, CryptoError> {
+        if let Some(entry) = self.inner.shared.keys.get(label) {
+            return Ok(entry);
+        }
+        let label = label.to_owned();
+        self.call(|reply| Work::Lookup { label, reply }).await
+    }
+
+    /// Enqueue one job and await its reply within `op_timeout`.
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Work) -> Result<T, CryptoError> {
+        let inner = &*self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(CryptoError::HsmUnavailable("HSM backend is shut down".to_owned()));
+        }
+        if inner.shared.sessions_up.load(Ordering::Acquire) == 0 {
+            return Err(CryptoError::HsmUnavailable(inner.down_detail()));
+        }
+        let (tx, rx) = oneshot::channel();
+        let deadline = Instant::now() + inner.op_timeout;
+        let metrics = &inner.shared.metrics;
+        // Count before sending: the worker may dequeue (and decrement) before try_send returns.
+        metrics.queue_depth.inc();
+        match inner.jobs.try_send(Job { deadline, work: make(tx) }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                metrics.queue_depth.dec();
+                metrics.queue_rejections.inc();
+                return Err(CryptoError::HsmBusy);
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                metrics.queue_depth.dec();
+                return Err(CryptoError::HsmUnavailable("HSM workers stopped".to_owned()));
+            }
+        }
+        match tokio::time::timeout(inner.op_timeout, rx).await {
+            Ok(Ok(result)) => result,
+            // The worker dropped the job: it had expired, or the workers stopped.
+            Ok(Err(_)) if Instant::now() >= deadline => Err(CryptoError::HsmTimeout),
+            Ok(Err(_)) => Err(CryptoError::HsmUnavailable("HSM workers stopped".to_owned())),
+            Err(_) => Err(CryptoError::HsmTimeout),
+        }
+    }
+}
+
+impl Inner {
+    fn down_detail(&self) -> String {
+        if self.shared.login_refused.load(Ordering::Acquire) {
+            "the HSM refused the user PIN; fix hsm.user_pin and restart".to_owned()
+        } else {
+            "no HSM session is logged in; reconnecting".to_owned()
+        }
+    }
+
+    fn shutdown(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let workers = std::mem::take(&mut *lock(&self.workers));
+        stop_workers(workers);
+        // Jobs enqueued after the workers drained: dropping them answers their callers.
+        while let Ok(job) = self.leftovers.try_recv() {
+            self.shared.metrics.queue_depth.dec();
+            drop(job);
+        }
+        tracing::info!(token = %self.identity.label, "HSM backend stopped");
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn stop_workers(mut workers: Vec<WorkerHandle>) {
+    for w in &workers {
+        let _ = w.control.send(Control::Stop);
+    }
+    for w in &mut workers {
+        if let Some(thread) = w.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("an HSM worker thread panicked");
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Backend for Pkcs11Backend {
+    async fn aead_encrypt(&self, req: AeadEncrypt) -> Result<AeadSealed, CryptoError> {
+        let key = self.entry(&req.key).await?;
+        if let Some(why) = &key.info.custody_violation {
+            return Err(CryptoError::KeyDisabled(why.clone()));
+        }
+        let AeadEncrypt { plaintext, aad, .. } = req;
+        self.call(|reply| Work::Encrypt { key, plaintext, aad, reply }).await
+    }
+
+    async fn aead_decrypt(&self, req: AeadDecrypt) -> Result<Plaintext, CryptoError> {
+        let key = self.entry(&req.key).await?;
+        if let Some(why) = &key.info.custody_violation {
+            return Err(CryptoError::KeyDisabled(why.clone()));
+        }
+        let AeadDecrypt { iv, ciphertext, tag, aad, .. } = req;
+        self.call(|reply| Work::Decrypt { key, iv, ciphertext, tag, aad, reply }).await
+    }
+
+    async fn key_info(&self, key: &str) -> Result<KeyInfo, CryptoError> {
+        Ok(self.entry(key).await?.info.clone())
+    }
+
+    async fn random(&self, len: usize) -> Result<Vec<u8>, CryptoError> {
+        if len > MAX_RANDOM_LEN {
+            return Err(CryptoError::Unsupported(format!("random length {len} exceeds {MAX_RANDOM_LEN}")));
+        }
+        self.call(|reply| Work::Random { len, reply }).await
+    }
+
+    async fn health(&self) -> HsmHealth {
+        let inner = &*self.inner;
+        let from = |status: HealthStatus, token: &TokenSummary, detail: String| HsmHealth {
+            status,
+            token_label: token.label.clone(),
+            manufacturer: token.manufacturer.clone(),
+            model: token.model.clone(),
+            serial: token.serial.clone(),
+            versions: token.versions.clone(),
+            sessions_up: inner.shared.sessions_up.load(Ordering::Acquire),
+            sessions_total: inner.sessions_total,
+            detail,
+        };
+        if inner.closed.load(Ordering::Acquire) {
+            return from(HealthStatus::Unavailable, &inner.identity, "HSM backend is shut down".to_owned());
+        }
+        match self.call(|reply| Work::TokenInfo { reply }).await {
+            Ok(token) => {
+                let up = inner.shared.sessions_up.load(Ordering::Acquire);
+                let (status, detail) = if token.user_pin_locked {
+                    (HealthStatus::Degraded, "the token reports the user PIN as locked".to_owned())
+                } else if up < inner.sessions_total {
+                    (
+                        HealthStatus::Degraded,
+                        format!("{} of {} HSM sessions are down; reconnecting", inner.sessions_total - up, inner.sessions_total),
+                    )
+                } else {
+                    (HealthStatus::Active, String::new())
+                };
+                from(status, &token, detail)
+            }
+            Err(CryptoError::HsmBusy) => {
+                from(HealthStatus::Degraded, &inner.identity, "HSM queue is full".to_owned())
+            }
+            Err(CryptoError::HsmTimeout) => from(
+                HealthStatus::Degraded,
+                &inner.identity,
+                format!("the HSM did not answer within {} ms", inner.op_timeout.as_millis()),
+            ),
+            Err(CryptoError::HsmUnavailable(detail)) => from(HealthStatus::Unavailable, &inner.identity, detail),
+            Err(other) => from(HealthStatus::Unavailable, &inner.identity, other.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync + Clone + 'static>() {}
+
+    #[test]
+    fn backend_is_send_sync_clone() {
+        assert_send_sync::<Pkcs11Backend>();
+    }
+}

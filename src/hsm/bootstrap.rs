@@ -1,0 +1,257 @@
+//! Idempotent token and key creation: the code behind the dev setup, `ekm-proxy keys create`, and
+//! the integration tests (so tests exercise what users run).
+//!
+//! Blocking; call it from a CLI command, start-up, or `spawn_blocking`. Never logs the user out
+//! and never calls `C_CloseAllSessions` (either would disturb a backend serving from the same token
+//! in this process); the only `C_Logout` ends the SO login used to set the user PIN of a token no
+//! one serves from yet. Must not depend on the worker pool, HTTP or any front end.
+
+use std::path::Path;
+
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::{AuthPin, Ulong};
+
+use super::errors::HsmError;
+use super::keys::{find_unique, read_info};
+use super::module::Module;
+use super::settings::TokenSelector;
+use crate::core::{CryptoError, KeyInfo};
+use crate::secret::SecretString;
+
+/// What [`ensure_token`] found or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenReport {
+    /// Token label.
+    pub label: String,
+    /// Token serial number (select the token by it to survive relabelling).
+    pub serial: String,
+    /// The slot id right now (informational only: slot ids move).
+    pub slot_id: u64,
+    /// Whether this call created the token (`C_InitToken` + `C_InitPIN`).
+    pub created: bool,
+}
+
+/// Key algorithms [`ensure_key`] can generate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyKind {
+    /// AES, 256 bits (`CKM_AES_KEY_GEN`, `CKA_VALUE_LEN` = 32).
+    Aes256,
+}
+
+/// The key to make sure exists. Usage flags map to `CKA_ENCRYPT` etc.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySpec {
+    /// `CKA_LABEL`: the key's external id.
+    pub label: String,
+    /// Algorithm and size.
+    pub kind: KeyKind,
+    /// `CKA_ENCRYPT`
+    pub encrypt: bool,
+    /// `CKA_DECRYPT`
+    pub decrypt: bool,
+    /// `CKA_WRAP`
+    pub wrap: bool,
+    /// `CKA_UNWRAP`
+    pub unwrap: bool,
+    /// `CKA_EXTRACTABLE` (false by default: the key never leaves the HSM).
+    pub extractable: bool,
+    /// `CKA_SENSITIVE` (true by default: the key value is never readable).
+    pub sensitive: bool,
+}
+
+impl KeySpec {
+    /// An AES-256 encrypt+decrypt key, sensitive and non-extractable.
+    pub fn aes256(label: impl Into<String>) -> Self {
+        Self {
+            label: label.into(),
+            kind: KeyKind::Aes256,
+            encrypt: true,
+            decrypt: true,
+            wrap: false,
+            unwrap: false,
+            extractable: false,
+            sensitive: true,
+        }
+    }
+}
+
+/// What [`ensure_key`] found or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyReport {
+    /// Whether this call generated the key (false: it existed already and was left as is).
+    pub created: bool,
+    /// The key's attributes as the HSM reports them, with the custody verdict.
+    pub info: KeyInfo,
+}
+
+/// Make sure a token labelled `label` exists with a user PIN. If none does, initialize the first
+/// slot without a token (`C_InitToken`), then set the user PIN as SO (`C_InitPIN`). A token left
+/// half-made (no user PIN) is completed. Existing tokens are never re-initialized.
+pub fn ensure_token(
+    module: &Path,
+    label: &str,
+    so_pin: &SecretString,
+    user_pin: &SecretString,
+) -> Result<TokenReport, HsmError> {
+    let module = Module::acquire(module)?;
+    // C_InitToken picks "the first free slot": two concurrent creators must not pick the same one.
+    let _admin = module.admin_lock();
+    let selector = TokenSelector::Label(label.to_owned());
+    let created = match module.find_token(&selector) {
+        Ok((slot, info)) => {
+            if !info.user_pin_initialized() {
+                init_user_pin(&module, slot, label, so_pin, user_pin)?;
+            }
+            false
+        }
+        Err(HsmError::TokenNotFound { .. }) => {
+            let slot = free_slot(&module, label)?;
+            let pin = AuthPin::from(so_pin.expose());
+            module.ctx().init_token(slot, &pin, label).map_err(|e| HsmError::pkcs11("C_InitToken", &e))?;
+            // SoftHSM moves a freshly initialized token to a new slot id: find it again by label.
+            let (slot, _) = module.find_token(&selector)?;
+            init_user_pin(&module, slot, label, so_pin, user_pin)?;
+            true
+        }
+        Err(other) => return Err(other),
+    };
+    let (slot, info) = module.find_token(&selector)?;
+    if created {
+        tracing::info!(token = label, serial = info.serial_number().trim(), "token created");
+    }
+    Ok(TokenReport {
+        label: info.label().trim_end().to_owned(),
+        serial: info.serial_number().trim().to_owned(),
+        slot_id: slot.id(),
+        created,
+    })
+}
+
+/// Make sure the token holds a secret key labelled `spec.label`; generate it if absent. An
+/// existing key is reported as found, never modified (its attributes may differ from `spec`;
+/// check `info`). Several keys with the label is an error.
+pub fn ensure_key(
+    module: &Path,
+    token_label: &str,
+    user_pin: &SecretString,
+    spec: &KeySpec,
+) -> Result<KeyReport, HsmError> {
+    if spec.label.is_empty() {
+        return Err(HsmError::InvalidSettings(vec!["key label is empty".to_owned()]));
+    }
+    let module = Module::acquire(module)?;
+    let (slot, _) = module.find_token(&TokenSelector::Label(token_label.to_owned()))?;
+    // Closed on drop, without C_Logout: a serving backend in this process may share the login.
+    let session = open_rw(&module, slot)?;
+    user_login(&session, token_label, user_pin)?;
+    let s = &session;
+    let (handle, created) = match find_unique(s, &spec.label, ObjectClass::SECRET_KEY) {
+        Ok(handle) => (handle, false),
+        Err(fault) => match fault.error {
+            CryptoError::KeyNotFound => (generate(s, spec)?, true),
+            CryptoError::KeyDisabled(_) => {
+                let count = s
+                    .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(spec.label.as_bytes().to_vec())])
+                    .map_or(0, |v| v.len());
+                return Err(HsmError::KeyAmbiguous { label: spec.label.clone(), count });
+            }
+            other => return Err(HsmError::Pkcs11 { op: "C_FindObjects", ckr: other.to_string() }),
+        },
+    };
+    // Report the custody verdict as the default (strict) policy sees it.
+    let info = read_info(s, handle, false)
+        .map_err(|f| HsmError::Pkcs11 { op: "C_GetAttributeValue", ckr: f.error.to_string() })?;
+    if created {
+        tracing::info!(token = token_label, key = %spec.label, "key generated");
+    }
+    Ok(KeyReport { created, info })
+}
+
+fn generate(session: &Session, spec: &KeySpec) -> Result<ObjectHandle, HsmError> {
+    let (mechanism, value_len) = match spec.kind {
+        KeyKind::Aes256 => (Mechanism::AesKeyGen, 32u64),
+    };
+    // CKA_ID: 16 random bytes from the HSM, so tools that key on CKA_ID see distinct ids.
+    let mut id = [0u8; 16];
+    session.generate_random_slice(&mut id).map_err(|e| HsmError::pkcs11("C_GenerateRandom", &e))?;
+    let template = [
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(spec.sensitive),
+        Attribute::Extractable(spec.extractable),
+        Attribute::Encrypt(spec.encrypt),
+        Attribute::Decrypt(spec.decrypt),
+        Attribute::Wrap(spec.wrap),
+        Attribute::Unwrap(spec.unwrap),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::ValueLen(Ulong::new(value_len)),
+        Attribute::Label(spec.label.as_bytes().to_vec()),
+        Attribute::Id(id.to_vec()),
+    ];
+    session.generate_key(&mechanism, &template).map_err(|e| HsmError::pkcs11("C_GenerateKey", &e))
+}
+
+/// The first slot that has no initialized token.
+fn free_slot(module: &Module, label: &str) -> Result<Slot, HsmError> {
+    let slots = module.ctx().get_all_slots().map_err(|e| HsmError::pkcs11("C_GetSlotList", &e))?;
+    for slot in slots {
+        match module.ctx().get_token_info(slot) {
+            Ok(info) if !info.token_initialized() => return Ok(slot),
+            Ok(_) => {}
+            // No token in the slot at all (removable readers): nothing to initialize there.
+            Err(CkError::Pkcs11(RvError::TokenNotPresent, _)) => {}
+            Err(e) => return Err(HsmError::pkcs11("C_GetTokenInfo", &e)),
+        }
+    }
+    Err(HsmError::NoFreeSlot { label: label.to_owned() })
+}
+
+fn init_user_pin(
+    module: &Module,
+    slot: Slot,
+    label: &str,
+    so_pin: &SecretString,
+    user_pin: &SecretString,
+) -> Result<(), HsmError> {
+    let session = open_rw(module, slot)?;
+    let so = AuthPin::from(so_pin.expose());
+    match session.login(UserType::So, Some(&so)) {
+        Ok(()) => {}
+        Err(e) => {
+            return Err(HsmError::Login {
+                user: "security officer",
+                token: label.to_owned(),
+                ckr: super::errors::ck_error_name(&e).into_owned(),
+            });
+        }
+    }
+    let user = AuthPin::from(user_pin.expose());
+    let result = session.init_pin(&user).map_err(|e| HsmError::pkcs11("C_InitPIN", &e));
+    // An SO login must not outlive this call (it would block user logins on the token).
+    let _ = session.logout();
+    result
+}
+
+fn user_login(session: &Session, token: &str, user_pin: &SecretString) -> Result<(), HsmError> {
+    let pin = AuthPin::from(user_pin.expose());
+    match session.login(UserType::User, Some(&pin)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Err(e) => Err(HsmError::Login {
+            user: "user",
+            token: token.to_owned(),
+            ckr: super::errors::ck_error_name(&e).into_owned(),
+        }),
+    }
+}
+
+/// A read-write session, closed when dropped.
+fn open_rw(module: &Module, slot: Slot) -> Result<Session, HsmError> {
+    module.ctx().open_rw_session(slot).map_err(|e| HsmError::pkcs11("C_OpenSession", &e))
+}

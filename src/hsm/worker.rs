@@ -1,0 +1,664 @@
+//! HSM worker threads: each owns one logged-in session and serves jobs from the shared queue.
+//!
+//! A `cryptoki::Session` is `Send` but not `Sync`, and PKCS#11 sessions are not meant for
+//! concurrent use, so each lives on exactly one OS thread for its whole life. Async callers never
+//! touch a session: they enqueue a [`Job`] and await its oneshot reply (see `backend`). This file
+//! also owns session recovery: reopen and log in again with backoff after a lost session, retry the
+//! job once, never retry a refused PIN.
+//!
+//! Must not depend on tokio's runtime (only its oneshot channel), HTTP or any front end.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::object::ObjectClass;
+use cryptoki::session::{Session, SessionState, UserType};
+use cryptoki::slot::{Slot, TokenInfo};
+use cryptoki::types::AuthPin;
+use prometheus::Histogram;
+use tokio::sync::oneshot;
+
+use super::errors::{Fault, Op, Recovery, ck_error_name, login_is_fatal, map_ckr, rv_of};
+use super::gcm;
+use super::keys::{self, KeyCache, KeyEntry};
+use super::module::Module;
+use crate::core::{AeadSealed, CryptoError, GCM_TAG_LEN, KeyInfo, Plaintext};
+use crate::metrics::HsmMetrics;
+use crate::secret::SecretString;
+
+/// First wait before reconnecting after a failed reopen; doubles up to [`BACKOFF_MAX`].
+const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How long a worker waits for its peers to close their sessions during a `close_all_sessions`
+/// drill before reconnecting anyway.
+const RESUME_WAIT: Duration = Duration::from_secs(10);
+
+/// A reply channel for one job.
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, CryptoError>>;
+
+/// State shared by the backend handle and every worker.
+pub(crate) struct Shared {
+    pub(crate) module: Arc<Module>,
+    pub(crate) slot: Slot,
+    pub(crate) token_label: String,
+    pub(crate) user_pin: SecretString,
+    pub(crate) keys: KeyCache,
+    pub(crate) metrics: HsmMetrics,
+    pub(crate) timers: OpTimers,
+    /// Worker sessions open and logged in right now (health, fast failure when zero).
+    pub(crate) sessions_up: AtomicUsize,
+    /// Set when the HSM refused the PIN: workers stop trying (a retried wrong PIN locks the token).
+    pub(crate) login_refused: AtomicBool,
+}
+
+/// Latency histograms resolved once, so the hot path does no label lookup.
+pub(crate) struct OpTimers {
+    encrypt: Histogram,
+    decrypt: Histogram,
+    random: Histogram,
+    find_key: Histogram,
+    token_info: Histogram,
+    list_keys: Histogram,
+    open_session: Histogram,
+    login: Histogram,
+}
+
+impl OpTimers {
+    pub(crate) fn new(metrics: &HsmMetrics) -> Self {
+        Self {
+            encrypt: metrics.op(Op::Encrypt.as_str()),
+            decrypt: metrics.op(Op::Decrypt.as_str()),
+            random: metrics.op(Op::Random.as_str()),
+            find_key: metrics.op(Op::FindKey.as_str()),
+            token_info: metrics.op(Op::TokenInfo.as_str()),
+            list_keys: metrics.op(Op::ListKeys.as_str()),
+            open_session: metrics.op(Op::OpenSession.as_str()),
+            login: metrics.op(Op::Login.as_str()),
+        }
+    }
+
+    fn get(&self, op: Op) -> &Histogram {
+        match op {
+            Op::Encrypt => &self.encrypt,
+            Op::Decrypt => &self.decrypt,
+            Op::Random => &self.random,
+            Op::FindKey | Op::ReadAttributes => &self.find_key,
+            Op::TokenInfo => &self.token_info,
+            Op::ListKeys => &self.list_keys,
+            Op::OpenSession => &self.open_session,
+            Op::Login => &self.login,
+        }
+    }
+}
+
+/// What `C_GetTokenInfo` says, reduced to what health reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TokenSummary {
+    pub(crate) label: String,
+    pub(crate) manufacturer: String,
+    pub(crate) model: String,
+    pub(crate) serial: String,
+    pub(crate) versions: String,
+    pub(crate) user_pin_locked: bool,
+}
+
+impl From<&TokenInfo> for TokenSummary {
+    fn from(info: &TokenInfo) -> Self {
+        let (hw, fw) = (info.hardware_version(), info.firmware_version());
+        Self {
+            label: info.label().trim_end().to_owned(),
+            manufacturer: info.manufacturer_id().trim_end().to_owned(),
+            model: info.model().trim_end().to_owned(),
+            serial: info.serial_number().trim_end().to_owned(),
+            versions: format!("hw {}.{} fw {}.{}", hw.major(), hw.minor(), fw.major(), fw.minor()),
+            user_pin_locked: info.user_pin_locked(),
+        }
+    }
+}
+
+/// One unit of work with its deadline (queue wait included).
+pub(crate) struct Job {
+    pub(crate) deadline: Instant,
+    pub(crate) work: Work,
+}
+
+/// The operations a worker performs. Every one is safe to retry once after a reopen: none
+/// changes token state.
+pub(crate) enum Work {
+    Encrypt { key: Arc<KeyEntry>, plaintext: Plaintext, aad: Vec<u8>, reply: Reply<AeadSealed> },
+    Decrypt {
+        key: Arc<KeyEntry>,
+        iv: Vec<u8>,
+        ciphertext: Vec<u8>,
+        tag: [u8; GCM_TAG_LEN],
+        aad: Vec<u8>,
+        reply: Reply<Plaintext>,
+    },
+    Random { len: usize, reply: Reply<Vec<u8>> },
+    Lookup { label: String, reply: Reply<Arc<KeyEntry>> },
+    /// `C_GetSessionInfo` (proves the session is alive) + `C_GetTokenInfo`.
+    TokenInfo { reply: Reply<TokenSummary> },
+    ListKeys { reply: Reply<Vec<KeyInfo>> },
+}
+
+impl Work {
+    fn op(&self) -> Op {
+        match self {
+            Work::Encrypt { .. } => Op::Encrypt,
+            Work::Decrypt { .. } => Op::Decrypt,
+            Work::Random { .. } => Op::Random,
+            Work::Lookup { .. } => Op::FindKey,
+            Work::TokenInfo { .. } => Op::TokenInfo,
+            Work::ListKeys { .. } => Op::ListKeys,
+        }
+    }
+}
+
+/// Out-of-band instructions for one particular worker.
+pub(crate) enum Control {
+    /// Close the session for real (`C_CloseSession`), report, wait until `resume` is released (or
+    /// disconnected) so all peers are closed too, then reconnect.
+    CloseSession { closed: oneshot::Sender<bool>, resume: Receiver<()> },
+    /// `C_Logout`: the token forgets the login of every session of this process.
+    Logout { done: oneshot::Sender<Result<(), CryptoError>> },
+    /// Answer what is queued, close the session, exit.
+    Stop,
+}
+
+/// A session opened without cryptoki's close-on-drop, so this code decides when `C_CloseSession`
+/// is called: never on a handle the HSM already dropped (modules may reuse handle numbers, and
+/// closing a stale one could close a peer's new session).
+pub(crate) struct OwnedSession(Option<Session>);
+
+impl OwnedSession {
+    pub(crate) fn session(&self) -> Option<&Session> {
+        self.0.as_ref()
+    }
+
+    /// Close for real (the handle is known to be valid).
+    pub(crate) fn close(mut self) {
+        if let Some(s) = self.0.take()
+            && let Err(e) = s.close()
+        {
+            tracing::debug!(ckr = %ck_error_name(&e), "C_CloseSession failed");
+        }
+    }
+
+    /// Drop without `C_CloseSession` (the HSM has dropped it already).
+    fn forget(mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for OwnedSession {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            let _ = s.close();
+        }
+    }
+}
+
+/// Open a read-only session on the token and make sure it is logged in as user. Counts
+/// `C_Login` calls; a session that is already in a user state (another session of this process is
+/// logged in) needs none.
+pub(crate) fn open_logged_in(shared: &Shared) -> Result<OwnedSession, CkError> {
+    let timer = Instant::now();
+    // RO is enough for encrypt/decrypt/find/attributes: least privilege.
+    let session = OwnedSession(Some(shared.module.ctx().open_ro_session_no_drop(shared.slot)?));
+    shared.timers.get(Op::OpenSession).observe(timer.elapsed().as_secs_f64());
+    if let Some(s) = session.session() {
+        login_if_needed(shared, s)?;
+    }
+    Ok(session)
+}
+
+/// `C_Login(CKU_USER)` unless the session is already in a user state. Returns whether a login was
+/// performed. `CKR_USER_ALREADY_LOGGED_IN` counts as success.
+fn login_if_needed(shared: &Shared, session: &Session) -> Result<bool, CkError> {
+    let state = session.get_session_info()?.session_state();
+    if matches!(state, SessionState::RoUser | SessionState::RwUser) {
+        return Ok(false);
+    }
+    shared.metrics.logins.inc();
+    let timer = Instant::now();
+    let pin = AuthPin::from(shared.user_pin.expose());
+    let result = session.login(UserType::User, Some(&pin));
+    shared.timers.get(Op::Login).observe(timer.elapsed().as_secs_f64());
+    match result {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+/// One worker thread's state.
+pub(crate) struct Worker {
+    /// Declared first: a session must be closed before `shared` (and with it, possibly, the
+    /// module) is dropped.
+    session: Option<OwnedSession>,
+    shared: Arc<Shared>,
+    index: usize,
+    up: bool,
+    backoff: Duration,
+    next_attempt: Instant,
+}
+
+impl Worker {
+    /// A worker around an already logged-in session (opened by `start`, so a bad PIN fails
+    /// start-up with a single attempt).
+    pub(crate) fn new(index: usize, session: OwnedSession, shared: Arc<Shared>) -> Self {
+        let mut worker =
+            Worker { session: Some(session), shared, index, up: false, backoff: BACKOFF_INITIAL, next_attempt: Instant::now() };
+        worker.mark_up();
+        worker
+    }
+
+    /// The thread body: serve jobs until stopped or the queue is gone.
+    pub(crate) fn run(mut self, jobs: Receiver<Job>, control: Receiver<Control>) {
+        tracing::debug!(worker = self.index, "HSM worker started");
+        loop {
+            // Control messages are rare; checking first keeps drills and shutdown prompt under load.
+            match control.try_recv() {
+                Ok(ctl) => {
+                    if self.on_control(ctl, &jobs).is_break() {
+                        break;
+                    }
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => {}
+            }
+            if self.session.is_none() {
+                // Without a session this worker takes no jobs, so healthy peers serve them.
+                if self.reconnect_or_wait(&control, &jobs).is_break() {
+                    break;
+                }
+                continue;
+            }
+            match jobs.try_recv() {
+                Ok(job) => {
+                    self.take(job);
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => {}
+            }
+            crossbeam_channel::select! {
+                recv(jobs) -> job => match job {
+                    Ok(job) => self.take(job),
+                    Err(_) => break,
+                },
+                recv(control) -> ctl => match ctl {
+                    Ok(ctl) => if self.on_control(ctl, &jobs).is_break() { break },
+                    Err(_) => break,
+                },
+            }
+        }
+        self.close_session();
+        tracing::debug!(worker = self.index, "HSM worker stopped");
+    }
+
+    fn on_control(&mut self, ctl: Control, jobs: &Receiver<Job>) -> ControlFlow<()> {
+        match ctl {
+            Control::Stop => {
+                // Drain: whatever is still queued gets an answer rather than a timeout.
+                while let Ok(job) = jobs.try_recv() {
+                    self.take(job);
+                }
+                ControlFlow::Break(())
+            }
+            Control::CloseSession { closed, resume } => {
+                let had_session = self.session.is_some();
+                self.close_session();
+                let _ = closed.send(had_session);
+                // Wait for the peers: only when no session of ours is left does the token drop the
+                // login, which is what the drill simulates.
+                let _ = resume.recv_timeout(RESUME_WAIT);
+                self.next_attempt = Instant::now();
+                ControlFlow::Continue(())
+            }
+            Control::Logout { done } => {
+                let result = match self.session.as_ref().and_then(OwnedSession::session) {
+                    Some(s) => s.logout().map_err(|e| map_ckr(Op::Login, &e).error),
+                    None => Err(CryptoError::HsmUnavailable("worker has no session".to_owned())),
+                };
+                let _ = done.send(result);
+                ControlFlow::Continue(())
+            }
+        }
+    }
+
+    /// Without a session: reconnect when the backoff allows, otherwise wait for it (or a control
+    /// message). Never retries a refused PIN.
+    fn reconnect_or_wait(&mut self, control: &Receiver<Control>, jobs: &Receiver<Job>) -> ControlFlow<()> {
+        let wait = if self.shared.login_refused.load(Ordering::Acquire) {
+            None
+        } else {
+            let now = Instant::now();
+            if now >= self.next_attempt {
+                let _ = self.reopen();
+                return ControlFlow::Continue(());
+            }
+            Some(self.next_attempt - now)
+        };
+        let got = match wait {
+            Some(wait) => control.recv_timeout(wait),
+            None => control.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match got {
+            Ok(ctl) => self.on_control(ctl, jobs),
+            Err(RecvTimeoutError::Timeout) => ControlFlow::Continue(()),
+            Err(RecvTimeoutError::Disconnected) => ControlFlow::Break(()),
+        }
+    }
+
+    fn take(&mut self, job: Job) {
+        self.shared.metrics.queue_depth.dec();
+        let op = job.work.op();
+        if Instant::now() >= job.deadline {
+            // The caller has given up (or is about to): do not spend HSM time on it. Dropping the
+            // job drops its reply channel.
+            self.shared.metrics.op_error(op.as_str(), CryptoError::HsmTimeout.kind());
+            return;
+        }
+        match job.work {
+            Work::Encrypt { key, plaintext, aad, reply } => {
+                let r = self.with_key(Op::Encrypt, &key, |s, k| gcm::encrypt(s, k.handle, &plaintext, &aad));
+                let _ = reply.send(r);
+            }
+            Work::Decrypt { key, iv, mut ciphertext, tag, aad, reply } => {
+                let r = self.with_key(Op::Decrypt, &key, |s, k| gcm::decrypt(s, k.handle, &iv, &mut ciphertext, &tag, &aad));
+                let _ = reply.send(r);
+            }
+            Work::Random { len, reply } => {
+                let r = self.with_session(Op::Random, |_, s| {
+                    let mut out = vec![0u8; len];
+                    s.generate_random_slice(&mut out).map_err(|e| map_ckr(Op::Random, &e))?;
+                    Ok(out)
+                });
+                let _ = reply.send(r);
+            }
+            Work::Lookup { label, reply } => {
+                let r = self.with_session(Op::FindKey, |shared, s| {
+                    // A logged-out session sees no private objects and would report "not found".
+                    ensure_user(shared, s)?;
+                    shared.keys.resolve(s, &label)
+                });
+                let _ = reply.send(r);
+            }
+            Work::TokenInfo { reply } => {
+                let r = self.with_session(Op::TokenInfo, |shared, s| {
+                    let state = s.get_session_info().map_err(|e| map_ckr(Op::TokenInfo, &e))?.session_state();
+                    if !matches!(state, SessionState::RoUser | SessionState::RwUser) {
+                        // Logged out behind our back: let the recovery path log in again.
+                        return Err(Fault { error: not_logged_in(), recovery: Recovery::ReopenSession });
+                    }
+                    let info = shared.module.ctx().get_token_info(shared.slot).map_err(|e| map_ckr(Op::TokenInfo, &e))?;
+                    Ok(TokenSummary::from(&info))
+                });
+                let _ = reply.send(r);
+            }
+            Work::ListKeys { reply } => {
+                let r = self.with_session(Op::ListKeys, |shared, s| {
+                    ensure_user(shared, s)?;
+                    let classes = [ObjectClass::SECRET_KEY, ObjectClass::PRIVATE_KEY];
+                    let found = keys::list(s, &classes, shared.keys.allow_exportable_keys())?;
+                    Ok(found.into_iter().map(|(_, info)| info).collect())
+                });
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    /// Run `f` with this worker's session and the current handle of `key`, with the recovery the
+    /// failure asks for and one retry. Refuses keys that fail the custody check.
+    fn with_key<T>(
+        &mut self,
+        op: Op,
+        key: &Arc<KeyEntry>,
+        mut f: impl FnMut(&Session, &KeyEntry) -> Result<T, Fault>,
+    ) -> Result<T, CryptoError> {
+        let mut entry = Arc::clone(key);
+        let mut force_refresh = false;
+        self.with_recovery(op, |shared, session| {
+            if force_refresh || entry.generation != shared.keys.generation() {
+                // Handles from before a reopen/re-login are suspect: resolve the label again.
+                shared.keys.invalidate(&entry.info.label);
+                let label = entry.info.label.clone();
+                entry = shared.keys.resolve(session, &label)?;
+                force_refresh = false;
+            }
+            if let Some(why) = &entry.info.custody_violation {
+                return Err(Fault::plain(CryptoError::KeyDisabled(why.clone())));
+            }
+            let result = f(session, &entry);
+            if matches!(result, Err(Fault { recovery: Recovery::RefreshKey, .. })) {
+                force_refresh = true;
+            }
+            result
+        })
+    }
+
+    fn with_session<T>(&mut self, op: Op, f: impl FnMut(&Shared, &Session) -> Result<T, Fault>) -> Result<T, CryptoError> {
+        self.with_recovery(op, f)
+    }
+
+    /// The retry loop: at most one recovery and one retry per job.
+    fn with_recovery<T>(&mut self, op: Op, mut f: impl FnMut(&Shared, &Session) -> Result<T, Fault>) -> Result<T, CryptoError> {
+        let mut retried = false;
+        loop {
+            let shared = Arc::clone(&self.shared);
+            let Some(session) = self.session.as_ref().and_then(OwnedSession::session) else {
+                // Only while draining at shutdown: a worker without a session takes no jobs.
+                shared.metrics.op_error(op.as_str(), CryptoError::HsmUnavailable(String::new()).kind());
+                return Err(reconnecting());
+            };
+            let timer = Instant::now();
+            let result = f(&shared, session);
+            shared.timers.get(op).observe(timer.elapsed().as_secs_f64());
+            let fault = match result {
+                Ok(v) => return Ok(v),
+                Err(fault) => fault,
+            };
+            if retried || fault.recovery == Recovery::None {
+                shared.metrics.op_error(op.as_str(), fault.error.kind());
+                return Err(fault.error);
+            }
+            retried = true;
+            if let Err(e) = self.recover(fault.recovery) {
+                shared.metrics.op_error(op.as_str(), e.kind());
+                return Err(e);
+            }
+        }
+    }
+
+    /// Bring the session back into a usable state for a retry.
+    fn recover(&mut self, recovery: Recovery) -> Result<(), CryptoError> {
+        match recovery {
+            Recovery::None => Ok(()),
+            Recovery::RefreshKey => {
+                // A stale handle after a silent logout (SoftHSM drops private handles on logout):
+                // log in again first, or the re-lookup would find nothing.
+                let shared = Arc::clone(&self.shared);
+                match self.session.as_ref().and_then(OwnedSession::session) {
+                    Some(s) => match ensure_user(&shared, s) {
+                        Ok(()) => Ok(()),
+                        Err(fault) if fault.recovery == Recovery::ReopenSession => self.recover_session(),
+                        Err(fault) => Err(fault.error),
+                    },
+                    None => self.recover_session(),
+                }
+            }
+            Recovery::ResetOperation => {
+                if let Some(s) = self.session.as_ref().and_then(OwnedSession::session) {
+                    // A call to C_*Final with a buffer ends whatever operation is active (the
+                    // result itself is irrelevant).
+                    let _ = s.decrypt_final();
+                    let _ = s.encrypt_final();
+                    if s.generate_random_slice(&mut [0u8; 1]).is_ok() {
+                        return Ok(());
+                    }
+                }
+                self.recover_session()
+            }
+            Recovery::ReopenSession => self.recover_session(),
+        }
+    }
+
+    /// After a lost-session class error: log in again if only the login was lost, otherwise
+    /// reopen (one immediate attempt; later ones back off in `run`).
+    fn recover_session(&mut self) -> Result<(), CryptoError> {
+        let shared = Arc::clone(&self.shared);
+        if shared.login_refused.load(Ordering::Acquire) {
+            self.close_session();
+            return Err(self.login_refused_error());
+        }
+        if let Some(owned) = self.session.take() {
+            match owned.session().map(Session::get_session_info) {
+                Some(Ok(info)) if !matches!(info.session_state(), SessionState::RoUser | SessionState::RwUser) => {
+                    // The session survived, the login did not.
+                    let relogin = owned.session().map(|s| login_if_needed(&shared, s));
+                    match relogin {
+                        Some(Ok(_)) => {
+                            shared.keys.bump_generation();
+                            tracing::info!(worker = self.index, "HSM login restored");
+                            self.session = Some(owned);
+                            return Ok(());
+                        }
+                        Some(Err(e)) if login_is_fatal(&e) => {
+                            self.session = Some(owned);
+                            self.refuse_login(&e);
+                            return Err(self.login_refused_error());
+                        }
+                        _ => owned.close(),
+                    }
+                }
+                // Alive and logged in, yet the device reported a loss: start afresh.
+                Some(Ok(_)) => owned.close(),
+                // The HSM no longer knows this handle: never close it (see OwnedSession).
+                _ => owned.forget(),
+            }
+            self.mark_down();
+        }
+        self.reopen()
+    }
+
+    /// Open a new session and log in. Counts a reopen; on failure schedules the next attempt.
+    fn reopen(&mut self) -> Result<(), CryptoError> {
+        if self.shared.login_refused.load(Ordering::Acquire) {
+            return Err(self.login_refused_error());
+        }
+        match open_logged_in(&self.shared) {
+            Ok(session) => {
+                self.shared.metrics.session_reopens.inc();
+                self.session = Some(session);
+                // New session, maybe a new login: cached handles are suspect.
+                self.shared.keys.bump_generation();
+                self.backoff = BACKOFF_INITIAL;
+                self.mark_up();
+                tracing::info!(worker = self.index, "HSM session reopened");
+                Ok(())
+            }
+            Err(e) if login_is_fatal(&e) => {
+                self.refuse_login(&e);
+                Err(self.login_refused_error())
+            }
+            Err(e) => {
+                // Jitter by worker index so a pool does not reconnect in lockstep.
+                let jitter = Duration::from_millis((self.index as u64 % 16) * 7);
+                self.next_attempt = Instant::now() + self.backoff + jitter;
+                tracing::warn!(
+                    worker = self.index,
+                    ckr = %ck_error_name(&e),
+                    retry_in_ms = (self.backoff + jitter).as_millis() as u64,
+                    "HSM session reopen failed"
+                );
+                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                Err(reconnecting())
+            }
+        }
+    }
+
+    fn refuse_login(&mut self, e: &CkError) {
+        if !self.shared.login_refused.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                token = %self.shared.token_label,
+                ckr = %ck_error_name(e),
+                "the HSM refused the user PIN; workers will not retry (that could lock the PIN); fix it and restart"
+            );
+        }
+        if let Some(owned) = self.session.take() {
+            owned.close();
+            self.mark_down();
+        }
+    }
+
+    fn login_refused_error(&self) -> CryptoError {
+        CryptoError::HsmUnavailable("the HSM refused the user PIN".to_owned())
+    }
+
+    fn close_session(&mut self) {
+        if let Some(owned) = self.session.take() {
+            owned.close();
+            self.mark_down();
+        }
+    }
+
+    fn mark_up(&mut self) {
+        if !self.up {
+            self.up = true;
+            self.shared.sessions_up.fetch_add(1, Ordering::AcqRel);
+            self.shared.metrics.sessions.inc();
+        }
+    }
+
+    fn mark_down(&mut self) {
+        if self.up {
+            self.up = false;
+            self.shared.sessions_up.fetch_sub(1, Ordering::AcqRel);
+            self.shared.metrics.sessions.dec();
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.close_session();
+    }
+}
+
+/// Make sure `session` is in a user state, logging in if the token forgot us.
+fn ensure_user(shared: &Shared, session: &Session) -> Result<(), Fault> {
+    match login_if_needed(shared, session) {
+        Ok(true) => {
+            shared.keys.bump_generation();
+            tracing::info!("HSM login restored");
+            Ok(())
+        }
+        Ok(false) => Ok(()),
+        Err(e) if login_is_fatal(&e) => {
+            shared.login_refused.store(true, Ordering::Release);
+            tracing::error!(ckr = %ck_error_name(&e), "the HSM refused the user PIN; workers will not retry");
+            // ReopenSession makes the worker close its session and stay down (see recover_session).
+            Err(Fault {
+                error: CryptoError::HsmUnavailable("the HSM refused the user PIN".to_owned()),
+                recovery: Recovery::ReopenSession,
+            })
+        }
+        Err(e) => match rv_of(&e) {
+            Some(_) => Err(map_ckr(Op::Login, &e)),
+            None => Err(Fault::plain(CryptoError::Internal(format!("login: {e}")))),
+        },
+    }
+}
+
+fn reconnecting() -> CryptoError {
+    CryptoError::HsmUnavailable("HSM session lost; reconnecting".to_owned())
+}
+
+fn not_logged_in() -> CryptoError {
+    CryptoError::HsmUnavailable("HSM session is not logged in; logging in again".to_owned())
+}

@@ -1,0 +1,51 @@
+//! Log and audit output: the operational log on stderr (text or JSON) and, when configured, audit
+//! events as JSON lines in their own file. Writers are non-blocking so a slow disk or terminal
+//! never stalls request handling.
+
+use tracing_appender::non_blocking::WorkerGuard;
+use tracing_subscriber::filter::{EnvFilter, FilterFn};
+use tracing_subscriber::prelude::*;
+
+use crate::audit;
+use crate::config::{LogFormat, LoggingSettings};
+
+/// Keeps the background writers alive; drop it last (it flushes).
+pub struct LogGuard {
+    _guards: Vec<WorkerGuard>,
+}
+
+/// Install the global subscriber (once per process; later calls are ignored).
+pub fn init(settings: &LoggingSettings) -> std::io::Result<LogGuard> {
+    let mut guards = Vec::new();
+    let filter = EnvFilter::try_new(&settings.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (stderr, guard) = tracing_appender::non_blocking(std::io::stderr());
+    guards.push(guard);
+    let audit_elsewhere = settings.audit_file.is_some();
+    let not_audit = FilterFn::new(move |meta| !(audit_elsewhere && meta.target() == audit::TARGET));
+    let ops = match settings.format {
+        LogFormat::Json => tracing_subscriber::fmt::layer().json().with_writer(stderr).with_filter(not_audit).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(stderr).with_filter(not_audit).boxed(),
+    };
+    let audit_layer = match &settings.audit_file {
+        None => None,
+        Some(path) => {
+            let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+            let (writer, guard) = tracing_appender::non_blocking(file);
+            guards.push(guard);
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(writer)
+                    .with_filter(FilterFn::new(|meta| meta.target() == audit::TARGET)),
+            )
+        }
+    };
+    let _ = tracing_subscriber::registry().with(filter).with(ops).with(audit_layer).try_init();
+    Ok(LogGuard { _guards: guards })
+}
+
+/// A minimal stderr subscriber for commands that run before (or without) a configuration.
+pub fn init_cli(level: &str) {
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
