@@ -2,6 +2,8 @@
 //! events as JSON lines in their own file. Writers are non-blocking so a slow disk or terminal
 //! never stalls request handling.
 
+use std::io::IsTerminal;
+
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::filter::{EnvFilter, FilterFn};
 use tracing_subscriber::prelude::*;
@@ -24,7 +26,11 @@ pub fn init(settings: &LoggingSettings) -> std::io::Result<LogGuard> {
     let not_audit = FilterFn::new(move |meta| !(audit_elsewhere && meta.target() == audit::TARGET));
     let ops = match settings.format {
         LogFormat::Json => tracing_subscriber::fmt::layer().json().with_writer(stderr).with_filter(not_audit).boxed(),
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(stderr).with_filter(not_audit).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(stderr)
+            .with_filter(not_audit)
+            .boxed(),
     };
     let audit_layer = match &settings.audit_file {
         None => None,
