@@ -231,7 +231,7 @@ impl Running {
                     .map_err(|source| StartError::Tls { listener: l.name.clone(), source })?;
                 fresh.push((slot.clone(), cfg));
             }
-            if self.addrs.get(&l.name).is_none() {
+            if !self.addrs.contains_key(&l.name) {
                 tracing::warn!(listener = %l.name, "new listener ignored until restart");
             }
         }

@@ -154,10 +154,8 @@ impl Policy {
             if !rule.keys.iter().any(|k| k.matches(facts.key)) {
                 continue;
             }
-            if let Some(ops) = &rule.operations {
-                if !ops.contains(&facts.op) {
-                    continue;
-                }
+            if rule.operations.as_ref().is_some_and(|ops| !ops.contains(&facts.op)) {
+                continue;
             }
             let value = facts
                 .attributes

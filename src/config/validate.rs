@@ -145,13 +145,11 @@ fn listeners(raw: &[RawListener], base: &Path, c: &mut Collector) -> Vec<Listene
                         c.add(format!("{at}.tls.{key}"), format!("file not found: {}", resolve(base, path).display()));
                     }
                 }
-                if let Some(ca) = &t.client_auth {
-                    if !resolve(base, &ca.ca_bundle).is_file() {
-                        c.add(
-                            format!("{at}.tls.client_auth.ca_bundle"),
-                            format!("file not found: {}", resolve(base, &ca.ca_bundle).display()),
-                        );
-                    }
+                if let Some(ca) = t.client_auth.as_ref().filter(|ca| !resolve(base, &ca.ca_bundle).is_file()) {
+                    c.add(
+                        format!("{at}.tls.client_auth.ca_bundle"),
+                        format!("file not found: {}", resolve(base, &ca.ca_bundle).display()),
+                    );
                 }
                 Some(TlsSettings {
                     cert_chain: resolve(base, &t.certificate),
@@ -160,10 +158,8 @@ fn listeners(raw: &[RawListener], base: &Path, c: &mut Collector) -> Vec<Listene
                 })
             }
         };
-        if let (Some(addr), true) = (addr, l.plain_http) {
-            if !addr.ip().is_loopback() {
-                tracing::warn!(listener = %name, %addr, "plain-HTTP listener on a non-loopback address");
-            }
+        if let Some(addr) = addr.filter(|a| l.plain_http && !a.ip().is_loopback()) {
+            tracing::warn!(listener = %name, %addr, "plain-HTTP listener on a non-loopback address");
         }
         if let Some(addr) = addr {
             out.push(ListenerSettings { name, addr, tls });

@@ -40,10 +40,8 @@ impl<B: Backend> HealthMonitor<B> {
     /// Concurrent callers share one check (the lock is held while it runs).
     pub async fn report(&self) -> HealthReport {
         let mut last = self.last.lock().await;
-        if let Some((at, report)) = last.as_ref() {
-            if at.elapsed() < self.max_age {
-                return report.clone();
-            }
+        if let Some((_, report)) = last.as_ref().filter(|(at, _)| at.elapsed() < self.max_age) {
+            return report.clone();
         }
         let report = self.check().await;
         *last = Some((Instant::now(), report.clone()));

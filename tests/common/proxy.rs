@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 //! `TestProxy`: the real server, started in-process on 127.0.0.1:0 with real TLS (a fresh CA,
 //! server and client certificates per proxy) against a fresh SoftHSMv2 token made by the same
 //! bootstrap code `ekm-proxy dev init` runs. The configuration goes through the real config parser.

@@ -1,0 +1,579 @@
+//! The HTTP lane: N workers, each sending one signed XKS request at a time over keep-alive
+//! connections, for a warm-up and then a measured window.
+//!
+//! Cheap per request on purpose (the load generator shares the machine with the server): the
+//! body is a template rendered by one copy plus an in-place `kmsRequestId`, the path, URI and
+//! `Host` value are built once, and the request goes straight to [`XksClient::send_raw`] after a
+//! fresh SigV4 signature made at send time. Sees the proxy only through the wire, via `client`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HOST};
+use http::{HeaderMap, HeaderValue, Method, Request};
+use http_body_util::Full;
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinSet;
+
+use super::options::{BenchOptions, Scenario};
+use super::stats::LaneStats;
+use super::{BenchError, Window};
+use crate::auth::sigv4;
+use crate::client::{ClientError, ClientTls, Response, XksClient, XksClientConfig, XksConnector, xks};
+use crate::secret::SecretString;
+
+/// SigV4 service name of XKS.
+const SERVICE: &str = "kms-xks-proxy";
+/// Headers every request signs, as KMS does.
+const SIGNED_HEADERS: [&str; 2] = ["host", "x-amz-date"];
+/// Pause after a failed reconnect, so a dead server does not turn a worker into a busy loop.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(20);
+/// Connections opened at once when setting up (bounded so 1,000 idle connections do not
+/// arrive as one handshake storm).
+const CONNECT_PARALLELISM: usize = 32;
+
+/// The server as the HTTP lane sees it: where, how to connect, and how to sign.
+pub struct HttpTarget {
+    connector: XksConnector,
+    host: HeaderValue,
+    prefix: String,
+    access_key_id: String,
+    secret: SecretString,
+    region: String,
+}
+
+impl HttpTarget {
+    /// Read the TLS material named in `opts` and prepare a connector to `addr`.
+    pub fn new(opts: &BenchOptions, addr: SocketAddr) -> Result<Self, BenchError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| BenchError::Options(format!("cannot read {}: {e}", p.display())))
+        };
+        let tls = if opts.target.tls {
+            let (client_cert_pem, client_key_pem) = match &opts.client_identity {
+                Some((c, k)) => (Some(read(c)?), Some(read(k)?)),
+                None => (None, None),
+            };
+            Some(ClientTls { ca_pem: read(&opts.ca)?, client_cert_pem, client_key_pem, server_name: opts.target.host.clone() })
+        } else {
+            None
+        };
+        let host_header = opts.target.host_header();
+        let host = HeaderValue::from_str(&host_header)
+            .map_err(|_| BenchError::Options(format!("host {host_header:?} is not a valid Host header")))?;
+        let cfg = XksClientConfig {
+            addr,
+            tls,
+            host: host_header,
+            prefix: opts.target.prefix.clone(),
+            access_key_id: opts.access_key_id.clone(),
+            secret: opts.secret.clone(),
+            region: opts.region.clone(),
+            service: SERVICE.to_owned(),
+        };
+        let connector = XksConnector::new(Arc::new(cfg)).map_err(|e| BenchError::Options(e.to_string()))?;
+        Ok(Self {
+            connector,
+            host,
+            prefix: opts.target.prefix.clone(),
+            access_key_id: opts.access_key_id.clone(),
+            secret: opts.secret.clone(),
+            region: opts.region.clone(),
+        })
+    }
+
+    /// One new keep-alive connection (TLS sessions are resumed across connections).
+    pub async fn connect(&self) -> Result<XksClient, ClientError> {
+        self.connector.connect().await
+    }
+
+    /// `GET /ping` on `client`: the status, for the readiness wait.
+    pub async fn ping(&self, client: &mut XksClient) -> Result<u16, ClientError> {
+        let mut req = Request::new(Full::new(Bytes::new()));
+        *req.uri_mut() = http::Uri::from_static("/ping");
+        req.headers_mut().insert(HOST, self.host.clone());
+        Ok(client.send_raw(req).await?.status)
+    }
+
+    /// A signed request for `op` with `body`. Signed now: every request carries a fresh
+    /// `x-amz-date` and signature, as KMS sends them.
+    fn request(&self, op: &Operation, body: Bytes) -> Result<Request<Full<Bytes>>, ClientError> {
+        let mut headers = HeaderMap::with_capacity(4);
+        headers.insert(HOST, self.host.clone());
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        sigv4::sign(
+            "POST",
+            &op.path,
+            "",
+            &mut headers,
+            &body,
+            &SIGNED_HEADERS,
+            &self.access_key_id,
+            &self.secret,
+            &self.region,
+            SERVICE,
+            std::time::SystemTime::now(),
+        )?;
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = op.uri.clone();
+        *req.headers_mut() = headers;
+        Ok(req)
+    }
+
+    /// Send `op` once on `client` and check the answer is the expected one; the error text says
+    /// what came back instead. Used before measuring, so a misconfiguration is one clear line
+    /// rather than a table of errors.
+    pub async fn probe(&self, client: &mut XksClient, op: &Operation) -> Result<Response, String> {
+        let req = self.request(op, op.template.render(0, 0, 0)).map_err(|e| e.to_string())?;
+        let resp = client.send_raw(req).await.map_err(|e| e.to_string())?;
+        if op.expect.accepts(&resp) { Ok(resp) } else { Err(describe(&resp)) }
+    }
+
+    /// The XKS operation for `scenario`. Decrypt scenarios first encrypt one plaintext through the
+    /// server (on `client`) and decrypt that ciphertext (with its tag flipped for bad-tag).
+    pub async fn operation(
+        &self,
+        client: &mut XksClient,
+        scenario: Scenario,
+        opts: &BenchOptions,
+    ) -> Result<Operation, String> {
+        let key = &opts.key;
+        let plaintext = pattern(opts.plaintext_size, 0);
+        let aad = (opts.aad_size > 0).then(|| pattern(opts.aad_size, 7));
+        let op = match scenario {
+            Scenario::Encrypt => self.op(
+                &format!("keys/{key}/encrypt"),
+                xks::encrypt_body(xks::KMS_KEY_ARN, &plaintext, aad.as_deref(), false),
+                Expect::Ok,
+            )?,
+            Scenario::Decrypt | Scenario::DecryptBadTag => {
+                let encrypt = self.op(
+                    &format!("keys/{key}/encrypt"),
+                    xks::encrypt_body(xks::KMS_KEY_ARN, &plaintext, aad.as_deref(), false),
+                    Expect::Ok,
+                )?;
+                let resp = self.probe(client, &encrypt).await.map_err(|e| format!("encrypting the test ciphertext: {e}"))?;
+                let mut sealed =
+                    xks::parse_encrypt_response(&resp.body).map_err(|e| format!("encrypt response: {e}"))?;
+                let expect = if scenario == Scenario::DecryptBadTag {
+                    if let Some(b) = sealed.tag.first_mut() {
+                        *b ^= 0x01;
+                    }
+                    Expect::BadTag
+                } else {
+                    Expect::Ok
+                };
+                self.op(
+                    &format!("keys/{key}/decrypt"),
+                    xks::decrypt_body_for(xks::KMS_KEY_ARN, &sealed, aad.as_deref()),
+                    expect,
+                )?
+            }
+            Scenario::Metadata => self.op(&format!("keys/{key}/metadata"), xks::metadata_body(), Expect::Ok)?,
+            Scenario::Health => self.op("health", xks::health_body(), Expect::Ok)?,
+        };
+        self.probe(client, &op).await.map_err(|e| format!("probe request: {e}"))?;
+        Ok(op)
+    }
+
+    fn op(&self, suffix: &str, body: Vec<u8>, expect: Expect) -> Result<Operation, String> {
+        let path = format!("{}/kms/xks/v1/{suffix}", self.prefix);
+        let uri: http::Uri = path.parse().map_err(|e| format!("request path {path:?}: {e}"))?;
+        Ok(Operation { path, uri, template: BodyTemplate::new(body)?, expect })
+    }
+}
+
+/// `len` deterministic bytes (content does not matter to AES-GCM's cost).
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+/// One XKS call, prepared once per scenario.
+pub struct Operation {
+    path: String,
+    uri: http::Uri,
+    template: BodyTemplate,
+    expect: Expect,
+}
+
+/// Which answers count as success.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// 200.
+    Ok,
+    /// 400 with `InvalidCiphertextException` (the bad-tag scenario).
+    BadTag,
+}
+
+impl Expect {
+    /// Whether `resp` is the expected answer.
+    pub fn accepts(self, resp: &Response) -> bool {
+        match self {
+            Expect::Ok => resp.status == 200,
+            // A byte search, not a JSON parse: the client's CPU is shared with the server.
+            Expect::BadTag => resp.status == 400 && contains(&resp.body, b"InvalidCiphertextException"),
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `HTTP <status> <errorName | body start>`, for the first unexpected answer.
+fn describe(resp: &Response) -> String {
+    match resp.error_name() {
+        Some(name) => format!("HTTP {} {name}", resp.status),
+        None => {
+            let body = String::from_utf8_lossy(&resp.body[..resp.body.len().min(160)]).into_owned();
+            format!("HTTP {} {body:?}", resp.status)
+        }
+    }
+}
+
+/// A request body with a 36-character `kmsRequestId` slot rewritten per request.
+#[derive(Clone, Debug)]
+pub struct BodyTemplate {
+    bytes: Vec<u8>,
+    id_at: usize,
+}
+
+/// Length of a UUID-shaped request id.
+const ID_LEN: usize = 36;
+
+impl BodyTemplate {
+    /// Find the `kmsRequestId` the body builder put in `body`.
+    pub fn new(body: Vec<u8>) -> Result<Self, String> {
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| format!("request body: {e}"))?;
+        let id = v
+            .pointer("/requestMetadata/kmsRequestId")
+            .and_then(|v| v.as_str())
+            .filter(|id| id.len() == ID_LEN)
+            .ok_or("request body has no 36-character kmsRequestId")?;
+        let id_at = body
+            .windows(ID_LEN)
+            .position(|w| w == id.as_bytes())
+            .ok_or("kmsRequestId not found in the body bytes")?;
+        Ok(Self { bytes: body, id_at })
+    }
+
+    /// The body with a fresh request id: one allocation and one copy.
+    pub fn render(&self, nonce: u16, worker: u16, seq: u64) -> Bytes {
+        let mut v = self.bytes.clone();
+        if let Some(slot) = v.get_mut(self.id_at..self.id_at + ID_LEN) {
+            write_request_id(slot, nonce, worker, seq);
+        }
+        Bytes::from(v)
+    }
+}
+
+/// Write a UUID-shaped id `pppppppp-wwww-4nnn-8sss-ssssssssssss` (process, worker, run nonce,
+/// sequence): unique across the run, and across concurrent bench processes by pid.
+pub fn write_request_id(dst: &mut [u8], nonce: u16, worker: u16, seq: u64) {
+    if dst.len() != ID_LEN {
+        return;
+    }
+    let pid = u64::from(std::process::id());
+    hex_into(&mut dst[0..8], pid);
+    dst[8] = b'-';
+    hex_into(&mut dst[9..13], u64::from(worker));
+    dst[13] = b'-';
+    dst[14] = b'4';
+    hex_into(&mut dst[15..18], u64::from(nonce));
+    dst[18] = b'-';
+    dst[19] = b'8';
+    hex_into(&mut dst[20..23], seq >> 48);
+    dst[23] = b'-';
+    hex_into(&mut dst[24..36], seq);
+}
+
+/// The low `4 × dst.len()` bits of `value` as lowercase hex.
+fn hex_into(dst: &mut [u8], mut value: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in dst.iter_mut().rev() {
+        *b = HEX[(value & 0xf) as usize];
+        value >>= 4;
+    }
+}
+
+/// Where a worker gets its connection for the next request.
+enum Conns {
+    /// Connections of its own, used in turn (`--connections` ≥ concurrency).
+    Own { slots: Vec<Option<XksClient>>, next: usize },
+    /// A pool shared with other workers (`--connections` < concurrency).
+    Shared(Arc<Pool>),
+}
+
+/// FIFO pool of connection slots; `None` is a slot whose connection broke and must be reopened.
+struct Pool {
+    tx: mpsc::UnboundedSender<Option<XksClient>>,
+    rx: Mutex<mpsc::UnboundedReceiver<Option<XksClient>>>,
+}
+
+impl Conns {
+    async fn take(&mut self) -> Option<XksClient> {
+        match self {
+            Conns::Own { slots, next } => slots.get_mut(*next).and_then(Option::take),
+            Conns::Shared(pool) => pool.rx.lock().await.recv().await.flatten(),
+        }
+    }
+
+    fn give(&mut self, slot: Option<XksClient>) {
+        match self {
+            Conns::Own { slots, next } => {
+                if let Some(s) = slots.get_mut(*next) {
+                    *s = slot;
+                }
+                *next = (*next + 1) % slots.len().max(1);
+            }
+            Conns::Shared(pool) => {
+                let _ = pool.tx.send(slot);
+            }
+        }
+    }
+}
+
+/// Short label of a client failure, for the error counts.
+pub fn error_kind(e: &ClientError) -> &'static str {
+    match e {
+        ClientError::Config(_) => "config",
+        ClientError::Connect(_) => "connect",
+        ClientError::Tls(_) => "tls",
+        ClientError::HandshakeIo(_) => "tls-io",
+        ClientError::Http(_) => "http",
+        ClientError::Sign(_) => "sign",
+        ClientError::Request(_) => "request",
+    }
+}
+
+/// Open `n` connections, at most [`CONNECT_PARALLELISM`] at a time. Returns those that opened and
+/// the failures.
+pub async fn open_connections(target: &Arc<HttpTarget>, n: usize) -> (Vec<XksClient>, Vec<ClientError>) {
+    let mut open = Vec::with_capacity(n);
+    let mut failed = Vec::new();
+    let mut set = JoinSet::new();
+    let mut started = 0;
+    while started < n || !set.is_empty() {
+        while started < n && set.len() < CONNECT_PARALLELISM {
+            let t = Arc::clone(target);
+            set.spawn(async move { t.connect().await });
+            started += 1;
+        }
+        match set.join_next().await {
+            Some(Ok(Ok(c))) => open.push(c),
+            Some(Ok(Err(e))) => failed.push(e),
+            Some(Err(e)) => failed.push(ClientError::Config(format!("connect task: {e}"))),
+            None => break,
+        }
+    }
+    (open, failed)
+}
+
+/// A lane whose workers are running; the caller samples CPU during [`RunningLane::window`], then
+/// calls [`RunningLane::finish`].
+pub struct RunningLane {
+    /// The measured window.
+    pub window: Window,
+    workers: JoinSet<LaneStats>,
+}
+
+impl RunningLane {
+    /// Wait for every worker (each stops at the window's end, after at most one request
+    /// deadline) and merge their stats.
+    pub async fn finish(mut self) -> Result<LaneStats, BenchError> {
+        let mut total = LaneStats::new()?;
+        while let Some(joined) = self.workers.join_next().await {
+            match joined {
+                Ok(stats) => total.merge(stats),
+                Err(e) => return Err(BenchError::Internal(format!("load worker failed: {e}"))),
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// Open the connections, then start `concurrency` workers that send `op` until the window ends:
+/// the warm-up starts now and the window right after it.
+#[allow(clippy::too_many_arguments)] // plain values of one lane; a struct would only rename them
+pub async fn start_lane(
+    target: &Arc<HttpTarget>,
+    op: Arc<Operation>,
+    concurrency: usize,
+    connections: usize,
+    request_timeout: Duration,
+    nonce: u16,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<RunningLane, BenchError> {
+    let (clients, failed) = open_connections(target, connections).await;
+    if let Some(e) = failed.first() {
+        return Err(BenchError::Connect(format!("{} of {connections} connections failed: {e}", failed.len())));
+    }
+    // Deal connections out: with at least one per worker, each worker owns its own (no sharing on
+    // the hot path); with fewer, workers queue for them.
+    let mut per_worker: Vec<Conns> = Vec::with_capacity(concurrency);
+    if connections >= concurrency {
+        let mut slots: Vec<Vec<Option<XksClient>>> = (0..concurrency).map(|_| Vec::new()).collect();
+        for (i, c) in clients.into_iter().enumerate() {
+            if let Some(s) = slots.get_mut(i % concurrency) {
+                s.push(Some(c));
+            }
+        }
+        per_worker.extend(slots.into_iter().map(|slots| Conns::Own { slots, next: 0 }));
+    } else {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for c in clients {
+            let _ = tx.send(Some(c));
+        }
+        let pool = Arc::new(Pool { tx, rx: Mutex::new(rx) });
+        per_worker.extend((0..concurrency).map(|_| Conns::Shared(Arc::clone(&pool))));
+    }
+
+    let window = Window::after(warmup, duration);
+    let mut workers = JoinSet::new();
+    for (id, conns) in per_worker.into_iter().enumerate() {
+        let stats = LaneStats::new()?;
+        let (target, op) = (Arc::clone(target), Arc::clone(&op));
+        let id = u16::try_from(id).unwrap_or(u16::MAX);
+        workers.spawn(worker(target, op, conns, stats, id, nonce, window, request_timeout));
+    }
+    Ok(RunningLane { window, workers })
+}
+
+#[allow(clippy::too_many_arguments)] // a task entry point: every argument is moved in once
+async fn worker(
+    target: Arc<HttpTarget>,
+    op: Arc<Operation>,
+    mut conns: Conns,
+    mut stats: LaneStats,
+    id: u16,
+    nonce: u16,
+    window: Window,
+    request_timeout: Duration,
+) -> LaneStats {
+    let mut seq: u64 = 0;
+    while Instant::now() < window.end {
+        let mut client = match conns.take().await {
+            Some(c) => c,
+            None => match target.connect().await {
+                Ok(c) => {
+                    stats.record_reconnect();
+                    c
+                }
+                Err(e) => {
+                    if window.contains(Instant::now()) {
+                        stats.record_kind(error_kind(&e), || format!("reconnect: {e}"));
+                    }
+                    conns.give(None);
+                    tokio::time::sleep(RECONNECT_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        seq += 1;
+        let req = match target.request(&op, op.template.render(nonce, id, seq)) {
+            Ok(r) => r,
+            Err(e) => {
+                // Signing failures do not go away by retrying: stop this worker, say why.
+                stats.record_kind(error_kind(&e), || e.to_string());
+                conns.give(Some(client));
+                break;
+            }
+        };
+        let sent = Instant::now();
+        let result = tokio::time::timeout(request_timeout, client.send_raw(req)).await;
+        let done = Instant::now();
+        // Only answers that arrive inside the window count (warm-up and overrun do not).
+        let counted = window.contains(done);
+        let reusable = match result {
+            Ok(Ok(resp)) => {
+                if counted {
+                    if op.expect.accepts(&resp) {
+                        stats.record_ok(done - sent);
+                    } else {
+                        stats.record_status(resp.status, || describe(&resp));
+                    }
+                }
+                // The server may close after an answer (`Connection: close`); reopen then.
+                !client.is_closed()
+            }
+            Ok(Err(e)) => {
+                if counted {
+                    stats.record_kind(error_kind(&e), || e.to_string());
+                }
+                !client.is_closed()
+            }
+            Err(_) => {
+                if counted {
+                    stats.record_kind("timeout", || format!("no answer within {request_timeout:?}"));
+                }
+                // A request is still in flight on this HTTP/1.1 connection: it cannot be reused.
+                false
+            }
+        };
+        conns.give(reusable.then_some(client));
+    }
+    stats
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(status: u16, body: &'static str) -> Response {
+        Response { status, headers: HeaderMap::new(), body: Bytes::from_static(body.as_bytes()) }
+    }
+
+    #[test]
+    fn request_ids_are_uuid_shaped_and_distinct() {
+        let t = BodyTemplate::new(xks::encrypt_body("arn", b"pt", None, false)).unwrap();
+        let a = t.render(3, 7, 1);
+        let b = t.render(3, 7, 2);
+        assert_ne!(a, b);
+        let v: serde_json::Value = serde_json::from_slice(&a).unwrap();
+        let id = v["requestMetadata"]["kmsRequestId"].as_str().unwrap();
+        let parts: Vec<&str> = id.split('-').collect();
+        assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), vec![8, 4, 4, 4, 12]);
+        assert_eq!(parts[1], "0007");
+        assert_eq!(parts[2], "4003");
+        assert_eq!(parts[4], "000000000001");
+        assert!(id.bytes().all(|c| c == b'-' || c.is_ascii_hexdigit()));
+        // The rest of the body is untouched.
+        assert_eq!(v["plaintext"], "cHQ=");
+        assert_eq!(a.len(), t.bytes.len());
+    }
+
+    #[test]
+    fn every_body_has_an_id_slot() {
+        for body in [
+            xks::health_body(),
+            xks::metadata_body(),
+            xks::decrypt_body("arn", b"c", b"iv", b"tag", Some(b"aad"), None),
+        ] {
+            assert!(BodyTemplate::new(body).is_ok());
+        }
+        assert!(BodyTemplate::new(b"{}".to_vec()).is_err());
+    }
+
+    #[test]
+    fn expectations() {
+        assert!(Expect::Ok.accepts(&response(200, "{}")));
+        assert!(!Expect::Ok.accepts(&response(400, "{}")));
+        let bad_tag = response(400, r#"{"errorName":"InvalidCiphertextException","errorMessage":"x"}"#);
+        assert!(Expect::BadTag.accepts(&bad_tag));
+        assert!(!Expect::BadTag.accepts(&response(400, r#"{"errorName":"ValidationException"}"#)));
+        assert!(!Expect::BadTag.accepts(&response(200, "InvalidCiphertextException")));
+        assert_eq!(describe(&response(403, r#"{"errorName":"AccessDeniedException"}"#)), "HTTP 403 AccessDeniedException");
+        assert_eq!(describe(&response(502, "bad gateway")), "HTTP 502 \"bad gateway\"");
+    }
+
+    #[test]
+    fn hex() {
+        let mut b = [0u8; 4];
+        hex_into(&mut b, 0x1_abcd);
+        assert_eq!(&b, b"abcd");
+        assert_eq!(pattern(3, 1), vec![1, 32, 63]);
+    }
+}

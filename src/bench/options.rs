@@ -1,0 +1,474 @@
+//! Benchmark options: the `ekm-proxy bench` command line ([`BenchArgs`], clap) and the validated
+//! [`BenchOptions`] that [`super::run`] consumes.
+//!
+//! Everything a run needs is decided here, before any connection is opened, so a typo costs no
+//! server start-up. Depends on clap, `hsm::HsmSettings` (the raw lane may be given settings
+//! directly, e.g. by a test) and `dev::profile` (the defaults are the dev profile's).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use super::BenchError;
+use crate::dev::profile;
+use crate::hsm::HsmSettings;
+use crate::secret::SecretString;
+
+/// The operations a run can measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum)]
+pub enum Scenario {
+    /// XKS Encrypt (AES-GCM with an HSM-generated IV).
+    Encrypt,
+    /// XKS Decrypt of one ciphertext encrypted before measuring.
+    Decrypt,
+    /// XKS Decrypt with the tag flipped: every answer must be 400 `InvalidCiphertextException`.
+    DecryptBadTag,
+    /// XKS GetKeyMetadata.
+    Metadata,
+    /// XKS GetHealthStatus.
+    Health,
+}
+
+impl Scenario {
+    /// Every scenario, in the order a default run measures them.
+    pub const ALL: [Scenario; 5] = [
+        Scenario::Encrypt,
+        Scenario::Decrypt,
+        Scenario::DecryptBadTag,
+        Scenario::Metadata,
+        Scenario::Health,
+    ];
+
+    /// The name used on the command line, in the table and in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scenario::Encrypt => "encrypt",
+            Scenario::Decrypt => "decrypt",
+            Scenario::DecryptBadTag => "decrypt-bad-tag",
+            Scenario::Metadata => "metadata",
+            Scenario::Health => "health",
+        }
+    }
+
+    /// Whether the raw HSM lane has an equivalent operation (metadata and health are answered
+    /// from caches, so a "raw" number would measure nothing).
+    pub fn has_raw_lane(self) -> bool {
+        matches!(self, Scenario::Encrypt | Scenario::Decrypt | Scenario::DecryptBadTag)
+    }
+}
+
+impl serde::Serialize for Scenario {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// `ekm-proxy bench`: drive an XKS proxy over HTTPS with signed requests, measure the raw HSM lane
+/// in the same run, and print both with their ratio.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Target: scheme, host:port and key store path prefix.
+    #[arg(long, default_value = "https://localhost:8443/dev-keystore")]
+    pub url: String,
+    /// CA bundle (PEM) the server certificate must chain to (https only).
+    #[arg(long, default_value = "certs/dev/ca.pem")]
+    pub ca: PathBuf,
+    /// Client certificate (PEM) for mTLS listeners; needs --client-key.
+    #[arg(long, requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// Client private key (PEM) for mTLS listeners; needs --client-cert.
+    #[arg(long, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// SigV4 access key id.
+    #[arg(long, default_value = profile::ACCESS_KEY_ID)]
+    pub access_key_id: String,
+    /// SigV4 secret (default: the public dev secret).
+    #[arg(long, env = "EKM_BENCH_SECRET", default_value = profile::SECRET, hide_default_value = true, hide_env_values = true)]
+    pub secret: String,
+    /// Region in the SigV4 credential scope.
+    #[arg(long, default_value = "us-east-1")]
+    pub region: String,
+    /// External key id (token label) used by every key operation.
+    #[arg(long, default_value = "dev-aes-1")]
+    pub key: String,
+    /// Scenarios to run (repeatable or comma-separated); default: all.
+    #[arg(long = "scenario", value_enum, value_delimiter = ',')]
+    pub scenarios: Vec<Scenario>,
+    /// Concurrency levels: one measured run per value.
+    #[arg(long, value_delimiter = ',', default_value = "1,32,64")]
+    pub concurrency: Vec<usize>,
+    /// Keep-alive connections per run; default: one per concurrent request.
+    #[arg(long)]
+    pub connections: Option<usize>,
+    /// Measured window of each run, e.g. 5s, 300ms, 1m.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Traffic before the measured window (connections, caches and CPU clocks settle).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// Plaintext bytes per encrypt (and ciphertext bytes per decrypt).
+    #[arg(long, default_value_t = 32)]
+    pub plaintext_size: usize,
+    /// AAD bytes per encrypt/decrypt (0: no AAD field).
+    #[arg(long, default_value_t = 64)]
+    pub aad_size: usize,
+    /// Threads of the load generator's runtime (1: a current-thread runtime).
+    #[arg(long, default_value_t = 1)]
+    pub client_threads: usize,
+    /// Per-request deadline; a request still unanswered counts as a `timeout` error.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// Configuration of the HSM for the raw lane (and of the server with --spawn).
+    #[arg(long, default_value = "hsm-config/dev.toml")]
+    pub config: PathBuf,
+    /// Skip the raw HSM lane.
+    #[arg(long)]
+    pub no_raw: bool,
+    /// Start the dev-profile server (`serve --config <config>`) as a child, and stop it at the end.
+    #[arg(long)]
+    pub spawn: bool,
+    /// With --spawn: save the server's stdout/stderr to this file (default: keep only the tail,
+    /// shown if the server fails).
+    #[arg(long)]
+    pub server_log: Option<PathBuf>,
+    /// The server's process id, for CPU and memory figures (known by itself with --spawn).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Extra idle keep-alive connections held open during the whole run.
+    #[arg(long, default_value_t = 0)]
+    pub idle_connections: usize,
+    /// SoftHSM configuration used when SOFTHSM2_CONF is not set (written if missing with --spawn).
+    #[arg(long, default_value = "hsm-config/softhsm2-dev.conf")]
+    pub softhsm_conf: PathBuf,
+    /// Print one JSON object per scenario and concurrency instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Allow a target that is not a loopback address.
+    #[arg(long)]
+    pub allow_remote: bool,
+}
+
+/// Where the server is: parsed from `--url`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// `https` (true) or `http`.
+    pub tls: bool,
+    /// Host as written in the URL, without IPv6 brackets: the TLS server name.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Key store path prefix without a trailing slash (may be empty).
+    pub prefix: String,
+}
+
+impl Target {
+    /// Parse `scheme://host[:port][/prefix]`.
+    pub fn parse(url: &str) -> Result<Self, BenchError> {
+        let bad = |why: &str| BenchError::Options(format!("--url {url:?}: {why}"));
+        let uri: http::Uri = url.parse().map_err(|e| bad(&format!("{e}")))?;
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(bad("the scheme must be https or http")),
+        };
+        let host = uri.host().ok_or_else(|| bad("no host"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        if uri.query().is_some() {
+            return Err(bad("a query string is not allowed"));
+        }
+        let prefix = uri.path().trim_end_matches('/').to_owned();
+        Ok(Self { tls, host, port, prefix })
+    }
+
+    /// The `Host` header value (and the host the SigV4 signature covers).
+    pub fn host_header(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// How the raw HSM lane gets its settings.
+#[derive(Clone, Debug)]
+pub enum RawLane {
+    /// No raw lane.
+    Off,
+    /// Load `hsm` settings from this configuration file (after `--spawn` set the profile up).
+    Config(PathBuf),
+    /// Use these settings (tests, tools).
+    Settings(Box<HsmSettings>),
+}
+
+/// How to start the dev-profile server as a child.
+#[derive(Clone, Debug)]
+pub struct SpawnOptions {
+    /// The `ekm-proxy` executable.
+    pub exe: PathBuf,
+    /// Its configuration; `dev init --root .` creates it first if it is the dev default and absent.
+    pub config: PathBuf,
+    /// SoftHSM configuration for the child when SOFTHSM2_CONF is not set.
+    pub softhsm_conf: Option<PathBuf>,
+    /// Save the child's output here; `None` keeps only the tail in memory.
+    pub log: Option<PathBuf>,
+    /// How long to wait for `GET /ping` to answer.
+    pub ready_timeout: Duration,
+}
+
+/// A validated benchmark run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// The server.
+    pub target: Target,
+    /// CA bundle file (https).
+    pub ca: PathBuf,
+    /// Client certificate and key files (mTLS).
+    pub client_identity: Option<(PathBuf, PathBuf)>,
+    /// SigV4 access key id.
+    pub access_key_id: String,
+    /// SigV4 secret.
+    pub secret: SecretString,
+    /// SigV4 region.
+    pub region: String,
+    /// Key label.
+    pub key: String,
+    /// Scenarios, in run order.
+    pub scenarios: Vec<Scenario>,
+    /// Concurrency levels, in run order.
+    pub concurrency: Vec<usize>,
+    /// Connections per run; `None`: one per concurrent request.
+    pub connections: Option<usize>,
+    /// Measured window.
+    pub duration: Duration,
+    /// Warm-up before the window.
+    pub warmup: Duration,
+    /// Plaintext size in bytes.
+    pub plaintext_size: usize,
+    /// AAD size in bytes (0: none).
+    pub aad_size: usize,
+    /// Per-request deadline.
+    pub request_timeout: Duration,
+    /// The raw HSM lane.
+    pub raw: RawLane,
+    /// Start the server as a child.
+    pub spawn: Option<SpawnOptions>,
+    /// Server pid for /proc figures (ignored with `spawn`, which knows it).
+    pub server_pid: Option<u32>,
+    /// Idle keep-alive connections held open during the run.
+    pub idle_connections: usize,
+    /// Allow a non-loopback target.
+    pub allow_remote: bool,
+}
+
+/// Largest concurrency (and connection count) accepted: far beyond what one load generator on
+/// the same machine can drive, and it bounds file descriptors.
+pub const MAX_CONCURRENCY: usize = 4096;
+/// Largest number of idle connections accepted.
+pub const MAX_IDLE_CONNECTIONS: usize = 16_384;
+/// Largest measured window: the run must stay bounded in time.
+pub const MAX_DURATION: Duration = Duration::from_secs(600);
+
+impl BenchOptions {
+    /// Parse a `bench` argument list (without the program and subcommand names), for tests and
+    /// tools: `BenchOptions::from_cli(["--url", "https://127.0.0.1:4433/ks", "--duration", "300ms"])`.
+    pub fn from_cli<I, S>(args: I) -> Result<Self, BenchError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: BenchArgs,
+        }
+        use clap::Parser as _;
+        let argv = std::iter::once(std::ffi::OsString::from("bench")).chain(args.into_iter().map(Into::into));
+        let w = Wrapper::try_parse_from(argv).map_err(|e| BenchError::Options(e.to_string()))?;
+        Self::from_args(&w.args)
+    }
+
+    /// Validate parsed arguments.
+    pub fn from_args(a: &BenchArgs) -> Result<Self, BenchError> {
+        let target = Target::parse(&a.url)?;
+        let opt = |why: String| Err(BenchError::Options(why));
+        if a.concurrency.is_empty() || a.concurrency.iter().any(|&c| c == 0 || c > MAX_CONCURRENCY) {
+            return opt(format!("--concurrency: each value must be in 1..={MAX_CONCURRENCY}"));
+        }
+        if let Some(n) = a.connections
+            && (n == 0 || n > MAX_CONCURRENCY)
+        {
+            return opt(format!("--connections must be in 1..={MAX_CONCURRENCY}"));
+        }
+        if a.duration.is_zero() || a.duration > MAX_DURATION {
+            return opt(format!("--duration must be more than 0 and at most {}s", MAX_DURATION.as_secs()));
+        }
+        if a.warmup > MAX_DURATION || a.request_timeout.is_zero() || a.request_timeout > MAX_DURATION {
+            return opt("--warmup and --request-timeout must be at most 600s (and the timeout more than 0)".into());
+        }
+        if a.client_threads == 0 || a.client_threads > 64 {
+            return opt("--client-threads must be in 1..=64".into());
+        }
+        if a.idle_connections > MAX_IDLE_CONNECTIONS {
+            return opt(format!("--idle-connections must be at most {MAX_IDLE_CONNECTIONS}"));
+        }
+        // The spec caps plaintext at 4300 bytes minimum supported; the dev server accepts 64 KiB.
+        // Bigger values are allowed (the server answers what it answers), within reason.
+        if a.plaintext_size > 1 << 20 || a.aad_size > u16::MAX as usize {
+            return opt("--plaintext-size must be at most 1 MiB and --aad-size at most 65535".into());
+        }
+        let mut scenarios = if a.scenarios.is_empty() { Scenario::ALL.to_vec() } else { a.scenarios.clone() };
+        dedup_keep_order(&mut scenarios);
+        let mut concurrency = a.concurrency.clone();
+        dedup_keep_order(&mut concurrency);
+        let client_identity = match (&a.client_cert, &a.client_key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => return opt("--client-cert and --client-key go together".into()),
+        };
+        let spawn = if a.spawn {
+            Some(SpawnOptions {
+                exe: std::env::current_exe()
+                    .map_err(|e| BenchError::Options(format!("cannot find the ekm-proxy executable: {e}")))?,
+                config: a.config.clone(),
+                softhsm_conf: Some(a.softhsm_conf.clone()),
+                log: a.server_log.clone(),
+                ready_timeout: Duration::from_secs(30),
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            target,
+            ca: a.ca.clone(),
+            client_identity,
+            access_key_id: a.access_key_id.clone(),
+            secret: SecretString::from(a.secret.as_str()),
+            region: a.region.clone(),
+            key: a.key.clone(),
+            scenarios,
+            concurrency,
+            connections: a.connections,
+            duration: a.duration,
+            warmup: a.warmup,
+            plaintext_size: a.plaintext_size,
+            aad_size: a.aad_size,
+            request_timeout: a.request_timeout,
+            raw: if a.no_raw { RawLane::Off } else { RawLane::Config(a.config.clone()) },
+            spawn,
+            server_pid: a.server_pid,
+            idle_connections: a.idle_connections,
+            allow_remote: a.allow_remote,
+        })
+    }
+}
+
+fn dedup_keep_order<T: PartialEq + Copy>(v: &mut Vec<T>) {
+    let mut seen = Vec::with_capacity(v.len());
+    v.retain(|x| {
+        if seen.contains(x) {
+            false
+        } else {
+            seen.push(*x);
+            true
+        }
+    });
+}
+
+/// Parse `5s`, `300ms`, `1.5s`, `2m`, `250us`, or bare seconds (`5`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 5s, 300ms)"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1e3,
+        "us" | "µs" => value / 1e6,
+        "m" | "min" => value * 60.0,
+        other => return Err(format!("unknown duration unit {other:?} (use us, ms, s or m)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("300ms").unwrap(), Duration::from_millis(300));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("250us").unwrap(), Duration::from_micros(250));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn urls() {
+        let t = Target::parse("https://localhost:8443/dev-keystore/").unwrap();
+        assert_eq!(t, Target { tls: true, host: "localhost".into(), port: 8443, prefix: "/dev-keystore".into() });
+        assert_eq!(t.host_header(), "localhost:8443");
+        let t = Target::parse("http://127.0.0.1").unwrap();
+        assert_eq!((t.tls, t.port, t.prefix.as_str()), (false, 80, ""));
+        let t = Target::parse("https://[::1]:9443/a/b").unwrap();
+        assert_eq!((t.host.as_str(), t.port, t.prefix.as_str()), ("::1", 9443, "/a/b"));
+        assert_eq!(t.host_header(), "[::1]:9443");
+        assert!(Target::parse("ftp://x/").is_err());
+        assert!(Target::parse("localhost:8443").is_err());
+        assert!(Target::parse("https://h/p?x=1").is_err());
+    }
+
+    #[test]
+    fn defaults_are_the_dev_profile() {
+        let o = BenchOptions::from_cli(Vec::<String>::new()).unwrap();
+        assert_eq!(o.target.prefix, profile::PREFIX);
+        assert_eq!(o.access_key_id, profile::ACCESS_KEY_ID);
+        assert_eq!(o.secret.expose(), profile::SECRET);
+        assert_eq!(o.scenarios, Scenario::ALL.to_vec());
+        assert_eq!(o.concurrency, vec![1, 32, 64]);
+        assert_eq!(o.duration, Duration::from_secs(5));
+        assert_eq!(o.warmup, Duration::from_secs(1));
+        assert_eq!((o.plaintext_size, o.aad_size), (32, 64));
+        assert!(matches!(o.raw, RawLane::Config(_)));
+        assert!(o.spawn.is_none() && o.connections.is_none());
+    }
+
+    #[test]
+    fn lists_and_validation() {
+        let o = BenchOptions::from_cli([
+            "--scenario",
+            "decrypt-bad-tag,encrypt",
+            "--scenario",
+            "encrypt",
+            "--concurrency",
+            "4,1,4",
+            "--duration",
+            "300ms",
+            "--no-raw",
+            "--spawn",
+        ])
+        .unwrap();
+        assert_eq!(o.scenarios, vec![Scenario::DecryptBadTag, Scenario::Encrypt]);
+        assert_eq!(o.concurrency, vec![4, 1]);
+        assert!(matches!(o.raw, RawLane::Off));
+        assert!(o.spawn.is_some());
+        for bad in [
+            vec!["--concurrency", "0"],
+            vec!["--duration", "0s"],
+            vec!["--connections", "0"],
+            vec!["--client-threads", "0"],
+            vec!["--scenario", "sign"],
+            vec!["--client-cert", "c.pem"],
+            vec!["--aad-size", "70000"],
+        ] {
+            assert!(BenchOptions::from_cli(bad.clone()).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Configuration: every problem is reported at once with its key path; `check-config` exits 64 on
+//! error and 0 on success; secrets never appear in errors or `Debug` output.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::process::Command;
+
+const GOOD_CREDENTIAL: &str = r#"
+[[xks.key_store.credential]]
+access_key_id = "DEVXKSACCESSKEYIDABCD"
+secret = "devXksSecretAccessKeyNotForProductionUse0123456789"
+"#;
+
+fn module() -> String {
+    // Any existing file passes the module-path check; parsing never loads it.
+    std::env::current_exe().unwrap().display().to_string()
+}
+
+fn good_config() -> String {
+    format!(
+        r#"
+[[listener]]
+name = "plain"
+address = "127.0.0.1:0"
+plain_http = true
+
+[hsm]
+module = "{module}"
+token_label = "t"
+user_pin = "1234"
+
+[[xks.key_store]]
+name = "dev"
+path_prefix = "/dev"
+regions = ["us-east-1"]
+keys = ["*"]
+{GOOD_CREDENTIAL}
+"#,
+        module = module()
+    )
+}
+
+#[test]
+fn a_good_config_validates() {
+    let settings = ekm_proxy::config::from_str(&good_config(), Path::new("t.toml"), Path::new("/")).unwrap();
+    assert_eq!(settings.listeners.len(), 1);
+    assert_eq!(settings.xks.key_stores[0].prefix, "/dev");
+    assert_eq!(settings.xks.key_stores[0].ciphertext_metadata, vec![0x01], "spec framing writes a version byte");
+    let debug = format!("{settings:?}");
+    assert!(!debug.contains("devXksSecretAccessKey"), "SigV4 secret leaked into Debug");
+    assert!(!debug.contains("\"1234\""), "PIN leaked into Debug");
+}
+
+#[test]
+fn every_problem_is_reported_with_its_key_path() {
+    let text = format!(
+        r#"
+[server]
+max_body_bytes = 10
+
+[[listener]]
+address = "nonsense"
+
+[[listener]]
+address = "0.0.0.0:8443"
+
+[hsm]
+module = "/nonexistent/libpkcs11.so"
+user_pin = {{ env = "EKM_TEST_SURELY_UNSET_VARIABLE" }}
+workers = 0
+
+[health]
+max_age_secs = 120
+
+[[xks.key_store]]
+name = "a"
+path_prefix = "no-leading-slash/"
+regions = []
+keys = []
+max_plaintext_bytes = 100
+max_aad_bytes = 70000
+aad_framing = "rot13"
+[[xks.key_store.credential]]
+access_key_id = "lowercase-is-invalid"
+secret = "short"
+[[xks.key_store.rule]]
+name = "r"
+attribute = "notAnAttribute"
+operations = ["sign"]
+allow = []
+"#
+    );
+    let err = ekm_proxy::config::from_str(&text, Path::new("bad.toml"), Path::new("/")).unwrap_err();
+    let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+    for expected in [
+        "server.max_body_bytes",
+        "listener[0].address",
+        "listener[0].tls",
+        "listener[1].tls",
+        "hsm.module",
+        "hsm.token_label",
+        "hsm.user_pin",
+        "hsm.workers",
+        "health.max_age_secs",
+        "xks.key_store[0].path_prefix",
+        "xks.key_store[0].regions",
+        "xks.key_store[0].keys",
+        "xks.key_store[0].max_plaintext_bytes",
+        "xks.key_store[0].max_aad_bytes",
+        "xks.key_store[0].aad_framing",
+        "xks.key_store[0].credential[0].access_key_id",
+        "xks.key_store[0].credential[0].secret",
+        "xks.key_store[0].rule[0].attribute",
+        "xks.key_store[0].rule[0].operations",
+        "xks.key_store[0].rule[0].allow",
+    ] {
+        assert!(paths.contains(&expected), "missing problem for {expected}; got {paths:#?}");
+    }
+    let text = err.to_string();
+    assert!(!text.contains("short\""), "secret value in the error text: {text}");
+}
+
+#[test]
+fn unknown_keys_and_syntax_errors_are_refused() {
+    let typo = good_config().replace("token_label", "token_lable");
+    let err = ekm_proxy::config::from_str(&typo, Path::new("t.toml"), Path::new("/")).unwrap_err();
+    assert!(err.to_string().contains("token_lable"), "{err}");
+    let err = ekm_proxy::config::from_str("[hsm", Path::new("t.toml"), Path::new("/")).unwrap_err();
+    assert_eq!(err.problems[0].path, "(syntax)");
+}
+
+#[test]
+fn secrets_from_files_and_relative_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pin"), "9876\n").unwrap();
+    std::fs::write(dir.path().join("xks-secret"), "devXksSecretAccessKeyNotForProductionUse0123456789\n").unwrap();
+    let text = good_config()
+        .replace("user_pin = \"1234\"", "user_pin = { file = \"pin\" }")
+        .replace(
+            "secret = \"devXksSecretAccessKeyNotForProductionUse0123456789\"",
+            "secret = { file = \"xks-secret\" }",
+        );
+    let s = ekm_proxy::config::from_str(&text, Path::new("t.toml"), dir.path()).unwrap();
+    assert_eq!(s.hsm.user_pin.expose(), "9876", "trailing newline stripped");
+    assert_eq!(s.xks.key_stores[0].credentials[0].secret.expose().len(), 50);
+}
+
+#[test]
+fn check_config_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, good_config()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ekm-proxy")).args(["check-config", "--config"]).arg(&good).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, good_config().replace("regions = [\"us-east-1\"]", "regions = []")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ekm-proxy")).args(["check-config", "--config"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("xks.key_store[0].regions"), "{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_ekm-proxy"))
+        .args(["check-config", "--config", "/nonexistent/ekm.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
