@@ -39,6 +39,8 @@ enum Command {
         #[command(subcommand)]
         command: DevCommand,
     },
+    /// Benchmark a server over HTTPS with signed XKS requests, and the raw HSM lane (BENCHMARKS.md).
+    Bench(Box<ekm_proxy::bench::BenchArgs>),
 }
 
 #[derive(Subcommand)]
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => check_config(&config),
         Command::Keys { command: KeysCommand::List { config } } => keys_list(&config),
         Command::Dev { command: DevCommand::Init { root, module } } => dev_init(&root, module),
+        Command::Bench(args) => ekm_proxy::bench::main(*args),
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }

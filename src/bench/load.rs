@@ -19,9 +19,11 @@ use tokio::task::JoinSet;
 
 use super::options::{BenchOptions, Scenario};
 use super::stats::LaneStats;
-use super::{BenchError, Window};
+use super::{BenchError, RunningLane, Window};
 use crate::auth::sigv4;
-use crate::client::{ClientError, ClientTls, Response, XksClient, XksClientConfig, XksConnector, xks};
+use crate::client::{
+    ClientError, ClientTls, Response, XksClient, XksClientConfig, XksConnector, xks,
+};
 use crate::secret::SecretString;
 
 /// SigV4 service name of XKS.
@@ -48,20 +50,27 @@ impl HttpTarget {
     /// Read the TLS material named in `opts` and prepare a connector to `addr`.
     pub fn new(opts: &BenchOptions, addr: SocketAddr) -> Result<Self, BenchError> {
         let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| BenchError::Options(format!("cannot read {}: {e}", p.display())))
+            std::fs::read(p)
+                .map_err(|e| BenchError::Options(format!("cannot read {}: {e}", p.display())))
         };
         let tls = if opts.target.tls {
             let (client_cert_pem, client_key_pem) = match &opts.client_identity {
                 Some((c, k)) => (Some(read(c)?), Some(read(k)?)),
                 None => (None, None),
             };
-            Some(ClientTls { ca_pem: read(&opts.ca)?, client_cert_pem, client_key_pem, server_name: opts.target.host.clone() })
+            Some(ClientTls {
+                ca_pem: read(&opts.ca)?,
+                client_cert_pem,
+                client_key_pem,
+                server_name: opts.target.host.clone(),
+            })
         } else {
             None
         };
         let host_header = opts.target.host_header();
-        let host = HeaderValue::from_str(&host_header)
-            .map_err(|_| BenchError::Options(format!("host {host_header:?} is not a valid Host header")))?;
+        let host = HeaderValue::from_str(&host_header).map_err(|_| {
+            BenchError::Options(format!("host {host_header:?} is not a valid Host header"))
+        })?;
         let cfg = XksClientConfig {
             addr,
             tls,
@@ -72,7 +81,8 @@ impl HttpTarget {
             region: opts.region.clone(),
             service: SERVICE.to_owned(),
         };
-        let connector = XksConnector::new(Arc::new(cfg)).map_err(|e| BenchError::Options(e.to_string()))?;
+        let connector =
+            XksConnector::new(Arc::new(cfg)).map_err(|e| BenchError::Options(e.to_string()))?;
         Ok(Self {
             connector,
             host,
@@ -126,9 +136,15 @@ impl HttpTarget {
     /// what came back instead. Used before measuring, so a misconfiguration is one clear line
     /// rather than a table of errors.
     pub async fn probe(&self, client: &mut XksClient, op: &Operation) -> Result<Response, String> {
-        let req = self.request(op, op.template.render(0, 0, 0)).map_err(|e| e.to_string())?;
+        let req = self
+            .request(op, op.template.render(0, 0, 0))
+            .map_err(|e| e.to_string())?;
         let resp = client.send_raw(req).await.map_err(|e| e.to_string())?;
-        if op.expect.accepts(&resp) { Ok(resp) } else { Err(describe(&resp)) }
+        if op.expect.accepts(&resp) {
+            Ok(resp)
+        } else {
+            Err(describe(&resp))
+        }
     }
 
     /// The XKS operation for `scenario`. Decrypt scenarios first encrypt one plaintext through the
@@ -154,9 +170,12 @@ impl HttpTarget {
                     xks::encrypt_body(xks::KMS_KEY_ARN, &plaintext, aad.as_deref(), false),
                     Expect::Ok,
                 )?;
-                let resp = self.probe(client, &encrypt).await.map_err(|e| format!("encrypting the test ciphertext: {e}"))?;
-                let mut sealed =
-                    xks::parse_encrypt_response(&resp.body).map_err(|e| format!("encrypt response: {e}"))?;
+                let resp = self
+                    .probe(client, &encrypt)
+                    .await
+                    .map_err(|e| format!("encrypting the test ciphertext: {e}"))?;
+                let mut sealed = xks::parse_encrypt_response(&resp.body)
+                    .map_err(|e| format!("encrypt response: {e}"))?;
                 let expect = if scenario == Scenario::DecryptBadTag {
                     if let Some(b) = sealed.tag.first_mut() {
                         *b ^= 0x01;
@@ -171,23 +190,38 @@ impl HttpTarget {
                     expect,
                 )?
             }
-            Scenario::Metadata => self.op(&format!("keys/{key}/metadata"), xks::metadata_body(), Expect::Ok)?,
+            Scenario::Metadata => self.op(
+                &format!("keys/{key}/metadata"),
+                xks::metadata_body(),
+                Expect::Ok,
+            )?,
             Scenario::Health => self.op("health", xks::health_body(), Expect::Ok)?,
         };
-        self.probe(client, &op).await.map_err(|e| format!("probe request: {e}"))?;
+        self.probe(client, &op)
+            .await
+            .map_err(|e| format!("probe request: {e}"))?;
         Ok(op)
     }
 
     fn op(&self, suffix: &str, body: Vec<u8>, expect: Expect) -> Result<Operation, String> {
         let path = format!("{}/kms/xks/v1/{suffix}", self.prefix);
-        let uri: http::Uri = path.parse().map_err(|e| format!("request path {path:?}: {e}"))?;
-        Ok(Operation { path, uri, template: BodyTemplate::new(body)?, expect })
+        let uri: http::Uri = path
+            .parse()
+            .map_err(|e| format!("request path {path:?}: {e}"))?;
+        Ok(Operation {
+            path,
+            uri,
+            template: BodyTemplate::new(body)?,
+            expect,
+        })
     }
 }
 
 /// `len` deterministic bytes (content does not matter to AES-GCM's cost).
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 /// One XKS call, prepared once per scenario.
@@ -213,7 +247,9 @@ impl Expect {
         match self {
             Expect::Ok => resp.status == 200,
             // A byte search, not a JSON parse: the client's CPU is shared with the server.
-            Expect::BadTag => resp.status == 400 && contains(&resp.body, b"InvalidCiphertextException"),
+            Expect::BadTag => {
+                resp.status == 400 && contains(&resp.body, b"InvalidCiphertextException")
+            }
         }
     }
 }
@@ -246,7 +282,8 @@ const ID_LEN: usize = 36;
 impl BodyTemplate {
     /// Find the `kmsRequestId` the body builder put in `body`.
     pub fn new(body: Vec<u8>) -> Result<Self, String> {
-        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| format!("request body: {e}"))?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| format!("request body: {e}"))?;
         let id = v
             .pointer("/requestMetadata/kmsRequestId")
             .and_then(|v| v.as_str())
@@ -301,7 +338,10 @@ fn hex_into(dst: &mut [u8], mut value: u64) {
 /// Where a worker gets its connection for the next request.
 enum Conns {
     /// Connections of its own, used in turn (`--connections` ≥ concurrency).
-    Own { slots: Vec<Option<XksClient>>, next: usize },
+    Own {
+        slots: Vec<Option<XksClient>>,
+        next: usize,
+    },
     /// A pool shared with other workers (`--connections` < concurrency).
     Shared(Arc<Pool>),
 }
@@ -350,7 +390,10 @@ pub fn error_kind(e: &ClientError) -> &'static str {
 
 /// Open `n` connections, at most [`CONNECT_PARALLELISM`] at a time. Returns those that opened and
 /// the failures.
-pub async fn open_connections(target: &Arc<HttpTarget>, n: usize) -> (Vec<XksClient>, Vec<ClientError>) {
+pub async fn open_connections(
+    target: &Arc<HttpTarget>,
+    n: usize,
+) -> (Vec<XksClient>, Vec<ClientError>) {
     let mut open = Vec::with_capacity(n);
     let mut failed = Vec::new();
     let mut set = JoinSet::new();
@@ -371,29 +414,6 @@ pub async fn open_connections(target: &Arc<HttpTarget>, n: usize) -> (Vec<XksCli
     (open, failed)
 }
 
-/// A lane whose workers are running; the caller samples CPU during [`RunningLane::window`], then
-/// calls [`RunningLane::finish`].
-pub struct RunningLane {
-    /// The measured window.
-    pub window: Window,
-    workers: JoinSet<LaneStats>,
-}
-
-impl RunningLane {
-    /// Wait for every worker (each stops at the window's end, after at most one request
-    /// deadline) and merge their stats.
-    pub async fn finish(mut self) -> Result<LaneStats, BenchError> {
-        let mut total = LaneStats::new()?;
-        while let Some(joined) = self.workers.join_next().await {
-            match joined {
-                Ok(stats) => total.merge(stats),
-                Err(e) => return Err(BenchError::Internal(format!("load worker failed: {e}"))),
-            }
-        }
-        Ok(total)
-    }
-}
-
 /// Open the connections, then start `concurrency` workers that send `op` until the window ends:
 /// the warm-up starts now and the window right after it.
 #[allow(clippy::too_many_arguments)] // plain values of one lane; a struct would only rename them
@@ -409,7 +429,10 @@ pub async fn start_lane(
 ) -> Result<RunningLane, BenchError> {
     let (clients, failed) = open_connections(target, connections).await;
     if let Some(e) = failed.first() {
-        return Err(BenchError::Connect(format!("{} of {connections} connections failed: {e}", failed.len())));
+        return Err(BenchError::Connect(format!(
+            "{} of {connections} connections failed: {e}",
+            failed.len()
+        )));
     }
     // Deal connections out: with at least one per worker, each worker owns its own (no sharing on
     // the hot path); with fewer, workers queue for them.
@@ -427,7 +450,10 @@ pub async fn start_lane(
         for c in clients {
             let _ = tx.send(Some(c));
         }
-        let pool = Arc::new(Pool { tx, rx: Mutex::new(rx) });
+        let pool = Arc::new(Pool {
+            tx,
+            rx: Mutex::new(rx),
+        });
         per_worker.extend((0..concurrency).map(|_| Conns::Shared(Arc::clone(&pool))));
     }
 
@@ -437,7 +463,16 @@ pub async fn start_lane(
         let stats = LaneStats::new()?;
         let (target, op) = (Arc::clone(target), Arc::clone(&op));
         let id = u16::try_from(id).unwrap_or(u16::MAX);
-        workers.spawn(worker(target, op, conns, stats, id, nonce, window, request_timeout));
+        workers.spawn(worker(
+            target,
+            op,
+            conns,
+            stats,
+            id,
+            nonce,
+            window,
+            request_timeout,
+        ));
     }
     Ok(RunningLane { window, workers })
 }
@@ -503,11 +538,16 @@ async fn worker(
                 if counted {
                     stats.record_kind(error_kind(&e), || e.to_string());
                 }
+                // A failure can return without waiting; yield so a single-threaded runtime still
+                // runs the sampler and the other workers.
+                tokio::task::yield_now().await;
                 !client.is_closed()
             }
             Err(_) => {
                 if counted {
-                    stats.record_kind("timeout", || format!("no answer within {request_timeout:?}"));
+                    stats.record_kind("timeout", || {
+                        format!("no answer within {request_timeout:?}")
+                    });
                 }
                 // A request is still in flight on this HTTP/1.1 connection: it cannot be reused.
                 false
@@ -523,7 +563,11 @@ mod tests {
     use super::*;
 
     fn response(status: u16, body: &'static str) -> Response {
-        Response { status, headers: HeaderMap::new(), body: Bytes::from_static(body.as_bytes()) }
+        Response {
+            status,
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(body.as_bytes()),
+        }
     }
 
     #[test]
@@ -535,7 +579,10 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&a).unwrap();
         let id = v["requestMetadata"]["kmsRequestId"].as_str().unwrap();
         let parts: Vec<&str> = id.split('-').collect();
-        assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), vec![8, 4, 4, 4, 12]);
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            vec![8, 4, 4, 4, 12]
+        );
         assert_eq!(parts[1], "0007");
         assert_eq!(parts[2], "4003");
         assert_eq!(parts[4], "000000000001");
@@ -561,12 +608,21 @@ mod tests {
     fn expectations() {
         assert!(Expect::Ok.accepts(&response(200, "{}")));
         assert!(!Expect::Ok.accepts(&response(400, "{}")));
-        let bad_tag = response(400, r#"{"errorName":"InvalidCiphertextException","errorMessage":"x"}"#);
+        let bad_tag = response(
+            400,
+            r#"{"errorName":"InvalidCiphertextException","errorMessage":"x"}"#,
+        );
         assert!(Expect::BadTag.accepts(&bad_tag));
         assert!(!Expect::BadTag.accepts(&response(400, r#"{"errorName":"ValidationException"}"#)));
         assert!(!Expect::BadTag.accepts(&response(200, "InvalidCiphertextException")));
-        assert_eq!(describe(&response(403, r#"{"errorName":"AccessDeniedException"}"#)), "HTTP 403 AccessDeniedException");
-        assert_eq!(describe(&response(502, "bad gateway")), "HTTP 502 \"bad gateway\"");
+        assert_eq!(
+            describe(&response(403, r#"{"errorName":"AccessDeniedException"}"#)),
+            "HTTP 403 AccessDeniedException"
+        );
+        assert_eq!(
+            describe(&response(502, "bad gateway")),
+            "HTTP 502 \"bad gateway\""
+        );
     }
 
     #[test]

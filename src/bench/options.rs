@@ -54,7 +54,10 @@ impl Scenario {
     /// Whether the raw HSM lane has an equivalent operation (metadata and health are answered
     /// from caches, so a "raw" number would measure nothing).
     pub fn has_raw_lane(self) -> bool {
-        matches!(self, Scenario::Encrypt | Scenario::Decrypt | Scenario::DecryptBadTag)
+        matches!(
+            self,
+            Scenario::Encrypt | Scenario::Decrypt | Scenario::DecryptBadTag
+        )
     }
 }
 
@@ -173,13 +176,21 @@ impl Target {
             _ => return Err(bad("the scheme must be https or http")),
         };
         let host = uri.host().ok_or_else(|| bad("no host"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
         if uri.query().is_some() {
             return Err(bad("a query string is not allowed"));
         }
         let prefix = uri.path().trim_end_matches('/').to_owned();
-        Ok(Self { tls, host, port, prefix })
+        Ok(Self {
+            tls,
+            host,
+            port,
+            prefix,
+        })
     }
 
     /// The `Host` header value (and the host the SigV4 signature covers).
@@ -285,7 +296,8 @@ impl BenchOptions {
             args: BenchArgs,
         }
         use clap::Parser as _;
-        let argv = std::iter::once(std::ffi::OsString::from("bench")).chain(args.into_iter().map(Into::into));
+        let argv = std::iter::once(std::ffi::OsString::from("bench"))
+            .chain(args.into_iter().map(Into::into));
         let w = Wrapper::try_parse_from(argv).map_err(|e| BenchError::Options(e.to_string()))?;
         Self::from_args(&w.args)
     }
@@ -294,8 +306,11 @@ impl BenchOptions {
     pub fn from_args(a: &BenchArgs) -> Result<Self, BenchError> {
         let target = Target::parse(&a.url)?;
         let opt = |why: String| Err(BenchError::Options(why));
-        if a.concurrency.is_empty() || a.concurrency.iter().any(|&c| c == 0 || c > MAX_CONCURRENCY) {
-            return opt(format!("--concurrency: each value must be in 1..={MAX_CONCURRENCY}"));
+        if a.concurrency.is_empty() || a.concurrency.iter().any(|&c| c == 0 || c > MAX_CONCURRENCY)
+        {
+            return opt(format!(
+                "--concurrency: each value must be in 1..={MAX_CONCURRENCY}"
+            ));
         }
         if let Some(n) = a.connections
             && (n == 0 || n > MAX_CONCURRENCY)
@@ -303,23 +318,40 @@ impl BenchOptions {
             return opt(format!("--connections must be in 1..={MAX_CONCURRENCY}"));
         }
         if a.duration.is_zero() || a.duration > MAX_DURATION {
-            return opt(format!("--duration must be more than 0 and at most {}s", MAX_DURATION.as_secs()));
+            return opt(format!(
+                "--duration must be more than 0 and at most {}s",
+                MAX_DURATION.as_secs()
+            ));
         }
-        if a.warmup > MAX_DURATION || a.request_timeout.is_zero() || a.request_timeout > MAX_DURATION {
-            return opt("--warmup and --request-timeout must be at most 600s (and the timeout more than 0)".into());
+        if a.warmup > MAX_DURATION
+            || a.request_timeout.is_zero()
+            || a.request_timeout > MAX_DURATION
+        {
+            return opt(
+                "--warmup and --request-timeout must be at most 600s (and the timeout more than 0)"
+                    .into(),
+            );
         }
         if a.client_threads == 0 || a.client_threads > 64 {
             return opt("--client-threads must be in 1..=64".into());
         }
         if a.idle_connections > MAX_IDLE_CONNECTIONS {
-            return opt(format!("--idle-connections must be at most {MAX_IDLE_CONNECTIONS}"));
+            return opt(format!(
+                "--idle-connections must be at most {MAX_IDLE_CONNECTIONS}"
+            ));
         }
         // The spec caps plaintext at 4300 bytes minimum supported; the dev server accepts 64 KiB.
         // Bigger values are allowed (the server answers what it answers), within reason.
         if a.plaintext_size > 1 << 20 || a.aad_size > u16::MAX as usize {
-            return opt("--plaintext-size must be at most 1 MiB and --aad-size at most 65535".into());
+            return opt(
+                "--plaintext-size must be at most 1 MiB and --aad-size at most 65535".into(),
+            );
         }
-        let mut scenarios = if a.scenarios.is_empty() { Scenario::ALL.to_vec() } else { a.scenarios.clone() };
+        let mut scenarios = if a.scenarios.is_empty() {
+            Scenario::ALL.to_vec()
+        } else {
+            a.scenarios.clone()
+        };
         dedup_keep_order(&mut scenarios);
         let mut concurrency = a.concurrency.clone();
         dedup_keep_order(&mut concurrency);
@@ -330,8 +362,9 @@ impl BenchOptions {
         };
         let spawn = if a.spawn {
             Some(SpawnOptions {
-                exe: std::env::current_exe()
-                    .map_err(|e| BenchError::Options(format!("cannot find the ekm-proxy executable: {e}")))?,
+                exe: std::env::current_exe().map_err(|e| {
+                    BenchError::Options(format!("cannot find the ekm-proxy executable: {e}"))
+                })?,
                 config: a.config.clone(),
                 softhsm_conf: Some(a.softhsm_conf.clone()),
                 log: a.server_log.clone(),
@@ -356,7 +389,11 @@ impl BenchOptions {
             plaintext_size: a.plaintext_size,
             aad_size: a.aad_size,
             request_timeout: a.request_timeout,
-            raw: if a.no_raw { RawLane::Off } else { RawLane::Config(a.config.clone()) },
+            raw: if a.no_raw {
+                RawLane::Off
+            } else {
+                RawLane::Config(a.config.clone())
+            },
             spawn,
             server_pid: a.server_pid,
             idle_connections: a.idle_connections,
@@ -380,15 +417,23 @@ fn dedup_keep_order<T: PartialEq + Copy>(v: &mut Vec<T>) {
 /// Parse `5s`, `300ms`, `1.5s`, `2m`, `250us`, or bare seconds (`5`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 5s, 300ms)"))?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 5s, 300ms)"))?;
     let seconds = match unit.trim() {
         "" | "s" => value,
         "ms" => value / 1e3,
         "us" | "µs" => value / 1e6,
         "m" | "min" => value * 60.0,
-        other => return Err(format!("unknown duration unit {other:?} (use us, ms, s or m)")),
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} (use us, ms, s or m)"
+            ));
+        }
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("{s:?}: {e}"))
 }
@@ -413,12 +458,23 @@ mod tests {
     #[test]
     fn urls() {
         let t = Target::parse("https://localhost:8443/dev-keystore/").unwrap();
-        assert_eq!(t, Target { tls: true, host: "localhost".into(), port: 8443, prefix: "/dev-keystore".into() });
+        assert_eq!(
+            t,
+            Target {
+                tls: true,
+                host: "localhost".into(),
+                port: 8443,
+                prefix: "/dev-keystore".into()
+            }
+        );
         assert_eq!(t.host_header(), "localhost:8443");
         let t = Target::parse("http://127.0.0.1").unwrap();
         assert_eq!((t.tls, t.port, t.prefix.as_str()), (false, 80, ""));
         let t = Target::parse("https://[::1]:9443/a/b").unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.prefix.as_str()), ("::1", 9443, "/a/b"));
+        assert_eq!(
+            (t.host.as_str(), t.port, t.prefix.as_str()),
+            ("::1", 9443, "/a/b")
+        );
         assert_eq!(t.host_header(), "[::1]:9443");
         assert!(Target::parse("ftp://x/").is_err());
         assert!(Target::parse("localhost:8443").is_err());
@@ -455,7 +511,10 @@ mod tests {
             "--spawn",
         ])
         .unwrap();
-        assert_eq!(o.scenarios, vec![Scenario::DecryptBadTag, Scenario::Encrypt]);
+        assert_eq!(
+            o.scenarios,
+            vec![Scenario::DecryptBadTag, Scenario::Encrypt]
+        );
         assert_eq!(o.concurrency, vec![4, 1]);
         assert!(matches!(o.raw, RawLane::Off));
         assert!(o.spawn.is_some());
@@ -468,7 +527,10 @@ mod tests {
             vec!["--client-cert", "c.pem"],
             vec!["--aad-size", "70000"],
         ] {
-            assert!(BenchOptions::from_cli(bad.clone()).is_err(), "{bad:?} accepted");
+            assert!(
+                BenchOptions::from_cli(bad.clone()).is_err(),
+                "{bad:?} accepted"
+            );
         }
     }
 }

@@ -18,7 +18,10 @@ pub struct ProcWatch {
 impl ProcWatch {
     /// Watch `pid`; fails if the process is not visible in `/proc`.
     pub fn new(pid: u32) -> std::io::Result<Self> {
-        let w = Self { pid, ticks_per_second: clock_ticks_per_second() };
+        let w = Self {
+            pid,
+            ticks_per_second: clock_ticks_per_second(),
+        };
         w.cpu_time()?;
         Ok(w)
     }
@@ -31,23 +34,31 @@ impl ProcWatch {
     /// CPU time (user + system) consumed so far by every thread of the process.
     pub fn cpu_time(&self) -> std::io::Result<Duration> {
         let text = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?;
-        let ticks = parse_stat_cpu_ticks(&text)
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "unreadable /proc/<pid>/stat"))?;
+        let ticks = parse_stat_cpu_ticks(&text).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "unreadable /proc/<pid>/stat",
+            )
+        })?;
         Ok(ticks_to_duration(ticks, self.ticks_per_second))
     }
 
     /// Resident set size in bytes.
     pub fn rss_bytes(&self) -> std::io::Result<u64> {
         let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
-        parse_vmrss_kib(&text)
-            .map(|kib| kib * 1024)
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no VmRSS in /proc/<pid>/status"))
+        parse_vmrss_kib(&text).map(|kib| kib * 1024).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "no VmRSS in /proc/<pid>/status",
+            )
+        })
     }
 }
 
 fn ticks_to_duration(ticks: u64, per_second: u64) -> Duration {
     let per_second = per_second.max(1);
-    Duration::from_secs(ticks / per_second) + Duration::from_nanos((ticks % per_second) * 1_000_000_000 / per_second)
+    Duration::from_secs(ticks / per_second)
+        + Duration::from_nanos((ticks % per_second) * 1_000_000_000 / per_second)
 }
 
 /// `utime + stime` in clock ticks from the text of `/proc/<pid>/stat`.

@@ -46,7 +46,11 @@ impl RawHsm {
 
     /// The raw operation for `scenario` (`None` for scenarios without one). Decrypt scenarios
     /// encrypt once first; every operation is tried once, so a problem is one clear line.
-    pub async fn operation(&self, scenario: Scenario, opts: &BenchOptions) -> Result<Option<RawOp>, String> {
+    pub async fn operation(
+        &self,
+        scenario: Scenario,
+        opts: &BenchOptions,
+    ) -> Result<Option<RawOp>, String> {
         if !scenario.has_raw_lane() {
             return Ok(None);
         }
@@ -54,8 +58,14 @@ impl RawHsm {
         let aad_field = (opts.aad_size > 0).then(|| super::load::pattern(opts.aad_size, 7));
         // The server frames the caller's AAD before the HSM sees it; frame it the same way so the
         // HSM processes the same number of bytes in both lanes.
-        let aad = full_aad(AadFraming::SpecLiteral, aad_field.as_deref(), &[]).map_err(|e| format!("AAD: {e:?}"))?;
-        let mut op = RawOp { key: opts.key.clone(), plaintext, aad, kind: RawKind::Encrypt };
+        let aad = full_aad(AadFraming::SpecLiteral, aad_field.as_deref(), &[])
+            .map_err(|e| format!("AAD: {e:?}"))?;
+        let mut op = RawOp {
+            key: opts.key.clone(),
+            plaintext,
+            aad,
+            kind: RawKind::Encrypt,
+        };
         if scenario != Scenario::Encrypt {
             let sealed = self
                 .backend
@@ -67,9 +77,16 @@ impl RawHsm {
             if expect_invalid {
                 tag[0] ^= 0x01;
             }
-            op.kind = RawKind::Decrypt { iv: sealed.iv, ciphertext: sealed.ciphertext, tag, expect_invalid };
+            op.kind = RawKind::Decrypt {
+                iv: sealed.iv,
+                ciphertext: sealed.ciphertext,
+                tag,
+                expect_invalid,
+            };
         }
-        op.run(&self.backend).await.map_err(|(kind, detail)| format!("probe ({kind}): {detail}"))?;
+        op.run(&self.backend)
+            .await
+            .map_err(|(kind, detail)| format!("probe ({kind}): {detail}"))?;
         Ok(Some(op))
     }
 
@@ -101,20 +118,38 @@ pub struct RawOp {
 
 enum RawKind {
     Encrypt,
-    Decrypt { iv: Vec<u8>, ciphertext: Vec<u8>, tag: [u8; GCM_TAG_LEN], expect_invalid: bool },
+    Decrypt {
+        iv: Vec<u8>,
+        ciphertext: Vec<u8>,
+        tag: [u8; GCM_TAG_LEN],
+        expect_invalid: bool,
+    },
 }
 
 impl RawOp {
     fn encrypt_request(&self) -> AeadEncrypt {
-        AeadEncrypt { key: self.key.clone(), plaintext: Zeroizing::new(self.plaintext.clone()), aad: self.aad.clone() }
+        AeadEncrypt {
+            key: self.key.clone(),
+            plaintext: Zeroizing::new(self.plaintext.clone()),
+            aad: self.aad.clone(),
+        }
     }
 
     /// Run once; `Err((kind, detail))` when the outcome is not the expected one.
     async fn run(&self, backend: &Pkcs11Backend) -> Result<(), (&'static str, String)> {
         let fail = |e: CryptoError| (e.kind(), e.to_string());
         match &self.kind {
-            RawKind::Encrypt => backend.aead_encrypt(self.encrypt_request()).await.map(drop).map_err(fail),
-            RawKind::Decrypt { iv, ciphertext, tag, expect_invalid } => {
+            RawKind::Encrypt => backend
+                .aead_encrypt(self.encrypt_request())
+                .await
+                .map(drop)
+                .map_err(fail),
+            RawKind::Decrypt {
+                iv,
+                ciphertext,
+                tag,
+                expect_invalid,
+            } => {
                 let req = AeadDecrypt {
                     key: self.key.clone(),
                     iv: iv.clone(),
@@ -124,7 +159,10 @@ impl RawOp {
                 };
                 match (backend.aead_decrypt(req).await, expect_invalid) {
                     (Ok(_), false) | (Err(CryptoError::InvalidCiphertext), true) => Ok(()),
-                    (Ok(_), true) => Err(("unexpected_success", "a bad-tag decrypt succeeded".to_owned())),
+                    (Ok(_), true) => Err((
+                        "unexpected_success",
+                        "a bad-tag decrypt succeeded".to_owned(),
+                    )),
                     (Err(e), _) => Err(fail(e)),
                 }
             }
@@ -132,7 +170,12 @@ impl RawOp {
     }
 }
 
-async fn worker(backend: Pkcs11Backend, op: Arc<RawOp>, mut stats: LaneStats, window: Window) -> LaneStats {
+async fn worker(
+    backend: Pkcs11Backend,
+    op: Arc<RawOp>,
+    mut stats: LaneStats,
+    window: Window,
+) -> LaneStats {
     while Instant::now() < window.end {
         let sent = Instant::now();
         let result = op.run(&backend).await;

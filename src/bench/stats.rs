@@ -125,7 +125,11 @@ impl LaneStats {
 
     /// Errors by label: HTTP statuses as `"503"`, other failures by kind.
     pub fn errors(&self) -> BTreeMap<String, u64> {
-        let mut out: BTreeMap<String, u64> = self.by_status.iter().map(|(s, n)| (s.to_string(), *n)).collect();
+        let mut out: BTreeMap<String, u64> = self
+            .by_status
+            .iter()
+            .map(|(s, n)| (s.to_string(), *n))
+            .collect();
         out.extend(self.by_kind.iter().map(|(k, n)| ((*k).to_owned(), *n)));
         out
     }
@@ -188,7 +192,10 @@ mod tests {
         let l = s.latency();
         assert_eq!(l.p50, 0.087);
         assert_eq!(l.max, 0.087);
-        assert_eq!(LaneStats::new().unwrap().latency(), LatencySummary::default());
+        assert_eq!(
+            LaneStats::new().unwrap().latency(),
+            LatencySummary::default()
+        );
     }
 
     #[test]

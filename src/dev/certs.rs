@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
 };
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::ServerCertVerifier;
@@ -189,9 +189,8 @@ impl Authority {
         if !cert.is_ca() {
             return Err(CertError::NotACa);
         }
-        let key = KeyPair::from_pem(key_pem).map_err(|_| CertError::BadKey {
-            what: "dev CA key",
-        })?;
+        let key =
+            KeyPair::from_pem(key_pem).map_err(|_| CertError::BadKey { what: "dev CA key" })?;
         if key.subject_public_key_info() != cert.public_key().raw {
             return Err(CertError::KeyMismatch { what: "dev CA" });
         }
@@ -231,13 +230,12 @@ impl Authority {
                 detail: "a server certificate needs at least one name".to_owned(),
             });
         };
-        let mut params = CertificateParams::new(
-            names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
-        )
-        .map_err(|e| CertError::InvalidName {
-            name: names.join(","),
-            detail: e.to_string(),
-        })?;
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+                .map_err(|e| CertError::InvalidName {
+                    name: names.join(","),
+                    detail: e.to_string(),
+                })?;
         params.distinguished_name = common_name_dn(first);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.issue(params, Validity::Current)
@@ -381,7 +379,11 @@ pub fn ensure_dev_pki(dir: &Path, server_names: &[&str]) -> Result<DevPkiReport,
         let issued = ca.issue_server(server_names)?;
         write_file(&files.server_key, &issued.key_pem, true)?;
         // The chain includes the CA so clients that only know the CA by file can still build it.
-        write_file(&files.server, &format!("{}{}", issued.cert_pem, ca.cert_pem), false)?;
+        write_file(
+            &files.server,
+            &format!("{}{}", issued.cert_pem, ca.cert_pem),
+            false,
+        )?;
     }
 
     let client_action = ensure_leaf(&files.client, &files.client_key, &ca_action, |cert, key| {
@@ -526,7 +528,9 @@ fn leaf_pair(cert_pem: &str, key_pem: &str) -> Result<Vec<CertificateDer<'static
     let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("certificate file is not valid PEM: {e}"))?;
-    let leaf = chain.first().ok_or("certificate file holds no certificate")?;
+    let leaf = chain
+        .first()
+        .ok_or("certificate file holds no certificate")?;
     let cert = parse("certificate", leaf).map_err(|e| e.to_string())?;
     let key = KeyPair::from_pem(key_pem).map_err(|_| "key file is not a valid PEM key")?;
     if key.subject_public_key_info() != cert.public_key().raw {
@@ -575,7 +579,7 @@ fn common_name_dn(common_name: &str) -> DistinguishedName {
 
 fn parse<'a>(what: &'static str, der: &'a [u8]) -> Result<X509Certificate<'a>, CertError> {
     match x509_parser::parse_x509_certificate(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok(_) => Err(CertError::BadCertificate {
             what,
             detail: "trailing bytes after the certificate".to_owned(),
@@ -659,7 +663,8 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), CertError
     // A leftover temp file from an interrupted run may have other permissions; start afresh.
     let _ = std::fs::remove_file(&tmp);
     let mut file = options.open(&tmp).map_err(io_err("write"))?;
-    file.write_all(contents.as_bytes()).map_err(io_err("write"))?;
+    file.write_all(contents.as_bytes())
+        .map_err(io_err("write"))?;
     file.sync_all().map_err(io_err("write"))?;
     drop(file);
     std::fs::rename(&tmp, path).map_err(io_err("replace"))
@@ -694,7 +699,14 @@ mod tests {
         assert_eq!(reloaded.cert_der, ca.cert_der);
         // A leaf issued by the reloaded CA must chain to the original certificate.
         let issued = reloaded.issue_server(&["localhost"]).unwrap();
-        check_server(&ca, &issued.cert_pem, &issued.key_pem, &["localhost"], OffsetDateTime::now_utc()).unwrap();
+        check_server(
+            &ca,
+            &issued.cert_pem,
+            &issued.key_pem,
+            &["localhost"],
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
     }
 
     #[test]
@@ -718,10 +730,25 @@ mod tests {
         let ca = Authority::new("a").unwrap();
         let issued = ca.issue_server(&["localhost", "127.0.0.1", "::1"]).unwrap();
         for name in ["localhost", "127.0.0.1", "::1"] {
-            check_server(&ca, &issued.cert_pem, &issued.key_pem, &[name], OffsetDateTime::now_utc())
-                .unwrap();
+            check_server(
+                &ca,
+                &issued.cert_pem,
+                &issued.key_pem,
+                &[name],
+                OffsetDateTime::now_utc(),
+            )
+            .unwrap();
         }
-        assert!(check_server(&ca, &issued.cert_pem, &issued.key_pem, &["example.com"], OffsetDateTime::now_utc()).is_err());
+        assert!(
+            check_server(
+                &ca,
+                &issued.cert_pem,
+                &issued.key_pem,
+                &["example.com"],
+                OffsetDateTime::now_utc()
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -737,11 +764,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let names = ["localhost", "127.0.0.1"];
         let first = ensure_dev_pki(dir.path(), &names).unwrap();
-        assert_eq!((first.ca.clone(), first.server.clone(), first.client.clone()), (Action::Created, Action::Created, Action::Created));
+        assert_eq!(
+            (first.ca.clone(), first.server.clone(), first.client.clone()),
+            (Action::Created, Action::Created, Action::Created)
+        );
         let ca_before = std::fs::read(dir.path().join("ca.pem")).unwrap();
 
         let second = ensure_dev_pki(dir.path(), &names).unwrap();
-        assert_eq!((second.ca, second.server, second.client), (Action::Kept, Action::Kept, Action::Kept));
+        assert_eq!(
+            (second.ca, second.server, second.client),
+            (Action::Kept, Action::Kept, Action::Kept)
+        );
 
         // A new server name reissues only the server certificate, under the same CA.
         let third = ensure_dev_pki(dir.path(), &["localhost", "127.0.0.1", "proxy.test"]).unwrap();
@@ -763,7 +796,10 @@ mod tests {
         {
             use std::os::unix::fs::PermissionsExt;
             for key in ["ca-key.pem", "server-key.pem", "client-key.pem"] {
-                let mode = std::fs::metadata(dir.path().join(key)).unwrap().permissions().mode();
+                let mode = std::fs::metadata(dir.path().join(key))
+                    .unwrap()
+                    .permissions()
+                    .mode();
                 assert_eq!(mode & 0o777, 0o600, "{key}");
             }
         }

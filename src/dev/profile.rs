@@ -109,7 +109,7 @@ pub fn init(root: &Path, module: Option<PathBuf>) -> Result<DevReport, DevError>
     let mut lines = Vec::new();
     let certs_dir = root.join("certs/dev");
     let pki = super::certs::ensure_dev_pki(&certs_dir, &["localhost", "127.0.0.1"])?;
-    lines.push(format!("certificates: {pki:?} in {}", certs_dir.display()));
+    lines.push(format!("certificates: {pki}"));
     let so = SecretString::from(SO_PIN);
     let user = SecretString::from(USER_PIN);
     let token = bootstrap::ensure_token(&module, TOKEN_LABEL, &so, &user)?;

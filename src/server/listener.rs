@@ -168,7 +168,12 @@ impl<B: Backend> Connection<B> {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         self.metrics.tls_handshake_failure();
-                        tracing::info!(listener = %self.name, %peer, error = %e, "TLS handshake failed");
+                        if super::tls::missing_client_certificate(&e) {
+                            // rustls refuses an empty certificate list before our verifier runs.
+                            tracing::warn!(listener = %self.name, %peer, reason = "no_certificate", "client certificate rejected");
+                        } else {
+                            tracing::info!(listener = %self.name, %peer, error = %e, "TLS handshake failed");
+                        }
                         return;
                     }
                     Err(_) => {

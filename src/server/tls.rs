@@ -7,8 +7,8 @@
 //!   `h2` + `http/1.1`, and cheap reconnects (session cache + tickets);
 //! - optional mTLS that accepts only clients chaining to a configured CA and, if configured, with
 //!   one of a list of subject names; every rejection of a presented certificate aborts the
-//!   handshake with a fatal `handshake_failure` alert (see [`client_auth`] for the one case rustls
-//!   does not let us change: no certificate at all → `certificate_required`).
+//!   handshake with a fatal `handshake_failure` alert (see `tls/client_auth.rs` for the one
+//!   case rustls does not let us change: no certificate at all → `certificate_required`).
 //!
 //! This module sits at the very edge of the request path: it must not depend on `front`, `core`,
 //! `hsm` or `auth` (auth consumes a [`PeerIdentity`]; it does not shape the handshake). Errors
@@ -128,7 +128,10 @@ pub enum TlsError {
         path: PathBuf,
     },
     /// The key file holds more than one private key, so which one is meant is ambiguous.
-    #[error("private key file {} contains {count} private keys; expected exactly one", path.display())]
+    #[error(
+        "private key file {} contains {count} private keys; expected exactly one",
+        path.display()
+    )]
     MultiplePrivateKeys {
         /// The configured path.
         path: PathBuf,
@@ -157,7 +160,10 @@ pub enum TlsError {
         cert: PathBuf,
     },
     /// The CA bundle holds no certificates at all.
-    #[error("CA bundle {} contains no certificates; mTLS needs at least one trusted CA", path.display())]
+    #[error(
+        "CA bundle {} contains no certificates; mTLS needs at least one trusted CA",
+        path.display()
+    )]
     CaBundleEmpty {
         /// The configured path.
         path: PathBuf,
@@ -225,13 +231,12 @@ fn load_certified_key(
 ) -> Result<CertifiedKey, TlsError> {
     let chain = load::certificates("certificate chain", &settings.cert_chain)?;
     let key = load::private_key(&settings.private_key)?;
-    let signing_key = provider
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| TlsError::UnsupportedPrivateKey {
+    let signing_key = provider.key_provider.load_private_key(key).map_err(|e| {
+        TlsError::UnsupportedPrivateKey {
             path: settings.private_key.clone(),
             detail: e.to_string(),
-        })?;
+        }
+    })?;
     let certified_key = CertifiedKey::new(chain, signing_key);
     match certified_key.keys_match() {
         Ok(()) => Ok(certified_key),

@@ -242,8 +242,7 @@ address = "127.0.0.1:0"
 module = "{module}"
 token_label = "{label}"
 user_pin = "{pin}"
-workers = 2
-op_timeout_ms = 3000
+{workers}op_timeout_ms = 3000
 {hsm}
 
 [health]
@@ -277,6 +276,8 @@ secret = "{SECRET_2}"
         label = token.label,
         pin = token.user_pin,
         hsm = o.hsm_keys,
+        // `hsm_keys` may set its own worker count (TOML forbids a duplicate key).
+        workers = if o.hsm_keys.lines().any(|l| l.trim_start().starts_with("workers")) { "" } else { "workers = 2\n" },
         kill = dir.join("KILL").display(),
         security = o.security_keys,
         ks = o.key_store_keys,

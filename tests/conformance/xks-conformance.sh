@@ -18,6 +18,10 @@
 #   XKS_CA                CA bundle for the server certificate (default <repo>/certs/dev/ca.pem)
 #   XKS_CLIENT_CERT       client certificate PEM (mTLS listener). When set together with
 #   XKS_CLIENT_KEY        its key, the rejected-client-certificate cases run as well.
+#   XKS_CLIENT_CA_KEY     optional: private key of the CA that issues client certificates (and
+#   XKS_CLIENT_CA_CERT    its certificate, default XKS_CA). With it, certificates that chain to the
+#                         trusted CA but are expired, not yet valid or for another subject are
+#                         tested too (they must be rejected), next to a good one (accepted).
 #   XKS_KEY               key with ENCRYPT+DECRYPT   (default dev-aes-1)
 #   XKS_ENCRYPT_ONLY_KEY  key with ENCRYPT only      (default dev-aes-encrypt-only)
 #   XKS_DECRYPT_ONLY_KEY  key with DECRYPT only      (default dev-aes-decrypt-only)
@@ -43,6 +47,8 @@ XKS_REGION="${XKS_REGION:-us-east-1}"
 XKS_CA="${XKS_CA:-$REPO_ROOT/certs/dev/ca.pem}"
 XKS_CLIENT_CERT="${XKS_CLIENT_CERT:-}"
 XKS_CLIENT_KEY="${XKS_CLIENT_KEY:-}"
+XKS_CLIENT_CA_KEY="${XKS_CLIENT_CA_KEY:-}"
+XKS_CLIENT_CA_CERT="${XKS_CLIENT_CA_CERT:-$XKS_CA}"
 XKS_KEY="${XKS_KEY:-dev-aes-1}"
 XKS_ENCRYPT_ONLY_KEY="${XKS_ENCRYPT_ONLY_KEY:-dev-aes-encrypt-only}"
 XKS_DECRYPT_ONLY_KEY="${XKS_DECRYPT_ONLY_KEY:-dev-aes-decrypt-only}"
@@ -69,6 +75,10 @@ check_setup() {
   if [ -n "$XKS_CLIENT_CERT" ] || [ -n "$XKS_CLIENT_KEY" ]; then
     [ -r "$XKS_CLIENT_CERT" ] || setup_error "XKS_CLIENT_CERT=$XKS_CLIENT_CERT is not readable"
     [ -r "$XKS_CLIENT_KEY" ] || setup_error "XKS_CLIENT_KEY=$XKS_CLIENT_KEY is not readable"
+  fi
+  if [ -n "$XKS_CLIENT_CA_KEY" ]; then
+    [ -r "$XKS_CLIENT_CA_KEY" ] || setup_error "XKS_CLIENT_CA_KEY=$XKS_CLIENT_CA_KEY is not readable"
+    [ -r "$XKS_CLIENT_CA_CERT" ] || setup_error "XKS_CLIENT_CA_CERT=$XKS_CLIENT_CA_CERT is not readable"
   fi
   XKS_URL="${XKS_URL%/}"
   [[ "$XKS_URL" =~ ^(https?://[^/]+)(/.*)?/kms/xks/v1$ ]] \
@@ -103,7 +113,9 @@ call() {
   local extra=($XKS_CURL_OPTS)
   args+=("${extra[@]}")
   if [ "$SIGN" = 1 ]; then
-    args+=(--aws-sigv4 "aws:amz:$SIG_REGION:$SIG_SERVICE" --user "$SIG_AKID:$SIG_SECRET")
+    # The credential goes through a config file, not argv, so `ps` does not show the secret.
+    printf 'user = "%s:%s"\n' "$SIG_AKID" "$SIG_SECRET" >"$WORK/auth.cfg"
+    args+=(--aws-sigv4 "aws:amz:$SIG_REGION:$SIG_SERVICE" -K "$WORK/auth.cfg")
   fi
   local h
   for h in "${EXTRA_HEADERS[@]}"; do args+=(-H "$h"); done
@@ -168,17 +180,41 @@ expect_error() {
 # expect_eq WHAT EXPECTED ACTUAL
 expect_eq() { [ "$2" = "$3" ] || fail "$1: expected '$2', got '$3'"; }
 
-# Fails the TLS handshake: curl exit 35 (handshake) or 56 (TLS 1.3: alert read after the client's
-# Finished) and no HTTP status; if curl names an alert it must be handshake_failure.
+# The last request must have died in the TLS handshake, with no HTTP answer. curl reports that as
+# 35 (handshake failed), 56 (TLS 1.3: the server's alert arrives on the first read), 55 (TLS 1.3:
+# the server closed the connection before curl sent the request) or 98 (alert certificate_required).
+# If curl names the alert, it must be one of ALERTS (curl/OpenSSL wording, e.g. "handshake failure").
+# expect_handshake_rejected ALERT...
 expect_handshake_rejected() {
   case "$CURL_RC" in
-    35|56) ;;
-    *) fail "expected the TLS handshake to fail (curl rc 35 or 56), got curl rc $CURL_RC" ;;
+    35|55|56|98) ;;
+    *) fail "expected the TLS handshake to fail (curl rc 35, 55, 56 or 98), got curl rc $CURL_RC" ;;
   esac
-  [ "$STATUS" = 000 ] || fail "got an HTTP answer ($STATUS) although the certificate must be rejected"
-  if [[ "$CURL_ERR" == *alert* ]] && [[ "$CURL_ERR" != *"alert handshake failure"* ]]; then
-    fail "expected a fatal handshake_failure alert"
+  [ "$STATUS" = 000 ] || fail "got an HTTP answer ($STATUS) although the client certificate must be rejected"
+  if [[ "$CURL_ERR" == *" alert "* ]]; then
+    local a
+    for a in "$@"; do [[ "$CURL_ERR" == *"alert $a"* ]] && return 0; done
+    fail "curl reports a TLS alert other than: $*"
   fi
+}
+
+# The alert the server sends, seen by openssl s_client (curl does not always report it on TLS 1.3).
+# expect_server_alert TLS_VERSION(1.2|1.3) ALERT_NUMBER... (40 = handshake_failure, 116 = certificate_required)
+expect_server_alert() {
+  local ver="$1"; shift
+  local hostport="${ORIGIN#*://}"
+  [[ "$hostport" == *:* ]] || hostport="$hostport:443"
+  local cert=()
+  [ "${#CERT_ARGS[@]}" -eq 0 ] || cert=(-cert "${CERT_ARGS[1]}" -key "${CERT_ARGS[3]}")
+  local out
+  out="$(printf 'POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n' \
+    | timeout 20 openssl s_client -connect "$hostport" -servername "${hostport%:*}" -CAfile "$XKS_CA" \
+        "-tls${ver/./_}" "${cert[@]}" -ign_eof 2>&1)"
+  [[ "$out" =~ SSL\ alert\ number\ ([0-9]+) ]] \
+    || { CURL_ERR="${out:0:800}"; fail "openssl s_client (TLS $ver): the server sent no TLS alert"; }
+  local n="${BASH_REMATCH[1]}" a
+  for a in "$@"; do [ "$n" = "$a" ] && return 0; done
+  fail "TLS $ver: server sent alert number $n, expected one of: $*"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +243,8 @@ json_str_array() {
   printf '%s' "$inner" | tr ',' '\n' | LC_ALL=C sort | paste -sd, -
 }
 
+sha256_hex() { openssl dgst -sha256 | awk '{print $NF}'; }                          # stdin -> hex
+hmac_hex() { printf '%s' "$2" | openssl dgst -sha256 -mac HMAC -macopt "hexkey:$1" | awk '{print $NF}'; }
 b64e() { openssl base64 -A; }                        # stdin bytes -> base64
 b64d() { printf '%s' "$1" | openssl base64 -d -A; }  # base64 arg -> stdout bytes
 b64len() { b64d "$1" | wc -c | tr -d ' '; }          # decoded length of a base64 arg
@@ -305,7 +343,7 @@ test_health_ok() {
   expect_status 200
   expect_json
   local n; n="$(json_int xksProxyFleetSize)"
-  [ -n "$n" ] && [ "$n" -gt 0 ] || fail "xksProxyFleetSize missing or not > 0"
+  [[ "$n" =~ ^[0-9]+$ && "$n" -gt 0 ]] || fail "xksProxyFleetSize missing or not > 0"
   local f
   for f in xksProxyVendor xksProxyModel ekmVendor; do json_has "$f" || fail "missing $f"; done
   [[ "$BODY" =~ \"ekmFleetDetails\"[[:space:]]*:[[:space:]]*\[[[:space:]]*\{ ]] || fail "ekmFleetDetails is not a non-empty array"
@@ -545,12 +583,66 @@ test_auth_unsigned_encrypt() {
   expect_error 401 AuthenticationFailedException
 }
 
+# An independent SigV4 signer (openssl HMAC), signing only host;x-amz-date as KMS does, with a
+# date of our choosing (curl's own signer always uses "now"). Sets AUTH_HEADER.
+# sigv4_sign AMZ_DATE PATH BODY
+sigv4_sign() {
+  local amz_date="$1" path="$2" body="$3"
+  local day="${amz_date:0:8}" host="${ORIGIN#*://}"
+  local scope="$day/$SIG_REGION/$SIG_SERVICE/aws4_request"
+  local canonical string_to_sign k sig
+  canonical="$(printf 'POST\n%s\n\nhost:%s\nx-amz-date:%s\n\nhost;x-amz-date\n%s' \
+    "$path" "$host" "$amz_date" "$(printf '%s' "$body" | sha256_hex)")"
+  string_to_sign="$(printf 'AWS4-HMAC-SHA256\n%s\n%s\n%s' "$amz_date" "$scope" \
+    "$(printf '%s' "$canonical" | sha256_hex)")"
+  k="$(printf '%s' "$day" | openssl dgst -sha256 -mac HMAC -macopt "key:AWS4$SIG_SECRET" | awk '{print $NF}')"
+  k="$(hmac_hex "$k" "$SIG_REGION")"
+  k="$(hmac_hex "$k" "$SIG_SERVICE")"
+  k="$(hmac_hex "$k" aws4_request)"
+  sig="$(hmac_hex "$k" "$string_to_sign")"
+  AUTH_HEADER="Authorization: AWS4-HMAC-SHA256 Credential=$SIG_AKID/$scope, SignedHeaders=host;x-amz-date, Signature=$sig"
+}
+
+# amz_date_offset MINUTES -> X-Amz-Date that many minutes from now (negative = past)
+amz_date_offset() {
+  date -u -d "$1 minutes" +%Y%m%dT%H%M%SZ 2>/dev/null || date -u -v"${1}M" +%Y%m%dT%H%M%SZ
+}
+
+# hand_signed_post MINUTES_OFFSET REL SIGNED_BODY [SENT_BODY]
+hand_signed_post() {
+  local d; d="$(amz_date_offset "$1")"
+  sigv4_sign "$d" "${BASE#"$ORIGIN"}/$2" "$3"
+  SIGN=0
+  TLS_ARGS+=(--http1.1)
+  EXTRA_HEADERS=("X-Amz-Date: $d" "$AUTH_HEADER")
+  post "$2" "${4-$3}"
+}
+
+test_auth_kms_style_signed_headers() {
+  # Control for the tests below: host;x-amz-date only, current date -> accepted.
+  hand_signed_post 0 health "$(health_body)"
+  expect_status 200
+}
+
+test_auth_date_within_skew() {
+  hand_signed_post -3 "keys/$XKS_KEY/metadata" "$(metadata_body)"
+  expect_status 200
+}
+
 test_auth_stale_date() {
-  # curl signs with an X-Amz-Date the caller supplies; 10 minutes old is outside the +-5 min window.
-  local d; d="$(date -u -d '-10 minutes' +%Y%m%dT%H%M%SZ 2>/dev/null)" \
-    || d="$(date -u -v-10M +%Y%m%dT%H%M%SZ)"
-  EXTRA_HEADERS=("X-Amz-Date: $d")
-  post health "$(health_body)"
+  hand_signed_post -10 health "$(health_body)"
+  expect_error 401 AuthenticationFailedException
+}
+
+test_auth_future_date() {
+  hand_signed_post +10 health "$(health_body)"
+  expect_error 401 AuthenticationFailedException
+}
+
+test_auth_body_altered_after_signing() {
+  local pt; pt="$(rand_b64 32)"
+  local body; body="$(encrypt_body "$pt")"
+  hand_signed_post 0 "keys/$XKS_KEY/encrypt" "$body" "${body/$pt/$(rand_b64 32)}"
   expect_error 401 AuthenticationFailedException
 }
 
@@ -648,13 +740,17 @@ EOF
 new_key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>"$WORK/openssl.err" \
   || fail "openssl genpkey failed: $(cat "$WORK/openssl.err")"; }
 
-# Both TLS versions: 1.2 fails inside the handshake, 1.3 typically on the first read.
+# A handshake with the current CERT_ARGS must be aborted on TLS 1.2 and on TLS 1.3, with a fatal
+# handshake_failure alert (40) unless more alert numbers are given.
+# expect_rejected_on_both_tls_versions [EXTRA_ALERT_NUMBER EXTRA_ALERT_NAME]
 expect_rejected_on_both_tls_versions() {
-  local v
+  local nums=(40) names=("handshake failure") v
+  if [ $# -ge 2 ]; then nums+=("$1"); names+=("$2"); fi
   for v in 1.2 1.3; do
     if [ "$v" = 1.2 ]; then TLS_ARGS=(--tlsv1.2 --tls-max 1.2); else TLS_ARGS=(--tlsv1.3); fi
     post health "$(health_body)"
-    expect_handshake_rejected
+    expect_handshake_rejected "${names[@]}"
+    expect_server_alert "$v" "${nums[@]}"
   done
 }
 
@@ -669,7 +765,10 @@ test_mtls_accepts_configured_client_cert() {
 
 test_mtls_rejects_no_client_cert() {
   CERT_ARGS=()
-  expect_rejected_on_both_tls_versions
+  # rustls (like the AWS sample proxy) answers an empty Certificate message itself with
+  # certificate_required (116), which RFC 8446 prescribes for TLS 1.3; accept it besides
+  # handshake_failure.
+  expect_rejected_on_both_tls_versions 116 "certificate required"
 }
 
 test_mtls_rejects_self_signed_client_cert() {
@@ -699,6 +798,60 @@ test_mtls_rejects_unknown_ca_client_cert() {
   expect_rejected_on_both_tls_versions
 }
 
+# issue_from_trusted_ca CN DAYS_FROM DAYS_TO OUT: a client certificate for CN from the trusted client
+# CA (XKS_CLIENT_CA_CERT/KEY), valid from now+DAYS_FROM to now+DAYS_TO; writes OUT.pem, OUT-key.pem.
+issue_from_trusted_ca() {
+  local cn="$1" from="$2" to="$3" out="$4"
+  write_openssl_conf "$cn"
+  mkdir -p "$WORK/ca"; : >"$WORK/ca/index.txt"; openssl rand -hex 8 >"$WORK/ca/serial"
+  cat >>"$WORK/openssl.cnf" <<EOF
+[ca]
+default_ca = xca
+[xca]
+database = $WORK/ca/index.txt
+new_certs_dir = $WORK/ca
+serial = $WORK/ca/serial
+default_md = sha256
+policy = policy_any
+unique_subject = no
+[policy_any]
+commonName = supplied
+EOF
+  new_key "$out-key.pem"
+  openssl req -new -config "$WORK/openssl.cnf" -key "$out-key.pem" -out "$out.csr" 2>"$WORK/openssl.err" \
+    || fail "openssl could not make a CSR: $(cat "$WORK/openssl.err")"
+  local start end
+  start="$(date -u -d "$from days" +%Y%m%d%H%M%SZ 2>/dev/null || date -u -v"${from}d" +%Y%m%d%H%M%SZ)"
+  end="$(date -u -d "$to days" +%Y%m%d%H%M%SZ 2>/dev/null || date -u -v"${to}d" +%Y%m%d%H%M%SZ)"
+  openssl ca -batch -notext -config "$WORK/openssl.cnf" -cert "$XKS_CLIENT_CA_CERT" \
+    -keyfile "$XKS_CLIENT_CA_KEY" -in "$out.csr" -out "$out.pem" -startdate "$start" -enddate "$end" \
+    -extensions client_ext >/dev/null 2>"$WORK/openssl.err" \
+    || fail "openssl ca could not issue the client certificate: $(cat "$WORK/openssl.err")"
+  CERT_ARGS=(--cert "$out.pem" --key "$out-key.pem")
+}
+
+test_mtls_accepts_trusted_ca_cert_made_here() {
+  # Control for the three tests below: same recipe, right subject, valid now -> accepted.
+  issue_from_trusted_ca "$(client_cn)" -1 30 "$WORK/good"
+  post health "$(health_body)"
+  expect_status 200
+}
+
+test_mtls_rejects_expired_client_cert() {
+  issue_from_trusted_ca "$(client_cn)" -30 -1 "$WORK/expired"
+  expect_rejected_on_both_tls_versions
+}
+
+test_mtls_rejects_not_yet_valid_client_cert() {
+  issue_from_trusted_ca "$(client_cn)" 1 30 "$WORK/future"
+  expect_rejected_on_both_tls_versions
+}
+
+test_mtls_rejects_other_subject_client_cert() {
+  issue_from_trusted_ca "not-an-allowed-client-$(openssl rand -hex 3)" -1 30 "$WORK/other"
+  expect_rejected_on_both_tls_versions
+}
+
 # ---------------------------------------------------------------------------------------------
 # Runner
 # ---------------------------------------------------------------------------------------------
@@ -717,7 +870,9 @@ TESTS=(
   test_decrypt_only_key_refuses_encrypt test_decrypt_only_key_garbage_is_invalid_ciphertext
   test_no_usage_key_refuses_encrypt test_no_usage_key_refuses_decrypt
   test_auth_wrong_secret test_auth_unknown_access_key_id test_auth_other_region
-  test_auth_other_service test_auth_unsigned test_auth_unsigned_encrypt test_auth_stale_date
+  test_auth_other_service test_auth_unsigned test_auth_unsigned_encrypt
+  test_auth_kms_style_signed_headers test_auth_date_within_skew test_auth_stale_date test_auth_future_date
+  test_auth_body_altered_after_signing
   test_malformed_json test_encrypt_bad_base64_plaintext test_encrypt_wrong_algorithm
   test_encrypt_wrong_cdiv_algorithm test_encrypt_missing_request_metadata test_unknown_fields_ignored
   test_unknown_path_prefix test_unknown_operation_path test_get_on_health_is_405 test_get_on_encrypt_is_405
@@ -725,6 +880,10 @@ TESTS=(
 MTLS_TESTS=(
   test_mtls_accepts_configured_client_cert test_mtls_rejects_no_client_cert
   test_mtls_rejects_self_signed_client_cert test_mtls_rejects_unknown_ca_client_cert
+)
+MTLS_CA_TESTS=(
+  test_mtls_accepts_trusted_ca_cert_made_here test_mtls_rejects_expired_client_cert
+  test_mtls_rejects_not_yet_valid_client_cert test_mtls_rejects_other_subject_client_cert
 )
 
 PASSED=0
@@ -737,6 +896,7 @@ run_test() {
   if [ "$rc" = 0 ]; then
     PASSED=$((PASSED + 1))
     printf 'PASS  %s\n' "${name#test_}"
+    [ "$XKS_VERBOSE" != 1 ] || [ -z "$out" ] || printf '%s\n' "$out" | sed 's/^/      /'
   else
     FAILED=$((FAILED + 1))
     printf 'FAIL  %s\n' "${name#test_}"
@@ -763,8 +923,14 @@ main() {
     shift
   done
   local all=("${TESTS[@]}")
-  if [ -n "$XKS_CLIENT_CERT" ]; then all+=("${MTLS_TESTS[@]}"); fi
-  if [ "$list" = 1 ]; then printf '%s\n' "${all[@]#test_}" "${MTLS_TESTS[@]#test_}" | awk '!seen[$0]++'; exit 0; fi
+  if [ -n "$XKS_CLIENT_CERT" ]; then
+    all+=("${MTLS_TESTS[@]}")
+    if [ -n "$XKS_CLIENT_CA_KEY" ]; then all+=("${MTLS_CA_TESTS[@]}"); fi
+  fi
+  if [ "$list" = 1 ]; then
+    printf '%s\n' "${TESTS[@]#test_}" "${MTLS_TESTS[@]#test_}" "${MTLS_CA_TESTS[@]#test_}"
+    exit 0
+  fi
 
   check_setup
   WORK="$(mktemp -d "${TMPDIR:-/tmp}/xks-conformance.XXXXXX")"

@@ -165,7 +165,12 @@ struct SubjectCheckingVerifier {
 impl SubjectCheckingVerifier {
     /// Logs and counts a rejection and returns the error for rustls. The error text reaches only
     /// our own logs (the client sees just the alert).
-    fn reject(&self, reason: RejectReason, detail: &str, leaf: &CertificateDer<'_>) -> rustls::Error {
+    fn reject(
+        &self,
+        reason: RejectReason,
+        detail: &str,
+        leaf: &CertificateDer<'_>,
+    ) -> rustls::Error {
         tracing::warn!(
             reason = reason.as_str(),
             subject = ?subject_for_log(leaf),
@@ -231,7 +236,10 @@ impl ClientCertVerifier for SubjectCheckingVerifier {
             ));
         };
         if !self.allowed_subjects.is_empty()
-            && !self.allowed_subjects.iter().any(|name| identity.matches(name))
+            && !self
+                .allowed_subjects
+                .iter()
+                .any(|name| identity.matches(name))
         {
             return Err(self.reject(
                 RejectReason::SubjectNotAllowed,

@@ -131,7 +131,7 @@ pub(super) fn warn_if_expiring(certified_key: &CertifiedKey, path: &Path) {
 
 fn parse(der: &[u8]) -> Option<X509Certificate<'_>> {
     match x509_parser::parse_x509_certificate(der) {
-        Ok((rest, cert)) if rest.is_empty() => Some(cert),
+        Ok(([], cert)) => Some(cert),
         _ => None,
     }
 }
