@@ -12,6 +12,9 @@
 //! watcher, a metric bumped after the client saw the answer, sessions reconnecting) the test polls
 //! for it with a generous upper bound.
 
+// Helpers outside `#[test]` functions assert too: failing loudly is their job.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::collections::HashMap;
@@ -28,7 +31,7 @@ use ekm_proxy::client::xks::{self, EncryptOutput};
 use ekm_proxy::client::{ClientError, Response, SignOptions, XksClient, XksConnector};
 use ekm_proxy::core::{AeadDecrypt, AeadEncrypt, Backend as _, CryptoError};
 use ekm_proxy::dev::certs::{Authority, Validity, self_signed_client};
-use ekm_proxy::hsm::bootstrap::{KeySpec, ensure_key};
+use ekm_proxy::hsm::bootstrap::{KeySpec, generate_key};
 use ekm_proxy::secret::SecretString;
 use http::HeaderValue;
 use http::header::{CONTENT_TYPE, HOST};
@@ -61,18 +64,24 @@ const SPEC_METADATA: &[u8] = &[0x01];
 /// Upper bound for every "wait until the effect shows" loop.
 const POLL_LIMIT: Duration = Duration::from_secs(10);
 
-/// A second key store under `/sample` using the AWS sample proxy's AAD framing, same credential.
-const SAMPLE_STORE: &str = r#"
+/// Another `[[xks.key_store]]` (appended after the default one), exposing dev-aes-1 and
+/// dev-aes-decrypt-only, with the first credential only; `extra` adds keys such as
+/// `aad_framing = "aws-sample"`.
+fn extra_store(name: &str, prefix: &str, extra: &str) -> String {
+    format!(
+        r#"
 [[xks.key_store]]
-name = "sample"
-path_prefix = "/sample"
+name = "{name}"
+path_prefix = "{prefix}"
 regions = ["us-east-1"]
-aad_framing = "aws-sample"
-keys = ["dev-aes-1", "dev-aes-decrypt-only"]
+keys = ["{KEY}", "{DEC_ONLY}"]
+{extra}
 [[xks.key_store.credential]]
-access_key_id = "DEVXKSACCESSKEYIDABCD"
-secret = "devXksSecretAccessKeyNotForProductionUse0123456789"
-"#;
+access_key_id = "{ACCESS_KEY_ID}"
+secret = "{SECRET}"
+"#
+    )
+}
 
 fn op(key: &str, op: &str) -> String {
     format!("keys/{key}/{op}")
@@ -165,6 +174,12 @@ async fn decrypt_ok(
     xks::parse_decrypt_response(&r.body).expect("decrypt response")
 }
 
+/// One change to a JSON request body.
+type Mutation = Box<dyn Fn(&mut Value)>;
+
+/// A PEM certificate and its PEM private key.
+type PemPair = (String, String);
+
 /// A JSON body with one change applied.
 fn mutate(body: Vec<u8>, f: impl FnOnce(&mut Value)) -> Vec<u8> {
     let mut v: Value = serde_json::from_slice(&body).expect("body is JSON");
@@ -209,12 +224,7 @@ fn assert_compact_json(r: &Response, ctx: &str) -> Value {
 
 #[track_caller]
 fn assert_ok(r: &Response, ctx: &str) -> Value {
-    assert_eq!(
-        r.status,
-        200,
-        "{ctx}: {}",
-        String::from_utf8_lossy(&r.body)
-    );
+    assert_eq!(r.status, 200, "{ctx}: {}", String::from_utf8_lossy(&r.body));
     assert_compact_json(r, ctx)
 }
 
@@ -246,7 +256,7 @@ fn assert_error(r: &Response, status: u16, name: &str, ctx: &str) {
     }
 }
 
-#[track_caller]
+/// The `errorMessage` of an error body (empty when absent).
 fn error_message(r: &Response) -> String {
     r.json()
         .ok()
@@ -382,10 +392,10 @@ fn token_info(label: &str) -> HashMap<String, String> {
             in_token = true;
         } else if line.trim() == "Slot info:" {
             in_token = false;
-        } else if in_token {
-            if let (Some(block), Some((k, v))) = (blocks.last_mut(), line.split_once(':')) {
-                block.insert(k.trim().to_owned(), v.trim().to_owned());
-            }
+        } else if in_token
+            && let (Some(block), Some((k, v))) = (blocks.last_mut(), line.split_once(':'))
+        {
+            block.insert(k.trim().to_owned(), v.trim().to_owned());
         }
     }
     blocks
@@ -478,10 +488,16 @@ async fn health_reports_the_real_token() {
         model.starts_with("ekm-proxy") && model.contains(env!("CARGO_PKG_VERSION")),
         "{model}"
     );
-    assert_eq!(v["ekmVendor"].as_str(), Some(token["Manufacturer ID"].as_str()));
+    assert_eq!(
+        v["ekmVendor"].as_str(),
+        Some(token["Manufacturer ID"].as_str())
+    );
     let fleet = v["ekmFleetDetails"].as_array().unwrap();
     assert_eq!(fleet.len(), 1, "{v}");
-    assert_eq!(fleet[0]["id"].as_str(), Some(token["Serial number"].as_str()));
+    assert_eq!(
+        fleet[0]["id"].as_str(),
+        Some(token["Serial number"].as_str())
+    );
     assert_eq!(fleet[0]["healthStatus"], "ACTIVE");
     let ekm_model = fleet[0]["model"].as_str().unwrap();
     assert!(ekm_model.contains(&token["Model"]), "{ekm_model}");
@@ -560,9 +576,13 @@ async fn encrypt_decrypt_round_trips() {
     let mut c = proxy.tls_client().await;
     let big_plaintext: Vec<u8> = (0..4300u32).map(|i| (i * 7 % 251) as u8).collect();
     let big_aad: Vec<u8> = (0..8192u32).map(|i| (i * 13 % 256) as u8).collect();
-    let cases: Vec<(&str, Vec<u8>, Option<Vec<u8>>)> = vec![
+    let cases = vec![
         ("no AAD", b"hello, world".to_vec(), None),
-        ("with AAD", b"hello, world".to_vec(), Some(SPEC_AAD.to_vec())),
+        (
+            "with AAD",
+            b"hello, world".to_vec(),
+            Some(SPEC_AAD.to_vec()),
+        ),
         ("empty AAD", b"hello, world".to_vec(), Some(Vec::new())),
         ("empty plaintext", Vec::new(), None),
         ("one byte", vec![0], Some(vec![0])),
@@ -591,7 +611,10 @@ async fn encrypt_decrypt_round_trips() {
         assert!(!meta.is_empty() && meta.len() <= 20, "{name}");
         assert_eq!(meta, SPEC_METADATA, "{name}: versioned metadata");
         if !plaintext.is_empty() {
-            assert_ne!(&out.ciphertext, plaintext, "{name}: ciphertext is not the plaintext");
+            assert_ne!(
+                &out.ciphertext, plaintext,
+                "{name}: ciphertext is not the plaintext"
+            );
         }
         let back = decrypt_ok(&mut c, KEY, &out, aad.as_deref()).await;
         assert_eq!(&back, plaintext, "{name}");
@@ -629,7 +652,10 @@ async fn encrypt_decrypt_round_trips() {
         v["requestMetadata"]["awsSourceVpce"] = json!("vpce-123");
         v["requestMetadata"]["kmsRecipientAttestationPCR0"] = json!("00");
     });
-    assert_ok(&post(&mut c, &op(KEY, "encrypt"), body).await, "tolerant encrypt");
+    assert_ok(
+        &post(&mut c, &op(KEY, "encrypt"), body).await,
+        "tolerant encrypt",
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -651,7 +677,10 @@ async fn spec_framing_matches_the_spec_formula() {
         // ... and not the sample proxy's (which differs whenever the AAD field is present).
         if aad.is_some() {
             let wrong = backend_decrypt(&proxy, KEY, &out, aws_sample_full_aad(aad, &meta)).await;
-            assert!(matches!(wrong, Err(CryptoError::InvalidCiphertext)), "{wrong:?}");
+            assert!(
+                matches!(wrong, Err(CryptoError::InvalidCiphertext)),
+                "{wrong:?}"
+            );
         }
     }
     // A ciphertext made by another spec-literal implementation with the same key decrypts.
@@ -677,21 +706,25 @@ async fn spec_framing_matches_the_spec_formula() {
     let mut moved = out.clone();
     moved.ciphertext_metadata = None;
     let r = decrypt(&mut c, KEY, &moved, Some(b"ab\x01")).await;
-    assert_error(&r, 400, "InvalidCiphertextException", "metadata moved into AAD");
+    assert_error(
+        &r,
+        400,
+        "InvalidCiphertextException",
+        "metadata moved into AAD",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aws_sample_framing_round_trips_and_is_not_interchangeable() {
     let proxy = TestProxy::start_with(ProxyOptions {
         tables: format!(
-            "{SAMPLE_STORE}\n{}",
-            SAMPLE_STORE
-                .replace("name = \"sample\"", "name = \"sample-md\"")
-                .replace("\"/sample\"", "\"/sample-md\"")
-                .replace(
-                    "aad_framing = \"aws-sample\"",
-                    "aad_framing = \"aws-sample\"\nciphertext_metadata = \"a2V5X3ZlcnNpb249MQ==\""
-                )
+            "{}{}",
+            extra_store("sample", "/sample", "aad_framing = \"aws-sample\""),
+            extra_store(
+                "sample-md",
+                "/sample-md",
+                "aad_framing = \"aws-sample\"\nciphertext_metadata = \"a2V5X3ZlcnNpb249MQ==\""
+            )
         ),
         ..Default::default()
     })
@@ -702,8 +735,14 @@ async fn aws_sample_framing_round_trips_and_is_not_interchangeable() {
 
     for aad in [None, Some(&b""[..]), Some(SPEC_AAD)] {
         let out = encrypt_ok(&mut sample, KEY, b"sample plaintext", aad).await;
-        assert_eq!(out.ciphertext_metadata, None, "sample framing: no metadata by default");
-        assert_eq!(decrypt_ok(&mut sample, KEY, &out, aad).await, b"sample plaintext");
+        assert_eq!(
+            out.ciphertext_metadata, None,
+            "sample framing: no metadata by default"
+        );
+        assert_eq!(
+            decrypt_ok(&mut sample, KEY, &out, aad).await,
+            b"sample plaintext"
+        );
         // Independently: the HSM accepts the sample proxy's full AAD for it.
         let plain = backend_decrypt(&proxy, KEY, &out, aws_sample_full_aad(aad, b""))
             .await
@@ -712,7 +751,10 @@ async fn aws_sample_framing_round_trips_and_is_not_interchangeable() {
     }
     // The configured static metadata is returned and bound.
     let out = encrypt_ok(&mut sample_md, KEY, b"md", Some(SPEC_AAD)).await;
-    assert_eq!(out.ciphertext_metadata.as_deref(), Some(&b"key_version=1"[..]));
+    assert_eq!(
+        out.ciphertext_metadata.as_deref(),
+        Some(&b"key_version=1"[..])
+    );
     let plain = backend_decrypt(
         &proxy,
         KEY,
@@ -722,7 +764,10 @@ async fn aws_sample_framing_round_trips_and_is_not_interchangeable() {
     .await
     .expect("sample framing with metadata");
     assert_eq!(plain, b"md");
-    assert_eq!(decrypt_ok(&mut sample_md, KEY, &out, Some(SPEC_AAD)).await, b"md");
+    assert_eq!(
+        decrypt_ok(&mut sample_md, KEY, &out, Some(SPEC_AAD)).await,
+        b"md"
+    );
 
     // A ciphertext the AWS sample proxy made (same key) decrypts without re-encryption.
     let legacy = backend_encrypt(
@@ -733,42 +778,123 @@ async fn aws_sample_framing_round_trips_and_is_not_interchangeable() {
         None,
     )
     .await;
-    assert_eq!(decrypt_ok(&mut sample, KEY, &legacy, Some(SPEC_AAD)).await, b"legacy");
+    assert_eq!(
+        decrypt_ok(&mut sample, KEY, &legacy, Some(SPEC_AAD)).await,
+        b"legacy"
+    );
     let r = decrypt(&mut spec, KEY, &legacy, Some(SPEC_AAD)).await;
-    assert_error(&r, 400, "InvalidCiphertextException", "sample ciphertext under spec framing");
+    assert_error(
+        &r,
+        400,
+        "InvalidCiphertextException",
+        "sample ciphertext under spec framing",
+    );
 
     // Spec-framed ciphertexts do not decrypt under the sample framing.
     let spec_out = encrypt_ok(&mut spec, KEY, b"spec", Some(SPEC_AAD)).await;
     let r = decrypt(&mut sample, KEY, &spec_out, Some(SPEC_AAD)).await;
-    assert_error(&r, 400, "InvalidCiphertextException", "spec ciphertext under sample framing");
+    assert_error(
+        &r,
+        400,
+        "InvalidCiphertextException",
+        "spec ciphertext under sample framing",
+    );
 
     // Sample framing: absent and empty AAD differ.
     let absent = encrypt_ok(&mut sample, KEY, b"a", None).await;
     let r = decrypt(&mut sample, KEY, &absent, Some(b"")).await;
-    assert_error(&r, 400, "InvalidCiphertextException", "sample: absent then empty AAD");
+    assert_error(
+        &r,
+        400,
+        "InvalidCiphertextException",
+        "sample: absent then empty AAD",
+    );
     let empty = encrypt_ok(&mut sample, KEY, b"e", Some(b"")).await;
     let r = decrypt(&mut sample, KEY, &empty, None).await;
-    assert_error(&r, 400, "InvalidCiphertextException", "sample: empty then absent AAD");
+    assert_error(
+        &r,
+        400,
+        "InvalidCiphertextException",
+        "sample: empty then absent AAD",
+    );
     // ... whereas the spec store treats them alike.
     let absent = encrypt_ok(&mut spec, KEY, b"a", None).await;
     assert_eq!(decrypt_ok(&mut spec, KEY, &absent, Some(b"")).await, b"a");
 
+    // Key stores are isolated: the second credential belongs to the default store only.
+    let r = post_with(
+        &mut sample,
+        "health",
+        xks::health_body(),
+        &second_credential(),
+    )
+    .await;
+    assert_error(
+        &r,
+        401,
+        "AuthenticationFailedException",
+        "other store's credential",
+    );
     // The sample store enforces its own key list.
     let r = encrypt(&mut sample, ENC_ONLY, b"x", None, false).await;
-    assert_error(&r, 404, "KeyNotFoundException", "key outside the sample store");
+    assert_error(
+        &r,
+        404,
+        "KeyNotFoundException",
+        "key outside the sample store",
+    );
+}
+
+fn spec_vectors() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/xks/spec-vectors.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture")).expect("fixture JSON")
+}
+
+fn fixture_hex(v: &Value) -> Vec<u8> {
+    hex::decode(v.as_str().expect("hex string")).expect("hex")
 }
 
 #[test]
-fn cdiv_spec_test_vector() {
-    let iv = hex::decode("1ccae5470f39700254779031").unwrap();
-    let ct = hex::decode("821c642b5b71783367deaf18").unwrap();
-    let tag = hex::decode("bc1c4dda7707d6812447c5955e99b261").unwrap();
-    let expected = "qHA/ImC9h5HsLRXqCyPmWgYx7tzyoTplzILbP0fPXsc=";
-    let ours = sha256_concat(&[SPEC_AAD, b"key_version=1", &iv, &ct, &tag]);
+fn spec_test_vectors() {
+    let v = spec_vectors();
+    // §5.3: the full-AAD example, for this file's own framing helper and for core::framing.
+    let f = &v["full_aad"];
+    let aad = f["aad"].as_str().unwrap().as_bytes();
+    let meta = f["ciphertext_metadata"].as_str().unwrap().as_bytes();
+    let expected = fixture_hex(&f["full_aad_hex"]);
+    assert_eq!(expected.len() as u64, f["full_aad_len"].as_u64().unwrap());
+    assert_eq!(spec_full_aad(Some(aad), meta), expected);
+    let framing = ekm_proxy::core::framing::AadFraming::SpecLiteral;
+    assert_eq!(
+        ekm_proxy::core::framing::full_aad(framing, Some(aad), meta).unwrap(),
+        expected
+    );
+    assert_eq!(
+        spec_full_aad(None, b""),
+        fixture_hex(&f["empty_full_aad_hex"])
+    );
+    // §5.5: the CDIV test vector.
+    let c = &v["cdiv"];
+    let (aad, meta) = (
+        c["aad"].as_str().unwrap().as_bytes(),
+        c["ciphertext_metadata"].as_str().unwrap().as_bytes(),
+    );
+    let (iv, ct, tag) = (
+        fixture_hex(&c["iv_hex"]),
+        fixture_hex(&c["ciphertext_hex"]),
+        fixture_hex(&c["tag_hex"]),
+    );
+    let expected = c["cdiv_base64"].as_str().unwrap();
+    let ours = sha256_concat(&[aad, meta, &iv, &ct, &tag]);
+    assert!(hex::encode(&ours).starts_with(c["sha256_hex_prefix"].as_str().unwrap()));
+    assert!(hex::encode(&ours).ends_with(c["sha256_hex_suffix"].as_str().unwrap()));
     assert_eq!(B64.encode(&ours), expected, "the test's own computation");
-    let proxy_value =
-        ekm_proxy::core::framing::cdiv_sha256(SPEC_AAD, b"key_version=1", &iv, &ct, &tag);
-    assert_eq!(B64.encode(proxy_value), expected, "core::framing::cdiv_sha256");
+    let proxy_value = ekm_proxy::core::framing::cdiv_sha256(aad, meta, &iv, &ct, &tag);
+    assert_eq!(
+        B64.encode(proxy_value),
+        expected,
+        "core::framing::cdiv_sha256"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -787,12 +913,21 @@ async fn cdiv_is_correct_and_needs_a_decrypt_capable_key() {
             &out.ciphertext,
             &out.tag,
         ]);
-        assert_eq!(out.cdiv.as_deref(), Some(&expected[..]), "CDIV for AAD {aad:?}");
+        assert_eq!(
+            out.cdiv.as_deref(),
+            Some(&expected[..]),
+            "CDIV for AAD {aad:?}"
+        );
         assert_eq!(decrypt_ok(&mut c, KEY, &out, aad).await, b"integrity");
     }
     // Appendix C: the verification decrypt needs CKA_DECRYPT.
     let r = encrypt(&mut c, ENC_ONLY, MARKER, None, true).await;
-    assert_error(&r, 400, "InvalidKeyUsageException", "encrypt-only key + CDIV");
+    assert_error(
+        &r,
+        400,
+        "InvalidKeyUsageException",
+        "encrypt-only key + CDIV",
+    );
     let out = encrypt_ok(&mut c, ENC_ONLY, b"no cdiv", None).await;
     assert_eq!(out.cdiv, None);
 }
@@ -827,13 +962,23 @@ async fn validation_errors() {
             "encrypt",
             op(KEY, "encrypt"),
             xks::encrypt_body(ARN, MARKER, Some(b"aad"), false),
-            &["awsPrincipalArn", "kmsKeyArn", "kmsOperation", "kmsRequestId"],
+            &[
+                "awsPrincipalArn",
+                "kmsKeyArn",
+                "kmsOperation",
+                "kmsRequestId",
+            ],
         ),
         (
             "decrypt",
             op(KEY, "decrypt"),
             valid_decrypt.clone(),
-            &["awsPrincipalArn", "kmsKeyArn", "kmsOperation", "kmsRequestId"],
+            &[
+                "awsPrincipalArn",
+                "kmsKeyArn",
+                "kmsOperation",
+                "kmsRequestId",
+            ],
         ),
     ];
     let mut cases: Vec<(String, String, Vec<u8>)> = Vec::new();
@@ -845,9 +990,27 @@ async fn validation_errors() {
             ("JSON array", b"[]".to_vec()),
             ("JSON string", br#""x""#.to_vec()),
             ("{}", b"{}".to_vec()),
-            ("empty requestMetadata", br#"{"requestMetadata": {}}"#.to_vec()),
-            ("null requestMetadata", br#"{"requestMetadata": null}"#.to_vec()),
-            ("string requestMetadata", br#"{"requestMetadata": "x"}"#.to_vec()),
+            (
+                "empty requestMetadata",
+                br#"{"requestMetadata": {}}"#.to_vec(),
+            ),
+            (
+                "null requestMetadata",
+                br#"{"requestMetadata": null}"#.to_vec(),
+            ),
+            (
+                "string requestMetadata",
+                br#"{"requestMetadata": "x"}"#.to_vec(),
+            ),
+            ("trailing data", [valid.as_slice(), b" x"].concat()),
+            (
+                "duplicate requestMetadata",
+                [&valid[..valid.len() - 1], b",\"requestMetadata\":{}}"].concat(),
+            ),
+            (
+                "not UTF-8",
+                b"{\"requestMetadata\":{\"kmsRequestId\":\"\xff\"}}".to_vec(),
+            ),
         ] {
             cases.push((format!("{api}: {what}"), suffix.clone(), body));
         }
@@ -862,7 +1025,9 @@ async fn validation_errors() {
             cases.push((
                 format!("{api}: null requestMetadata.{field}"),
                 suffix.clone(),
-                mutate(valid.clone(), |v| v["requestMetadata"][*field] = Value::Null),
+                mutate(valid.clone(), |v| {
+                    v["requestMetadata"][*field] = Value::Null
+                }),
             ));
             cases.push((
                 format!("{api}: numeric requestMetadata.{field}"),
@@ -873,25 +1038,46 @@ async fn validation_errors() {
     }
     let enc = op(KEY, "encrypt");
     let valid_encrypt = xks::encrypt_body(ARN, MARKER, Some(b"aad"), false);
-    let encrypt_mutations: Vec<(String, Box<dyn Fn(&mut Value)>)> = vec![
-        ("missing plaintext".into(), Box::new(|v: &mut Value| {
-            v.as_object_mut().unwrap().remove("plaintext");
-        })),
-        ("numeric plaintext".into(), Box::new(|v: &mut Value| v["plaintext"] = json!(12))),
-        ("missing encryptionAlgorithm".into(), Box::new(|v: &mut Value| {
-            v.as_object_mut().unwrap().remove("encryptionAlgorithm");
-        })),
-        ("encryptionAlgorithm AES_CBC".into(), Box::new(|v: &mut Value| v["encryptionAlgorithm"] = json!("AES_CBC"))),
-        ("encryptionAlgorithm aes_gcm".into(), Box::new(|v: &mut Value| v["encryptionAlgorithm"] = json!("aes_gcm"))),
-        ("CDIV algorithm SHA_512".into(), Box::new(|v: &mut Value| {
-            v["ciphertextDataIntegrityValueAlgorithm"] = json!("SHA_512")
-        })),
-        ("CDIV algorithm sha256".into(), Box::new(|v: &mut Value| {
-            v["ciphertextDataIntegrityValueAlgorithm"] = json!("sha256")
-        })),
+    let encrypt_mutations: Vec<(String, Mutation)> = vec![
+        (
+            "missing plaintext".into(),
+            Box::new(|v: &mut Value| {
+                v.as_object_mut().unwrap().remove("plaintext");
+            }),
+        ),
+        (
+            "numeric plaintext".into(),
+            Box::new(|v: &mut Value| v["plaintext"] = json!(12)),
+        ),
+        (
+            "missing encryptionAlgorithm".into(),
+            Box::new(|v: &mut Value| {
+                v.as_object_mut().unwrap().remove("encryptionAlgorithm");
+            }),
+        ),
+        (
+            "encryptionAlgorithm AES_CBC".into(),
+            Box::new(|v: &mut Value| v["encryptionAlgorithm"] = json!("AES_CBC")),
+        ),
+        (
+            "encryptionAlgorithm aes_gcm".into(),
+            Box::new(|v: &mut Value| v["encryptionAlgorithm"] = json!("aes_gcm")),
+        ),
+        (
+            "CDIV algorithm SHA_512".into(),
+            Box::new(|v: &mut Value| v["ciphertextDataIntegrityValueAlgorithm"] = json!("SHA_512")),
+        ),
+        (
+            "CDIV algorithm sha256".into(),
+            Box::new(|v: &mut Value| v["ciphertextDataIntegrityValueAlgorithm"] = json!("sha256")),
+        ),
     ];
     for (what, f) in &encrypt_mutations {
-        cases.push((format!("encrypt: {what}"), enc.clone(), mutate(valid_encrypt.clone(), |v| f(v))));
+        cases.push((
+            format!("encrypt: {what}"),
+            enc.clone(),
+            mutate(valid_encrypt.clone(), |v| f(v)),
+        ));
     }
     for field in ["plaintext", "additionalAuthenticatedData"] {
         for bad in BAD_BASE64 {
@@ -920,7 +1106,9 @@ async fn validation_errors() {
     cases.push((
         "decrypt: encryptionAlgorithm RSAES_OAEP_SHA_256".into(),
         dec.clone(),
-        mutate(valid_decrypt.clone(), |v| v["encryptionAlgorithm"] = json!("RSAES_OAEP_SHA_256")),
+        mutate(valid_decrypt.clone(), |v| {
+            v["encryptionAlgorithm"] = json!("RSAES_OAEP_SHA_256")
+        }),
     ));
     for field in [
         "ciphertext",
@@ -951,12 +1139,37 @@ async fn validation_errors() {
         assert_error(&r, 400, "ValidationException", what);
     }
     assert!(cases.len() > 100, "{} cases", cases.len());
+    // Robustness: a deeply nested unknown field is skipped, not a crash.
+    let body = xks::health_body();
+    let deep = [
+        &body[..body.len() - 1],
+        b",\"x\":",
+        "[".repeat(5000).as_bytes(),
+        "]".repeat(5000).as_bytes(),
+        b"}",
+    ]
+    .concat();
+    assert_ok(
+        &post(&mut c, "health", deep).await,
+        "deeply nested unknown field",
+    );
     // Positive controls: the unmodified bodies pass validation.
-    assert_ok(&post(&mut c, "health", apis[0].2.clone()).await, "valid health");
-    assert_ok(&post(&mut c, &apis[1].1, apis[1].2.clone()).await, "valid metadata");
+    assert_ok(
+        &post(&mut c, "health", apis[0].2.clone()).await,
+        "valid health",
+    );
+    assert_ok(
+        &post(&mut c, &apis[1].1, apis[1].2.clone()).await,
+        "valid metadata",
+    );
     assert_ok(&post(&mut c, &enc, valid_encrypt).await, "valid encrypt");
     let r = post(&mut c, &dec, valid_decrypt).await;
-    assert_error(&r, 400, "InvalidCiphertextException", "valid but forged decrypt");
+    assert_error(
+        &r,
+        400,
+        "InvalidCiphertextException",
+        "valid but forged decrypt",
+    );
     // Metadata of exactly 20 bytes is allowed by validation (then fails authentication).
     let body = xks::decrypt_body(ARN, b"abcd", &[1; 12], &[2; 16], None, Some(&[7; 20]));
     let r = post(&mut c, &dec, body).await;
@@ -969,14 +1182,18 @@ async fn authentication_failures() {
     let mut c = proxy.tls_client().await;
     let now = SystemTime::now();
     let minutes = |m: u64| Duration::from_secs(60 * m);
-    let failures = |reason: &str| format!("ekm_auth_failures_total{{front=\"xks\",reason=\"{reason}\"}}");
+    let failures =
+        |reason: &str| format!("ekm_auth_failures_total{{front=\"xks\",reason=\"{reason}\"}}");
     let body = xks::encrypt_body(ARN, MARKER, None, false);
     let suffix = op(KEY, "encrypt");
 
     let mut bad_hash_headers = http::HeaderMap::new();
-    bad_hash_headers.insert("x-amz-content-sha256", HeaderValue::from_static(
-        "0000000000000000000000000000000000000000000000000000000000000000",
-    ));
+    bad_hash_headers.insert(
+        "x-amz-content-sha256",
+        HeaderValue::from_static(
+            "0000000000000000000000000000000000000000000000000000000000000000",
+        ),
+    );
     let mut tampered_date = http::HeaderMap::new();
     tampered_date.insert("x-amz-date", HeaderValue::from_static("20240101T000000Z"));
     let mut tampered_host = http::HeaderMap::new();
@@ -993,46 +1210,183 @@ async fn authentication_failures() {
     );
 
     let cases: Vec<(&str, SignOptions, &str)> = vec![
-        ("no Authorization header", SignOptions { unsigned: true, ..Default::default() }, "missing_authorization"),
-        ("wrong secret", SignOptions { secret: Some(SecretString::from(SECRET_2)), ..Default::default() }, "signature_mismatch"),
-        ("X-Amz-Date 6 min in the past", SignOptions { time: Some(now - minutes(6)), ..Default::default() }, "clock_skew"),
-        ("X-Amz-Date 6 min in the future", SignOptions { time: Some(now + minutes(6)), ..Default::default() }, "clock_skew"),
-        ("X-Amz-Date a day old", SignOptions { time: Some(now - minutes(24 * 60)), ..Default::default() }, "clock_skew"),
-        ("other region", SignOptions { region: Some("us-west-2".into()), ..Default::default() }, "region_not_allowed"),
-        ("other service", SignOptions { service: Some("kms".into()), ..Default::default() }, "wrong_service"),
-        ("unknown access key id", SignOptions { access_key_id: Some("UNKNOWNXKSACCESSKEY234".into()), ..Default::default() }, "unknown_access_key"),
-        ("first id with the second secret", SignOptions { secret: Some(SecretString::from(SECRET_2)), access_key_id: Some(ACCESS_KEY_ID.into()), ..Default::default() }, "signature_mismatch"),
-        ("tampered body", SignOptions { body_after_sign: Some(Bytes::from(xks::encrypt_body(ARN, b"other", None, false))), ..Default::default() }, "signature_mismatch"),
-        ("tampered X-Amz-Date", SignOptions { after_sign_headers: tampered_date, ..Default::default() }, "scope_date_mismatch"),
-        ("tampered Host", SignOptions { after_sign_headers: tampered_host, ..Default::default() }, "signature_mismatch"),
-        ("host not signed", SignOptions { signed_headers: Some(vec!["x-amz-date".into()]), ..Default::default() }, "header_not_signed"),
-        ("wrong signed content hash", SignOptions {
-            extra_headers: bad_hash_headers,
-            signed_headers: Some(vec!["host".into(), "x-amz-date".into(), "x-amz-content-sha256".into()]),
-            ..Default::default()
-        }, "content_hash_mismatch"),
-        ("malformed Authorization", SignOptions { after_sign_headers: bad_authorization, ..Default::default() }, "malformed_authorization"),
-        ("other algorithm", SignOptions { after_sign_headers: other_algorithm, ..Default::default() }, "unsupported_algorithm"),
+        (
+            "no Authorization header",
+            SignOptions {
+                unsigned: true,
+                ..Default::default()
+            },
+            "missing_authorization",
+        ),
+        (
+            "wrong secret",
+            SignOptions {
+                secret: Some(SecretString::from(SECRET_2)),
+                ..Default::default()
+            },
+            "signature_mismatch",
+        ),
+        (
+            "X-Amz-Date 6 min in the past",
+            SignOptions {
+                time: Some(now - minutes(6)),
+                ..Default::default()
+            },
+            "clock_skew",
+        ),
+        (
+            "X-Amz-Date 6 min in the future",
+            SignOptions {
+                time: Some(now + minutes(6)),
+                ..Default::default()
+            },
+            "clock_skew",
+        ),
+        (
+            "X-Amz-Date a day old",
+            SignOptions {
+                time: Some(now - minutes(24 * 60)),
+                ..Default::default()
+            },
+            "clock_skew",
+        ),
+        (
+            "other region",
+            SignOptions {
+                region: Some("us-west-2".into()),
+                ..Default::default()
+            },
+            "region_not_allowed",
+        ),
+        (
+            "other service",
+            SignOptions {
+                service: Some("kms".into()),
+                ..Default::default()
+            },
+            "wrong_service",
+        ),
+        (
+            "unknown access key id",
+            SignOptions {
+                access_key_id: Some("UNKNOWNXKSACCESSKEY234".into()),
+                ..Default::default()
+            },
+            "unknown_access_key",
+        ),
+        (
+            "first id with the second secret",
+            SignOptions {
+                secret: Some(SecretString::from(SECRET_2)),
+                access_key_id: Some(ACCESS_KEY_ID.into()),
+                ..Default::default()
+            },
+            "signature_mismatch",
+        ),
+        (
+            "tampered body",
+            SignOptions {
+                body_after_sign: Some(Bytes::from(xks::encrypt_body(ARN, b"other", None, false))),
+                ..Default::default()
+            },
+            "signature_mismatch",
+        ),
+        (
+            "tampered X-Amz-Date",
+            SignOptions {
+                after_sign_headers: tampered_date,
+                ..Default::default()
+            },
+            "scope_date_mismatch",
+        ),
+        (
+            "tampered Host",
+            SignOptions {
+                after_sign_headers: tampered_host,
+                ..Default::default()
+            },
+            "signature_mismatch",
+        ),
+        (
+            "host not signed",
+            SignOptions {
+                signed_headers: Some(vec!["x-amz-date".into()]),
+                ..Default::default()
+            },
+            "header_not_signed",
+        ),
+        (
+            "wrong signed content hash",
+            SignOptions {
+                extra_headers: bad_hash_headers,
+                signed_headers: Some(vec![
+                    "host".into(),
+                    "x-amz-date".into(),
+                    "x-amz-content-sha256".into(),
+                ]),
+                ..Default::default()
+            },
+            "content_hash_mismatch",
+        ),
+        (
+            "malformed Authorization",
+            SignOptions {
+                after_sign_headers: bad_authorization,
+                ..Default::default()
+            },
+            "malformed_authorization",
+        ),
+        (
+            "other algorithm",
+            SignOptions {
+                after_sign_headers: other_algorithm,
+                ..Default::default()
+            },
+            "unsupported_algorithm",
+        ),
     ];
     for (what, opts, reason) in &cases {
         let before = proxy.metric(&failures(reason)).await;
         let r = post_with(&mut c, &suffix, body.clone(), opts).await;
         assert_error(&r, 401, "AuthenticationFailedException", what);
         let after = proxy.metric(&failures(reason)).await;
-        assert_eq!(after, before + 1.0, "{what}: ekm_auth_failures_total{{reason={reason}}}");
+        assert_eq!(
+            after,
+            before + 1.0,
+            "{what}: ekm_auth_failures_total{{reason={reason}}}"
+        );
     }
     // Every API requires a signature, health included.
-    let unsigned = SignOptions { unsigned: true, ..Default::default() };
+    let unsigned = SignOptions {
+        unsigned: true,
+        ..Default::default()
+    };
     for (suffix, body) in [
         ("health".to_string(), xks::health_body()),
         (op(KEY, "metadata"), xks::metadata_body()),
-        (op(KEY, "encrypt"), xks::encrypt_body(ARN, MARKER, None, false)),
-        (op(KEY, "decrypt"), xks::decrypt_body(ARN, b"x", &[0; 12], &[0; 16], None, None)),
+        (
+            op(KEY, "encrypt"),
+            xks::encrypt_body(ARN, MARKER, None, false),
+        ),
+        (
+            op(KEY, "decrypt"),
+            xks::decrypt_body(ARN, b"x", &[0; 12], &[0; 16], None, None),
+        ),
     ] {
         let r = post_with(&mut c, &suffix, body.clone(), &unsigned).await;
-        assert_error(&r, 401, "AuthenticationFailedException", &format!("unsigned {suffix}"));
+        assert_error(
+            &r,
+            401,
+            "AuthenticationFailedException",
+            &format!("unsigned {suffix}"),
+        );
         let r = post_with(&mut c, &suffix, body, &cases[2].1).await;
-        assert_error(&r, 401, "AuthenticationFailedException", &format!("expired {suffix}"));
+        assert_error(
+            &r,
+            401,
+            "AuthenticationFailedException",
+            &format!("expired {suffix}"),
+        );
     }
 
     // Tampered path and query: signed for one URI, sent to another.
@@ -1045,7 +1399,12 @@ async fn authentication_failures() {
     assert_error(&r, 401, "AuthenticationFailedException", "tampered path");
     let with_query = format!("{signed}?keyId={DEC_ONLY}");
     let r = send_signed_elsewhere(&mut c, &host, &signed, &with_query, body.clone()).await;
-    assert_error(&r, 401, "AuthenticationFailedException", "added query string");
+    assert_error(
+        &r,
+        401,
+        "AuthenticationFailedException",
+        "added query string",
+    );
 
     // Inside the allowed skew, curl-style signed headers, a correct signed content hash: fine.
     let mut good_hash = http::HeaderMap::new();
@@ -1054,86 +1413,224 @@ async fn authentication_failures() {
         HeaderValue::from_str(&hex::encode(Sha256::digest(&body))).unwrap(),
     );
     for (what, opts) in [
-        ("4 min in the past", SignOptions { time: Some(now - minutes(4)), ..Default::default() }),
-        ("4 min in the future", SignOptions { time: Some(now + minutes(4)), ..Default::default() }),
-        ("curl's signed headers", SignOptions {
-            signed_headers: Some(vec!["content-type".into(), "host".into(), "x-amz-date".into()]),
-            ..Default::default()
-        }),
-        ("signed content hash", SignOptions {
-            extra_headers: good_hash,
-            signed_headers: Some(vec!["host".into(), "x-amz-date".into(), "x-amz-content-sha256".into()]),
-            ..Default::default()
-        }),
+        (
+            "4 min in the past",
+            SignOptions {
+                time: Some(now - minutes(4)),
+                ..Default::default()
+            },
+        ),
+        (
+            "4 min in the future",
+            SignOptions {
+                time: Some(now + minutes(4)),
+                ..Default::default()
+            },
+        ),
+        (
+            "curl's signed headers",
+            SignOptions {
+                signed_headers: Some(vec![
+                    "content-type".into(),
+                    "host".into(),
+                    "x-amz-date".into(),
+                ]),
+                ..Default::default()
+            },
+        ),
+        (
+            "signed content hash",
+            SignOptions {
+                extra_headers: good_hash,
+                signed_headers: Some(vec![
+                    "host".into(),
+                    "x-amz-date".into(),
+                    "x-amz-content-sha256".into(),
+                ]),
+                ..Default::default()
+            },
+        ),
     ] {
         assert_ok(&post_with(&mut c, &suffix, body.clone(), &opts).await, what);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn curl_sigv4_interoperates() {
+async fn curl_interoperates_over_tls_mtls_and_http2() {
     let proxy = TestProxy::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let cert = dir.path().join("client.pem");
-    let key = dir.path().join("client-key.pem");
-    std::fs::write(&cert, &proxy.pki.client.cert_pem).unwrap();
-    std::fs::write(&key, proxy.pki.client.key_pem.as_bytes()).unwrap();
-    let ca = proxy.pki.ca_pem.clone();
-
-    for (listener, client_cert) in [("tls", None), ("mtls", Some((cert.clone(), key.clone())))] {
+    let write_pair = |name: &str, cert: &ekm_proxy::dev::certs::IssuedCert| {
+        let (c, k) = (
+            dir.path().join(format!("{name}.pem")),
+            dir.path().join(format!("{name}-key.pem")),
+        );
+        std::fs::write(&c, &cert.cert_pem).unwrap();
+        std::fs::write(&k, cert.key_pem.as_bytes()).unwrap();
+        (c, k)
+    };
+    let good = write_pair("client", &proxy.pki.client);
+    let expired = write_pair(
+        "expired",
+        &proxy
+            .pki
+            .ca
+            .issue_client(CLIENT_SUBJECT, Validity::Expired)
+            .unwrap(),
+    );
+    let curl = |listener: &str,
+                suffix: &str,
+                body: Vec<u8>,
+                secret: &str,
+                cert: Option<&(std::path::PathBuf, std::path::PathBuf)>,
+                extra: &[&str]| {
         let port = proxy.addr(listener).port();
-        let ctx = format!("curl on {listener}");
-        let run = |suffix: String, body: Vec<u8>, secret: &str| {
-            let call = Curl {
-                port,
-                ca: ca.clone(),
-                client_cert: client_cert.clone(),
-                user: format!("{ACCESS_KEY_ID}:{secret}"),
-                url: format!("https://localhost:{port}{}/{suffix}", base(PREFIX)),
-                body,
-            };
-            async move { tokio::task::spawn_blocking(move || call.run()).await.unwrap() }
+        let call = Curl {
+            port,
+            ca: proxy.pki.ca_pem.clone(),
+            client_cert: cert.cloned(),
+            user: format!("{ACCESS_KEY_ID}:{secret}"),
+            url: format!("https://localhost:{port}{}/{suffix}", base(PREFIX)),
+            body,
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
         };
-        let (status, text) = run("health".into(), xks::health_body(), SECRET).await;
-        assert_eq!(status, 200, "{ctx}: health {text}");
-        let (status, text) = run(
-            op(KEY, "encrypt"),
-            xks::encrypt_body(ARN, b"curl plaintext", Some(SPEC_AAD), true),
+        async move {
+            tokio::task::spawn_blocking(move || call.run())
+                .await
+                .unwrap()
+        }
+    };
+
+    // Full round trips signed by curl's SigV4, over HTTP/1.1 and HTTP/2 (where the signed `host`
+    // comes from `:authority`), on the TLS and the mTLS listener.
+    for (listener, cert) in [("tls", None), ("mtls", Some(&good))] {
+        for http in ["--http1.1", "--http2"] {
+            let ctx = format!("curl {http} on {listener}");
+            let r = curl(
+                listener,
+                "health",
+                xks::health_body(),
+                SECRET,
+                cert,
+                &[http],
+            )
+            .await;
+            assert_eq!(r.status, Some(200), "{ctx}: health {r:?}");
+            assert_eq!(
+                r.http_version,
+                if http == "--http2" { "2" } else { "1.1" },
+                "{ctx}"
+            );
+            let body = xks::encrypt_body(ARN, b"curl plaintext", Some(SPEC_AAD), true);
+            let r = curl(listener, &op(KEY, "encrypt"), body, SECRET, cert, &[http]).await;
+            assert_eq!(r.status, Some(200), "{ctx}: encrypt {r:?}");
+            let out = xks::parse_encrypt_response(r.body.as_bytes()).unwrap();
+            let expected = sha256_concat(&[
+                SPEC_AAD,
+                out.ciphertext_metadata.as_deref().unwrap_or_default(),
+                &out.iv,
+                &out.ciphertext,
+                &out.tag,
+            ]);
+            assert_eq!(out.cdiv.as_deref(), Some(&expected[..]), "{ctx}: CDIV");
+            let body = xks::decrypt_body_for(ARN, &out, Some(SPEC_AAD));
+            let r = curl(listener, &op(KEY, "decrypt"), body, SECRET, cert, &[http]).await;
+            assert_eq!(r.status, Some(200), "{ctx}: decrypt {r:?}");
+            assert_eq!(
+                xks::parse_decrypt_response(r.body.as_bytes()).unwrap(),
+                b"curl plaintext"
+            );
+            let r = curl(
+                listener,
+                "health",
+                xks::health_body(),
+                SECRET_2,
+                cert,
+                &[http],
+            )
+            .await;
+            assert_eq!(r.status, Some(401), "{ctx}: wrong secret {r:?}");
+            assert_eq!(
+                xks::error_name(r.body.as_bytes()).as_deref(),
+                Some("AuthenticationFailedException")
+            );
+        }
+    }
+
+    // §7.2: each XKS-listed cipher suite the server certificate allows (it is ECDSA) is
+    // negotiable, and a client offering everything gets an AES-256-GCM suite.
+    for (what, args, suite) in [
+        ("TLS 1.3 default", vec!["-v"], "TLS_AES_256_GCM_SHA384"),
+        (
+            "TLS 1.3 AES-256",
+            vec![
+                "-v",
+                "--tlsv1.3",
+                "--tls13-ciphers",
+                "TLS_AES_256_GCM_SHA384",
+            ],
+            "TLS_AES_256_GCM_SHA384",
+        ),
+        (
+            "TLS 1.3 ChaCha20",
+            vec![
+                "-v",
+                "--tlsv1.3",
+                "--tls13-ciphers",
+                "TLS_CHACHA20_POLY1305_SHA256",
+            ],
+            "TLS_CHACHA20_POLY1305_SHA256",
+        ),
+        (
+            "TLS 1.2 default",
+            vec!["-v", "--tls-max", "1.2"],
+            "ECDHE-ECDSA-AES256-GCM-SHA384",
+        ),
+        (
+            "TLS 1.2 ECDHE-ECDSA-AES256-GCM",
+            vec![
+                "-v",
+                "--tls-max",
+                "1.2",
+                "--ciphers",
+                "ECDHE-ECDSA-AES256-GCM-SHA384",
+            ],
+            "ECDHE-ECDSA-AES256-GCM-SHA384",
+        ),
+    ] {
+        let r = curl("tls", "health", xks::health_body(), SECRET, None, &args).await;
+        assert_eq!(r.status, Some(200), "{what}: {r:?}");
+        assert!(
+            r.stderr.contains(suite),
+            "{what}: expected {suite}:\n{}",
+            r.stderr
+        );
+    }
+    // TLS 1.2 mTLS rejections also end in a handshake_failure alert.
+    for (what, cert) in [("expired", Some(&expired)), ("good", Some(&good))] {
+        let r = curl(
+            "mtls",
+            "health",
+            xks::health_body(),
             SECRET,
+            cert,
+            &["--tls-max", "1.2"],
         )
         .await;
-        assert_eq!(status, 200, "{ctx}: encrypt {text}");
-        let out = xks::parse_encrypt_response(text.as_bytes()).unwrap();
-        let expected = sha256_concat(&[
-            SPEC_AAD,
-            out.ciphertext_metadata.as_deref().unwrap_or_default(),
-            &out.iv,
-            &out.ciphertext,
-            &out.tag,
-        ]);
-        assert_eq!(out.cdiv.as_deref(), Some(&expected[..]), "{ctx}: CDIV");
-        let (status, text) = run(
-            op(KEY, "decrypt"),
-            xks::decrypt_body_for(ARN, &out, Some(SPEC_AAD)),
-            SECRET,
-        )
-        .await;
-        assert_eq!(status, 200, "{ctx}: decrypt {text}");
-        assert_eq!(
-            xks::parse_decrypt_response(text.as_bytes()).unwrap(),
-            b"curl plaintext"
-        );
-        let (status, text) = run("health".into(), xks::health_body(), SECRET_2).await;
-        assert_eq!(status, 401, "{ctx}: wrong secret {text}");
-        assert_eq!(
-            xks::error_name(text.as_bytes()).as_deref(),
-            Some("AuthenticationFailedException")
-        );
+        if what == "good" {
+            assert_eq!(r.status, Some(200), "TLS 1.2 mTLS, good cert: {r:?}");
+        } else {
+            assert_eq!(r.status, None, "TLS 1.2 mTLS, {what}: {r:?}");
+            assert!(
+                r.stderr.contains("handshake failure"),
+                "TLS 1.2 mTLS, {what}: {}",
+                r.stderr
+            );
+        }
     }
 }
 
 /// One curl call signed by curl's own SigV4 implementation (`--aws-sigv4`, which signs
-/// `content-type;host;x-amz-date`): an independent check of the proxy's verifier.
+/// `content-type;host;x-amz-date`): an independent check of the proxy's verifier and TLS setup.
 struct Curl {
     port: u16,
     ca: std::path::PathBuf,
@@ -1141,12 +1638,22 @@ struct Curl {
     user: String,
     url: String,
     body: Vec<u8>,
+    extra: Vec<String>,
+}
+
+/// What curl reported: HTTP status (None when no response arrived), body, HTTP version, stderr.
+#[derive(Debug)]
+struct CurlResult {
+    status: Option<u16>,
+    http_version: String,
+    body: String,
+    stderr: String,
 }
 
 impl Curl {
-    fn run(self) -> (u16, String) {
+    fn run(self) -> CurlResult {
         let mut cmd = std::process::Command::new("curl");
-        cmd.args(["-sS", "--http1.1", "-o", "-", "-w", "\n%{http_code}"])
+        cmd.args(["-sS", "-o", "-", "-w", "\n%{http_code} %{http_version}"])
             .arg("--resolve")
             .arg(format!("localhost:{}:127.0.0.1", self.port))
             .arg("--cacert")
@@ -1155,17 +1662,21 @@ impl Curl {
             .arg(&self.user)
             .args(["-H", "Content-Type: application/json", "--data-binary"])
             .arg(String::from_utf8(self.body).unwrap())
+            .args(&self.extra)
             .arg(&self.url);
         if let Some((cert, key)) = &self.client_cert {
             cmd.arg("--cert").arg(cert).arg("--key").arg(key);
         }
         let out = cmd.output().expect("curl runs");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
-        let status: u16 = status.trim().parse().unwrap_or_else(|_| {
-            panic!("curl: {text} {}", String::from_utf8_lossy(&out.stderr))
-        });
-        (status, body.to_owned())
+        let (body, trailer) = text.rsplit_once('\n').unwrap_or(("", &text));
+        let (code, version) = trailer.split_once(' ').unwrap_or((trailer, ""));
+        CurlResult {
+            status: code.trim().parse().ok().filter(|c| *c != 0),
+            http_version: version.trim().to_owned(),
+            body: body.to_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
     }
 }
 
@@ -1174,7 +1685,13 @@ async fn second_credential_is_removed_by_reload_on_a_live_connection() {
     let mut proxy = TestProxy::start().await;
     let mut c = proxy.tls_client().await;
     let second = second_credential();
-    let r = post_with(&mut c, &op(KEY, "encrypt"), xks::encrypt_body(ARN, b"x", None, false), &second).await;
+    let r = post_with(
+        &mut c,
+        &op(KEY, "encrypt"),
+        xks::encrypt_body(ARN, b"x", None, false),
+        &second,
+    )
+    .await;
     assert_ok(&r, "second credential before reload");
 
     // Rotation: drop the second credential from the file and reload in place.
@@ -1191,11 +1708,22 @@ async fn second_credential_is_removed_by_reload_on_a_live_connection() {
     for (suffix, body) in [
         ("health".to_string(), xks::health_body()),
         (op(KEY, "metadata"), xks::metadata_body()),
-        (op(KEY, "encrypt"), xks::encrypt_body(ARN, MARKER, None, false)),
+        (
+            op(KEY, "encrypt"),
+            xks::encrypt_body(ARN, MARKER, None, false),
+        ),
     ] {
         let r = post_with(&mut c, &suffix, body.clone(), &second).await;
-        assert_error(&r, 401, "AuthenticationFailedException", &format!("removed credential, {suffix}"));
-        assert_ok(&post(&mut c, &suffix, body).await, &format!("first credential, {suffix}"));
+        assert_error(
+            &r,
+            401,
+            "AuthenticationFailedException",
+            &format!("removed credential, {suffix}"),
+        );
+        assert_ok(
+            &post(&mut c, &suffix, body).await,
+            &format!("first credential, {suffix}"),
+        );
     }
     assert!(!c.is_closed(), "the connection survived the reload");
 
@@ -1230,7 +1758,9 @@ allow = ["ebs"]
     let mut c = proxy.tls_client().await;
     let allowed = "arn:aws:iam::111122223333:role/KmsCaller";
     let as_principal = |body: Vec<u8>, principal: &str| {
-        mutate(body, |v| v["requestMetadata"]["awsPrincipalArn"] = json!(principal))
+        mutate(body, |v| {
+            v["requestMetadata"]["awsPrincipalArn"] = json!(principal)
+        })
     };
 
     // Health carries no principal and is exempt from secondary authorization.
@@ -1245,6 +1775,10 @@ allow = ["ebs"]
         ("account id prefix", "arn:aws:iam::1111222233334:role/x"),
         ("no resource part", "arn:aws:iam::111122223333"),
         ("very long ARN", long_arn.as_str()),
+        (
+            "non-ASCII ARN",
+            "arn:aws:iam::999999999999:role/\u{e9}l\u{e8}ve\u{7}\n",
+        ),
     ] {
         let r = post(
             &mut c,
@@ -1255,7 +1789,12 @@ allow = ["ebs"]
         assert_error(&r, 403, "AccessDeniedException", what);
     }
     // The allowed account passes.
-    let r = post(&mut c, &op(KEY, "metadata"), as_principal(xks::metadata_body(), allowed)).await;
+    let r = post(
+        &mut c,
+        &op(KEY, "metadata"),
+        as_principal(xks::metadata_body(), allowed),
+    )
+    .await;
     assert_ok(&r, "metadata, allowed account");
     let r = post(
         &mut c,
@@ -1268,19 +1807,34 @@ allow = ["ebs"]
     // The key- and operation-scoped rule: decrypt with dev-aes-1 needs kmsViaService = ebs.
     let decrypt_body = as_principal(xks::decrypt_body_for(ARN, &out, None), allowed);
     let r = post(&mut c, &op(KEY, "decrypt"), decrypt_body.clone()).await;
-    assert_error(&r, 403, "AccessDeniedException", "decrypt without kmsViaService");
-    let via_ebs = mutate(decrypt_body.clone(), |v| v["requestMetadata"]["kmsViaService"] = json!("ebs"));
+    assert_error(
+        &r,
+        403,
+        "AccessDeniedException",
+        "decrypt without kmsViaService",
+    );
+    let via_ebs = mutate(decrypt_body.clone(), |v| {
+        v["requestMetadata"]["kmsViaService"] = json!("ebs")
+    });
     let r = post(&mut c, &op(KEY, "decrypt"), via_ebs).await;
     assert_ok(&r, "decrypt via ebs");
     assert_eq!(xks::parse_decrypt_response(&r.body).unwrap(), b"allowed");
-    let via_rds = mutate(decrypt_body.clone(), |v| v["requestMetadata"]["kmsViaService"] = json!("rds"));
+    let via_rds = mutate(decrypt_body.clone(), |v| {
+        v["requestMetadata"]["kmsViaService"] = json!("rds")
+    });
     let r = post(&mut c, &op(KEY, "decrypt"), via_rds).await;
     assert_error(&r, 403, "AccessDeniedException", "decrypt via rds");
     // The scoped rule does not apply to other keys: authorization passes, the ciphertext fails.
     let r = post(&mut c, &op(DEC_ONLY, "decrypt"), decrypt_body).await;
-    assert_error(&r, 400, "InvalidCiphertextException", "decrypt rule scoped to dev-aes-1");
-    let denied = "ekm_requests_total{front=\"xks\",op=\"encrypt\",outcome=\"AccessDeniedException\"}";
-    assert_eq!(proxy.metric(denied).await, 4.0);
+    assert_error(
+        &r,
+        400,
+        "InvalidCiphertextException",
+        "decrypt rule scoped to dev-aes-1",
+    );
+    let denied =
+        "ekm_requests_total{front=\"xks\",op=\"encrypt\",outcome=\"AccessDeniedException\"}";
+    assert_eq!(proxy.metric(denied).await, 5.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1292,7 +1846,12 @@ async fn unknown_keys_paths_and_methods() {
 
     // KeyNotFoundException: not on the token (but allowed by the key list), outside the key
     // list, and the health-check key (on the token, never exposed).
-    for key in ["other-missing", "not-listed", "ekm-health-check", "dev-aes-10"] {
+    for key in [
+        "other-missing",
+        "not-listed",
+        "ekm-health-check",
+        "dev-aes-10",
+    ] {
         let r = metadata(&mut c, key).await;
         assert_error(&r, 404, "KeyNotFoundException", &format!("metadata {key}"));
         let r = encrypt(&mut c, key, MARKER, None, false).await;
@@ -1309,6 +1868,8 @@ async fn unknown_keys_paths_and_methods() {
         "/kms/xks/v1/health".to_string(),
         "/dev-keystorex/kms/xks/v1/health".to_string(),
         "/x/dev-keystore/kms/xks/v1/health".to_string(),
+        "/DEV-KEYSTORE/kms/xks/v1/health".to_string(),
+        format!("{PREFIX}/KMS/XKS/V1/health"),
         format!("{PREFIX}/kms/xks/v2/health"),
         format!("{b}/health/"),
         format!("{b}/healthz"),
@@ -1325,25 +1886,61 @@ async fn unknown_keys_paths_and_methods() {
         "/metrics".to_string(),
     ];
     for path in &paths {
-        let opts = SignOptions { path: Some(path.clone()), ..Default::default() };
-        let r = post_with(&mut c, "ignored", xks::encrypt_body(ARN, MARKER, None, false), &opts).await;
+        let opts = SignOptions {
+            path: Some(path.clone()),
+            ..Default::default()
+        };
+        let r = post_with(
+            &mut c,
+            "ignored",
+            xks::encrypt_body(ARN, MARKER, None, false),
+            &opts,
+        )
+        .await;
         assert_error(&r, 404, "InvalidUriPathException", path);
-        let unsigned = SignOptions { path: Some(path.clone()), unsigned: true, ..Default::default() };
+        let unsigned = SignOptions {
+            path: Some(path.clone()),
+            unsigned: true,
+            ..Default::default()
+        };
         let r = post_with(&mut c, "ignored", xks::health_body(), &unsigned).await;
-        assert_error(&r, 404, "InvalidUriPathException", &format!("unsigned {path}"));
+        assert_error(
+            &r,
+            404,
+            "InvalidUriPathException",
+            &format!("unsigned {path}"),
+        );
     }
     // A key id of exactly 128 allowed characters is routed (then not found).
     let r = metadata(&mut c, &format!("a.b_c-{}", "k".repeat(122))).await;
     assert_error(&r, 404, "KeyNotFoundException", "128-char key id");
 
     // Any method but POST on an API URI: 405 (before authentication).
-    for suffix in ["health".to_string(), op(KEY, "metadata"), op(KEY, "encrypt"), op(KEY, "decrypt")] {
+    for suffix in [
+        "health".to_string(),
+        op(KEY, "metadata"),
+        op(KEY, "encrypt"),
+        op(KEY, "decrypt"),
+    ] {
         let path = format!("{b}/{suffix}");
-        for method in [http::Method::GET, http::Method::PUT, http::Method::DELETE] {
+        for method in [
+            http::Method::GET,
+            http::Method::HEAD,
+            http::Method::PUT,
+            http::Method::PATCH,
+            http::Method::DELETE,
+            http::Method::OPTIONS,
+        ] {
             let r = send_method(&mut c, &host, method.clone(), &path).await;
             assert_eq!(r.status, 405, "{method} {path}");
-            assert_eq!(r.headers.get(http::header::ALLOW).map(|v| v.as_bytes()), Some(&b"POST"[..]), "{method} {path}");
-            assert!(r.error_name().is_some(), "{method} {path}: JSON error body");
+            assert_eq!(
+                r.headers.get(http::header::ALLOW).map(|v| v.as_bytes()),
+                Some(&b"POST"[..]),
+                "{method} {path}"
+            );
+            if method != http::Method::HEAD {
+                assert!(r.error_name().is_some(), "{method} {path}: JSON error body");
+            }
         }
     }
     // A GET on an unknown path stays a 404.
@@ -1358,21 +1955,46 @@ async fn key_usage_is_enforced_from_key_attributes() {
     let mut c = proxy.tls_client().await;
     let out = encrypt_ok(&mut c, KEY, b"for decrypt tests", None).await;
     let r = encrypt(&mut c, DEC_ONLY, MARKER, None, false).await;
-    assert_error(&r, 400, "InvalidKeyUsageException", "encrypt with decrypt-only");
+    assert_error(
+        &r,
+        400,
+        "InvalidKeyUsageException",
+        "encrypt with decrypt-only",
+    );
     let r = decrypt(&mut c, ENC_ONLY, &out, None).await;
-    assert_error(&r, 400, "InvalidKeyUsageException", "decrypt with encrypt-only");
+    assert_error(
+        &r,
+        400,
+        "InvalidKeyUsageException",
+        "decrypt with encrypt-only",
+    );
     let r = encrypt(&mut c, NO_USAGE, MARKER, None, false).await;
     assert_error(&r, 400, "InvalidKeyUsageException", "encrypt with no-usage");
     let r = encrypt(&mut c, NO_USAGE, MARKER, None, true).await;
-    assert_error(&r, 400, "InvalidKeyUsageException", "encrypt+CDIV with no-usage");
+    assert_error(
+        &r,
+        400,
+        "InvalidKeyUsageException",
+        "encrypt+CDIV with no-usage",
+    );
     let r = decrypt(&mut c, NO_USAGE, &out, None).await;
     assert_error(&r, 400, "InvalidKeyUsageException", "decrypt with no-usage");
     let r = encrypt(&mut c, DEC_ONLY, MARKER, None, true).await;
-    assert_error(&r, 400, "InvalidKeyUsageException", "encrypt+CDIV with decrypt-only");
+    assert_error(
+        &r,
+        400,
+        "InvalidKeyUsageException",
+        "encrypt+CDIV with decrypt-only",
+    );
     // Each key does what its attributes allow.
     encrypt_ok(&mut c, ENC_ONLY, b"ok", None).await;
     let r = decrypt(&mut c, DEC_ONLY, &out, None).await;
-    assert_error(&r, 400, "InvalidCiphertextException", "decrypt-only key, foreign ciphertext");
+    assert_error(
+        &r,
+        400,
+        "InvalidCiphertextException",
+        "decrypt-only key, foreign ciphertext",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1380,7 +2002,10 @@ async fn tampered_ciphertexts_are_invalid() {
     let proxy = TestProxy::start().await;
     let mut c = proxy.tls_client().await;
     let out = encrypt_ok(&mut c, KEY, b"authentic plaintext", Some(SPEC_AAD)).await;
-    assert_eq!(decrypt_ok(&mut c, KEY, &out, Some(SPEC_AAD)).await, b"authentic plaintext");
+    assert_eq!(
+        decrypt_ok(&mut c, KEY, &out, Some(SPEC_AAD)).await,
+        b"authentic plaintext"
+    );
 
     let mut cases: Vec<(&str, EncryptOutput, Option<&[u8]>)> = Vec::new();
     let with = |f: &dyn Fn(&mut EncryptOutput)| {
@@ -1388,22 +2013,70 @@ async fn tampered_ciphertexts_are_invalid() {
         f(&mut o);
         o
     };
-    cases.push(("ciphertext bit flip", with(&|o| o.ciphertext[0] ^= 1), Some(SPEC_AAD)));
-    cases.push(("ciphertext truncated", with(&|o| { o.ciphertext.pop(); }), Some(SPEC_AAD)));
-    cases.push(("ciphertext extended", with(&|o| o.ciphertext.push(0)), Some(SPEC_AAD)));
+    cases.push((
+        "ciphertext bit flip",
+        with(&|o| o.ciphertext[0] ^= 1),
+        Some(SPEC_AAD),
+    ));
+    cases.push((
+        "ciphertext truncated",
+        with(&|o| {
+            o.ciphertext.pop();
+        }),
+        Some(SPEC_AAD),
+    ));
+    cases.push((
+        "ciphertext extended",
+        with(&|o| o.ciphertext.push(0)),
+        Some(SPEC_AAD),
+    ));
     cases.push(("IV bit flip", with(&|o| o.iv[11] ^= 0x80), Some(SPEC_AAD)));
     cases.push(("IV of 8 bytes", with(&|o| o.iv.truncate(8)), Some(SPEC_AAD)));
-    cases.push(("IV of 16 bytes", with(&|o| o.iv.extend_from_slice(&[0; 4])), Some(SPEC_AAD)));
+    cases.push((
+        "IV of 16 bytes",
+        with(&|o| o.iv.extend_from_slice(&[0; 4])),
+        Some(SPEC_AAD),
+    ));
     cases.push(("IV empty", with(&|o| o.iv.clear()), Some(SPEC_AAD)));
     cases.push(("tag bit flip", with(&|o| o.tag[0] ^= 1), Some(SPEC_AAD)));
-    cases.push(("tag of 12 bytes", with(&|o| o.tag.truncate(12)), Some(SPEC_AAD)));
+    cases.push((
+        "tag of 12 bytes",
+        with(&|o| o.tag.truncate(12)),
+        Some(SPEC_AAD),
+    ));
     cases.push(("tag of 17 bytes", with(&|o| o.tag.push(0)), Some(SPEC_AAD)));
-    cases.push(("AAD changed", out.clone(), Some(b"project=nile,department=sales")));
+    cases.push((
+        "IV of 100 bytes",
+        with(&|o| o.iv = vec![7; 100]),
+        Some(SPEC_AAD),
+    ));
+    cases.push((
+        "tag of 100 bytes",
+        with(&|o| o.tag = vec![7; 100]),
+        Some(SPEC_AAD),
+    ));
+    cases.push((
+        "AAD changed",
+        out.clone(),
+        Some(b"project=nile,department=sales"),
+    ));
     cases.push(("AAD missing", out.clone(), None));
     cases.push(("AAD empty", out.clone(), Some(b"")));
-    cases.push(("metadata changed", with(&|o| o.ciphertext_metadata = Some(vec![0x02])), Some(SPEC_AAD)));
-    cases.push(("metadata missing", with(&|o| o.ciphertext_metadata = None), Some(SPEC_AAD)));
-    cases.push(("metadata of 20 bytes", with(&|o| o.ciphertext_metadata = Some(vec![1; 20])), Some(SPEC_AAD)));
+    cases.push((
+        "metadata changed",
+        with(&|o| o.ciphertext_metadata = Some(vec![0x02])),
+        Some(SPEC_AAD),
+    ));
+    cases.push((
+        "metadata missing",
+        with(&|o| o.ciphertext_metadata = None),
+        Some(SPEC_AAD),
+    ));
+    cases.push((
+        "metadata of 20 bytes",
+        with(&|o| o.ciphertext_metadata = Some(vec![1; 20])),
+        Some(SPEC_AAD),
+    ));
     for (what, bad, aad) in &cases {
         let r = decrypt(&mut c, KEY, bad, *aad).await;
         assert_error(&r, 400, "InvalidCiphertextException", what);
@@ -1412,47 +2085,88 @@ async fn tampered_ciphertexts_are_invalid() {
     let r = decrypt(&mut c, DEC_ONLY, &out, Some(SPEC_AAD)).await;
     assert_error(&r, 400, "InvalidCiphertextException", "another key");
     // Still fine afterwards.
-    assert_eq!(decrypt_ok(&mut c, KEY, &out, Some(SPEC_AAD)).await, b"authentic plaintext");
+    assert_eq!(
+        decrypt_ok(&mut c, KEY, &out, Some(SPEC_AAD)).await,
+        b"authentic plaintext"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inputs_above_the_limits_are_unsupported() {
-    let big_store = SAMPLE_STORE
-        .replace("name = \"sample\"", "name = \"big\"")
-        .replace("\"/sample\"", "\"/big\"")
-        .replace("aad_framing = \"aws-sample\"\n", "");
     let proxy = TestProxy::start_with(ProxyOptions {
         key_store_keys: "max_plaintext_bytes = 5000\nmax_aad_bytes = 9000".into(),
-        tables: big_store,
+        tables: extra_store("big", "/big", ""),
         ..Default::default()
     })
     .await;
     let mut c = proxy.tls_client().await;
-    let unsupported = |r: &Response, what: &str| assert_error(r, 501, "UnsupportedOperationException", what);
+    let unsupported =
+        |r: &Response, what: &str| assert_error(r, 501, "UnsupportedOperationException", what);
 
     // The configured limits, at and above.
     let out = encrypt_ok(&mut c, KEY, &[7; 5000], None).await;
     assert_eq!(decrypt_ok(&mut c, KEY, &out, None).await, vec![7; 5000]);
-    unsupported(&encrypt(&mut c, KEY, &[7; 5001], None, false).await, "plaintext 5001");
-    unsupported(&encrypt(&mut c, KEY, &[7; 5001], None, true).await, "plaintext 5001 + CDIV");
+    unsupported(
+        &encrypt(&mut c, KEY, &[7; 5001], None, false).await,
+        "plaintext 5001",
+    );
+    unsupported(
+        &encrypt(&mut c, KEY, &[7; 5001], None, true).await,
+        "plaintext 5001 + CDIV",
+    );
     let out = encrypt_ok(&mut c, KEY, b"x", Some(&[9; 9000])).await;
     assert_eq!(decrypt_ok(&mut c, KEY, &out, Some(&[9; 9000])).await, b"x");
-    unsupported(&encrypt(&mut c, KEY, b"x", Some(&[9; 9001]), false).await, "AAD 9001 (encrypt)");
-    let body = xks::decrypt_body(ARN, &[1; 5001], &[1; 12], &[2; 16], None, Some(SPEC_METADATA));
-    unsupported(&post(&mut c, &op(KEY, "decrypt"), body).await, "ciphertext 5001");
-    let body = xks::decrypt_body(ARN, &[1; 16], &[1; 12], &[2; 16], Some(&[9; 9001]), Some(SPEC_METADATA));
-    unsupported(&post(&mut c, &op(KEY, "decrypt"), body).await, "AAD 9001 (decrypt)");
+    unsupported(
+        &encrypt(&mut c, KEY, b"x", Some(&[9; 9001]), false).await,
+        "AAD 9001 (encrypt)",
+    );
+    let body = xks::decrypt_body(
+        ARN,
+        &[1; 5001],
+        &[1; 12],
+        &[2; 16],
+        None,
+        Some(SPEC_METADATA),
+    );
+    unsupported(
+        &post(&mut c, &op(KEY, "decrypt"), body).await,
+        "ciphertext 5001",
+    );
+    let body = xks::decrypt_body(
+        ARN,
+        &[1; 16],
+        &[1; 12],
+        &[2; 16],
+        Some(&[9; 9001]),
+        Some(SPEC_METADATA),
+    );
+    unsupported(
+        &post(&mut c, &op(KEY, "decrypt"), body).await,
+        "AAD 9001 (decrypt)",
+    );
     // The spec minimums fit.
     let aad = vec![3u8; 8192];
     let out = encrypt_ok(&mut c, KEY, &[5; 4300], Some(&aad)).await;
-    assert_eq!(decrypt_ok(&mut c, KEY, &out, Some(&aad)).await, vec![5; 4300]);
+    assert_eq!(
+        decrypt_ok(&mut c, KEY, &out, Some(&aad)).await,
+        vec![5; 4300]
+    );
 
     // Default limits (another key store): 64 KiB plaintext, and AAD up to the 2-byte prefix.
     let mut big = client_for_prefix(&proxy, "/big").await;
     let out = encrypt_ok(&mut big, KEY, &[1; 65536], Some(&[2; 65535])).await;
-    assert_eq!(decrypt_ok(&mut big, KEY, &out, Some(&[2; 65535])).await, vec![1; 65536]);
-    unsupported(&encrypt(&mut big, KEY, &[1; 65537], None, false).await, "plaintext 65537");
-    unsupported(&encrypt(&mut big, KEY, b"x", Some(&[2; 65536]), false).await, "AAD 65536");
+    assert_eq!(
+        decrypt_ok(&mut big, KEY, &out, Some(&[2; 65535])).await,
+        vec![1; 65536]
+    );
+    unsupported(
+        &encrypt(&mut big, KEY, &[1; 65537], None, false).await,
+        "plaintext 65537",
+    );
+    unsupported(
+        &encrypt(&mut big, KEY, b"x", Some(&[2; 65536]), false).await,
+        "AAD 65536",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1466,25 +2180,65 @@ async fn body_above_the_server_limit_is_unsupported() {
     // The spec minimums fit in the smallest body limit the config accepts.
     let aad = vec![3u8; 8192];
     let out = encrypt_ok(&mut c, KEY, &[5; 4300], Some(&aad)).await;
-    assert_eq!(decrypt_ok(&mut c, KEY, &out, Some(&aad)).await, vec![5; 4300]);
+    assert_eq!(
+        decrypt_ok(&mut c, KEY, &out, Some(&aad)).await,
+        vec![5; 4300]
+    );
     let padding = "p".repeat(24000);
     for (suffix, body) in [
         ("health".to_string(), xks::health_body()),
         (op(KEY, "metadata"), xks::metadata_body()),
-        (op(KEY, "encrypt"), xks::encrypt_body(ARN, MARKER, None, false)),
+        (
+            op(KEY, "encrypt"),
+            xks::encrypt_body(ARN, MARKER, None, false),
+        ),
     ] {
         let body = mutate(body, |v| v["padding"] = json!(padding));
         // A fresh connection each time: the server may close one whose body it did not read.
         let mut fresh = proxy.tls_client().await;
         let r = post(&mut fresh, &suffix, body).await;
-        assert_error(&r, 501, "UnsupportedOperationException", &format!("oversize body on {suffix}"));
+        assert_error(
+            &r,
+            501,
+            "UnsupportedOperationException",
+            &format!("oversize body on {suffix}"),
+        );
     }
     // Unsigned oversize bodies are refused the same way, before authentication.
-    let unsigned = SignOptions { unsigned: true, ..Default::default() };
+    let unsigned = SignOptions {
+        unsigned: true,
+        ..Default::default()
+    };
     let body = mutate(xks::health_body(), |v| v["padding"] = json!(padding));
     let mut fresh = proxy.tls_client().await;
     let r = post_with(&mut fresh, "health", body, &unsigned).await;
-    assert_error(&r, 501, "UnsupportedOperationException", "unsigned oversize body");
+    assert_error(
+        &r,
+        501,
+        "UnsupportedOperationException",
+        "unsigned oversize body",
+    );
+    // Without a Content-Length (chunked), the limit is enforced while reading.
+    let mut chunked = http::HeaderMap::new();
+    chunked.insert(
+        http::header::TRANSFER_ENCODING,
+        HeaderValue::from_static("chunked"),
+    );
+    let chunked = SignOptions {
+        after_sign_headers: chunked,
+        ..Default::default()
+    };
+    let r = post_with(&mut c, "health", xks::health_body(), &chunked).await;
+    assert_ok(&r, "small chunked body");
+    let body = mutate(xks::health_body(), |v| v["padding"] = json!(padding));
+    let mut fresh = proxy.tls_client().await;
+    let r = post_with(&mut fresh, "health", body, &chunked).await;
+    assert_error(
+        &r,
+        501,
+        "UnsupportedOperationException",
+        "oversize chunked body",
+    );
     assert_ok(&health(&mut c).await, "health after oversize bodies");
 }
 
@@ -1496,7 +2250,7 @@ async fn body_above_the_server_limit_is_unsupported() {
 async fn disabled_key_store_answers_invalid_state() {
     let proxy = TestProxy::start_with(ProxyOptions {
         key_store_keys: "enabled = false".into(),
-        tables: SAMPLE_STORE.replace("\"/sample\"", "\"/live\"").replace("name = \"sample\"", "name = \"live\""),
+        tables: extra_store("live", "/live", ""),
         ..Default::default()
     })
     .await;
@@ -1511,9 +2265,17 @@ async fn disabled_key_store_answers_invalid_state() {
     let r = post(&mut c, &op(KEY, "decrypt"), body).await;
     assert_error(&r, 400, "InvalidStateException", "decrypt");
     // Authentication still comes first.
-    let unsigned = SignOptions { unsigned: true, ..Default::default() };
+    let unsigned = SignOptions {
+        unsigned: true,
+        ..Default::default()
+    };
     let r = post_with(&mut c, "health", xks::health_body(), &unsigned).await;
-    assert_error(&r, 401, "AuthenticationFailedException", "unsigned, disabled store");
+    assert_error(
+        &r,
+        401,
+        "AuthenticationFailedException",
+        "unsigned, disabled store",
+    );
     // Other key stores are unaffected.
     let mut live = client_for_prefix(&proxy, "/live").await;
     assert_ok(&health(&mut live).await, "health, live store");
@@ -1537,11 +2299,24 @@ async fn kill_switch_refuses_key_operations_until_released() {
     )
     .await;
     let mut c = c.into_inner();
-    assert_error(&r, 400, "InvalidStateException", "encrypt under the kill switch");
+    assert_error(
+        &r,
+        400,
+        "InvalidStateException",
+        "encrypt under the kill switch",
+    );
     let r = decrypt(&mut c, KEY, &out, None).await;
-    assert_error(&r, 400, "InvalidStateException", "decrypt under the kill switch");
+    assert_error(
+        &r,
+        400,
+        "InvalidStateException",
+        "decrypt under the kill switch",
+    );
     let r = metadata(&mut c, KEY).await;
-    assert_eq!(assert_ok(&r, "metadata under the kill switch")["keyStatus"], "DISABLED");
+    assert_eq!(
+        assert_ok(&r, "metadata under the kill switch")["keyStatus"],
+        "DISABLED"
+    );
     let (status, body) = proxy.admin_get("/readyz").await;
     assert_eq!(status, 503, "readyz under the kill switch: {body}");
 
@@ -1555,7 +2330,10 @@ async fn kill_switch_refuses_key_operations_until_released() {
     .await;
     let mut c = c.into_inner();
     assert_eq!(decrypt_ok(&mut c, KEY, &out, None).await, b"before");
-    assert_eq!(assert_ok(&metadata(&mut c, KEY).await, "metadata")["keyStatus"], "ENABLED");
+    assert_eq!(
+        assert_ok(&metadata(&mut c, KEY).await, "metadata")["keyStatus"],
+        "ENABLED"
+    );
     assert_eq!(proxy.admin_get("/readyz").await.0, 200);
 }
 
@@ -1572,104 +2350,113 @@ async fn operator_disabled_keys_report_disabled_and_refuse() {
     assert_eq!(v["keyStatus"], "DISABLED");
     assert_eq!(v["keySpec"], "AES_256");
     let r = encrypt(&mut c, KEY, MARKER, None, false).await;
-    assert_error(&r, 400, "InvalidStateException", "encrypt with a disabled key");
+    assert_error(
+        &r,
+        400,
+        "InvalidStateException",
+        "encrypt with a disabled key",
+    );
     let body = xks::decrypt_body(ARN, b"abcd", &[1; 12], &[2; 16], None, Some(SPEC_METADATA));
     let r = post(&mut c, &op(KEY, "decrypt"), body).await;
-    assert_error(&r, 400, "InvalidStateException", "decrypt with a disabled key");
+    assert_error(
+        &r,
+        400,
+        "InvalidStateException",
+        "decrypt with a disabled key",
+    );
     // Other keys are unaffected.
-    assert_eq!(assert_ok(&metadata(&mut c, ENC_ONLY).await, "other key")["keyStatus"], "ENABLED");
+    assert_eq!(
+        assert_ok(&metadata(&mut c, ENC_ONLY).await, "other key")["keyStatus"],
+        "ENABLED"
+    );
     encrypt_ok(&mut c, ENC_ONLY, b"fine", None).await;
     // Re-enabled by a reload, on the same connection.
     proxy.reload_with(ProxyOptions::default());
-    assert_eq!(assert_ok(&metadata(&mut c, KEY).await, "re-enabled")["keyStatus"], "ENABLED");
+    assert_eq!(
+        assert_ok(&metadata(&mut c, KEY).await, "re-enabled")["keyStatus"],
+        "ENABLED"
+    );
     let out = encrypt_ok(&mut c, KEY, b"enabled again", None).await;
     assert_eq!(decrypt_ok(&mut c, KEY, &out, None).await, b"enabled again");
-}
-
-/// Generate `count` AES keys labelled `label` with raw PKCS#11 (the proxy's bootstrap refuses to
-/// make duplicates). Runs while a proxy serves from the token, so the module is initialized and
-/// logged in by it: this neither finalizes the module nor logs out.
-fn generate_duplicates(module: &Path, token_label: &str, pin: &str, label: &str, count: usize) {
-    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-    use cryptoki::error::{Error, RvError};
-    use cryptoki::mechanism::Mechanism;
-    use cryptoki::object::Attribute;
-    use cryptoki::session::UserType;
-    use cryptoki::types::{AuthPin, Ulong};
-
-    let ctx = Pkcs11::new(module).expect("load module");
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        other => panic!("the running proxy should own the module initialization: {other:?}"),
-    }
-    let slot = ctx
-        .get_slots_with_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| ctx.get_token_info(*s).is_ok_and(|i| i.label().trim_end() == token_label))
-        .expect("token slot");
-    let session = ctx.open_rw_session(slot).expect("session");
-    match session.login(UserType::User, Some(&AuthPin::from(pin))) {
-        Ok(()) | Err(Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-        Err(e) => panic!("login: {e}"),
-    }
-    for _ in 0..count {
-        session
-            .generate_key(
-                &Mechanism::AesKeyGen,
-                &[
-                    Attribute::Token(true),
-                    Attribute::Private(true),
-                    Attribute::Sensitive(true),
-                    Attribute::Extractable(false),
-                    Attribute::Encrypt(true),
-                    Attribute::Decrypt(true),
-                    Attribute::ValueLen(Ulong::new(32)),
-                    Attribute::Label(label.as_bytes().to_vec()),
-                ],
-            )
-            .expect("generate key");
-    }
-    // The session closes on drop; the context is never finalized (the proxy owns it).
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn custody_check_refuses_exportable_and_ambiguous_keys() {
     let token = TestToken::new();
-    let pin = token.user_pin.to_string();
-    let secret_pin = SecretString::from(pin.as_str());
-    let extractable = KeySpec { extractable: true, ..KeySpec::aes256("extractable-aes") };
-    let report = ensure_key(&token.module, &token.label, &secret_pin, &extractable).expect("extractable key");
-    assert!(report.info.extractable);
-    let readable = KeySpec { sensitive: false, ..KeySpec::aes256("extractable-readable") };
-    ensure_key(&token.module, &token.label, &secret_pin, &readable).expect("non-sensitive key");
+    let extractable = KeySpec {
+        extractable: true,
+        ..KeySpec::aes256("extractable-aes")
+    };
+    assert!(token.add_key(&extractable).info.extractable);
+    let readable = KeySpec {
+        sensitive: false,
+        ..KeySpec::aes256("extractable-readable")
+    };
+    assert!(!token.add_key(&readable).info.sensitive);
+    // Two keys with one label (the bootstrap's non-idempotent generator exists for this test).
+    for _ in 0..2 {
+        generate_key(
+            &token.module,
+            &token.label,
+            &token.pin(),
+            &KeySpec::aes256("dup-aes"),
+        )
+        .expect("duplicate key");
+    }
     let proxy = TestProxy::start_on(token, ProxyOptions::default()).await;
     let mut c = proxy.tls_client().await;
 
-    for (key, why) in [("extractable-aes", "extractable"), ("extractable-readable", "sensitive")] {
+    for (key, why) in [
+        ("extractable-aes", "extractable"),
+        ("extractable-readable", "sensitive"),
+    ] {
         let r = metadata(&mut c, key).await;
         let v = assert_ok(&r, key);
         assert_eq!(v["keyStatus"], "DISABLED", "{key}");
         assert_eq!(v["keySpec"], "AES_256", "{key}");
         let r = encrypt(&mut c, key, MARKER, None, false).await;
-        assert_error(&r, 400, "InvalidStateException", &format!("encrypt with {key}"));
-        assert!(error_message(&r).contains(why), "{key}: {}", error_message(&r));
+        assert_error(
+            &r,
+            400,
+            "InvalidStateException",
+            &format!("encrypt with {key}"),
+        );
+        assert!(
+            error_message(&r).contains(why),
+            "{key}: {}",
+            error_message(&r)
+        );
         let body = xks::decrypt_body(ARN, b"abcd", &[1; 12], &[2; 16], None, Some(SPEC_METADATA));
         let r = post(&mut c, &op(key, "decrypt"), body).await;
-        assert_error(&r, 400, "InvalidStateException", &format!("decrypt with {key}"));
+        assert_error(
+            &r,
+            400,
+            "InvalidStateException",
+            &format!("decrypt with {key}"),
+        );
     }
 
     // Two keys with one label: the proxy refuses to guess (documented in hsm/keys.rs:
     // `find_unique` reports KeyDisabled → InvalidStateException) for every API.
-    let (module, label) = (proxy.token.module.clone(), proxy.token.label.clone());
-    tokio::task::spawn_blocking(move || generate_duplicates(&module, &label, &pin, "dup-aes", 2))
-        .await
-        .unwrap();
     let r = metadata(&mut c, "dup-aes").await;
-    assert_error(&r, 400, "InvalidStateException", "metadata of an ambiguous label");
+    assert_error(
+        &r,
+        400,
+        "InvalidStateException",
+        "metadata of an ambiguous label",
+    );
     let r = encrypt(&mut c, "dup-aes", MARKER, None, false).await;
-    assert_error(&r, 400, "InvalidStateException", "encrypt with an ambiguous label");
-    assert!(error_message(&r).contains("ambiguous"), "{}", error_message(&r));
+    assert_error(
+        &r,
+        400,
+        "InvalidStateException",
+        "encrypt with an ambiguous label",
+    );
+    assert!(
+        error_message(&r).contains("ambiguous"),
+        "{}",
+        error_message(&r)
+    );
     // Good keys are unaffected.
     encrypt_ok(&mut c, KEY, b"fine", None).await;
 }
@@ -1704,7 +2491,10 @@ async fn full_hsm_queue_answers_throttling() {
             tasks.spawn(async move {
                 let body = xks::encrypt_body(ARN, &plaintext, None, false);
                 barrier.wait().await;
-                let r = client.post(&op(KEY, "encrypt"), body).await.expect("request");
+                let r = client
+                    .post(&op(KEY, "encrypt"), body)
+                    .await
+                    .expect("request");
                 (client, r)
             });
         }
@@ -1719,7 +2509,10 @@ async fn full_hsm_queue_answers_throttling() {
                     assert_error(&r, 429, "ThrottlingException", "queue full");
                     throttled += 1;
                 }
-                other => panic!("only 200 or 429 expected, got {other}: {}", String::from_utf8_lossy(&r.body)),
+                other => panic!(
+                    "only 200 or 429 expected, got {other}: {}",
+                    String::from_utf8_lossy(&r.body)
+                ),
             }
             clients.push(client);
         }
@@ -1730,7 +2523,11 @@ async fn full_hsm_queue_answers_throttling() {
     assert!(throttled > 0, "no ThrottlingException in {ok} encrypts");
     assert!(ok > 0, "some encrypts succeed");
     let after = proxy.metric(rejections).await;
-    assert_eq!(after - before, throttled as f64, "{rejections} counts every 429");
+    assert_eq!(
+        after - before,
+        throttled as f64,
+        "{rejections} counts every 429"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1738,7 +2535,8 @@ async fn metrics_and_admin_endpoints() {
     let proxy = TestProxy::start().await;
     let mut c = proxy.tls_client().await;
     let ok_series = "ekm_requests_total{front=\"xks\",op=\"encrypt\",outcome=\"ok\"}";
-    let bad_ct = "ekm_requests_total{front=\"xks\",op=\"decrypt\",outcome=\"InvalidCiphertextException\"}";
+    let bad_ct =
+        "ekm_requests_total{front=\"xks\",op=\"decrypt\",outcome=\"InvalidCiphertextException\"}";
     let auth = "ekm_auth_failures_total{front=\"xks\",reason=\"signature_mismatch\"}";
     let hits = "ekm_cache_hits_total{cache=\"hsm_key\"}";
     let misses = "ekm_cache_misses_total{cache=\"hsm_key\"}";
@@ -1755,7 +2553,10 @@ async fn metrics_and_admin_endpoints() {
     out.tag[0] ^= 1;
     let r = decrypt(&mut c, KEY, &out, None).await;
     assert_error(&r, 400, "InvalidCiphertextException", "bad tag");
-    let wrong = SignOptions { secret: Some(SecretString::from(SECRET_2)), ..Default::default() };
+    let wrong = SignOptions {
+        secret: Some(SecretString::from(SECRET_2)),
+        ..Default::default()
+    };
     let r = post_with(&mut c, "health", xks::health_body(), &wrong).await;
     assert_error(&r, 401, "AuthenticationFailedException", "wrong secret");
 
@@ -1765,9 +2566,23 @@ async fn metrics_and_admin_endpoints() {
     assert_eq!(proxy.metric(auth).await, auth0 + 1.0);
     // Keys were warmed at start: the dev key is served from the cache.
     assert!(proxy.metric(hits).await > hits0);
-    assert_eq!(proxy.metric(misses).await, misses0, "warmed cache: no misses for dev-aes-1");
-    assert!(proxy.metric("ekm_request_duration_seconds_count{front=\"xks\",op=\"encrypt\"}").await >= 3.0);
-    assert!(proxy.metric("ekm_hsm_op_duration_seconds_count{op=\"encrypt\"}").await >= 3.0);
+    assert_eq!(
+        proxy.metric(misses).await,
+        misses0,
+        "warmed cache: no misses for dev-aes-1"
+    );
+    assert!(
+        proxy
+            .metric("ekm_request_duration_seconds_count{front=\"xks\",op=\"encrypt\"}")
+            .await
+            >= 3.0
+    );
+    assert!(
+        proxy
+            .metric("ekm_hsm_op_duration_seconds_count{op=\"encrypt\"}")
+            .await
+            >= 3.0
+    );
     assert_eq!(proxy.metric("ekm_hsm_sessions").await, 2.0);
 
     let (status, text) = proxy.admin_get("/metrics").await;
@@ -1804,14 +2619,25 @@ async fn bad_tag_stream_costs_no_session() {
         bad.tag = out.tag.clone();
         bad.tag[i % 16] ^= 1 << (i % 8);
         let r = decrypt(&mut c, KEY, &bad, Some(SPEC_AAD)).await;
-        assert_error(&r, 400, "InvalidCiphertextException", &format!("bad tag #{i}"));
+        assert_error(
+            &r,
+            400,
+            "InvalidCiphertextException",
+            &format!("bad tag #{i}"),
+        );
     }
     assert_eq!(proxy.metric(reopens).await, reopens0, "no session reopened");
     assert_eq!(proxy.metric(logins).await, logins0, "no new login");
     assert_eq!(proxy.metric("ekm_hsm_sessions").await, 2.0);
-    assert_eq!(decrypt_ok(&mut c, KEY, &out, Some(SPEC_AAD)).await, b"stream");
+    assert_eq!(
+        decrypt_ok(&mut c, KEY, &out, Some(SPEC_AAD)).await,
+        b"stream"
+    );
     let r = health(&mut c).await;
-    assert_eq!(assert_ok(&r, "health")["ekmFleetDetails"][0]["healthStatus"], "ACTIVE");
+    assert_eq!(
+        assert_ok(&r, "health")["ekmFleetDetails"][0]["healthStatus"],
+        "ACTIVE"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1833,7 +2659,10 @@ async fn hsm_sessions_recover_without_restart() {
         |n| *n == 2.0,
     )
     .await;
-    assert!(proxy.metric(reopens).await >= reopens0 + 2.0, "reopens counted");
+    assert!(
+        proxy.metric(reopens).await >= reopens0 + 2.0,
+        "reopens counted"
+    );
     let again = encrypt_ok(&mut c, KEY, b"after reopen", None).await;
     assert_eq!(decrypt_ok(&mut c, KEY, &again, None).await, b"after reopen");
     assert_eq!(decrypt_ok(&mut c, KEY, &out, None).await, b"survives");
@@ -1849,6 +2678,125 @@ async fn hsm_sessions_recover_without_restart() {
     assert_ok(&r, "metadata after a lost login");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_get_their_own_answers() {
+    let proxy = TestProxy::start().await;
+    let connector = XksConnector::new(Arc::new(proxy.client_config("tls"))).unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..16u32 {
+        let mut c = connector.connect().await.expect("connect");
+        tasks.spawn(async move {
+            for i in 0..8u32 {
+                let plaintext = format!("task {t} message {i}").repeat(1 + (t + i) as usize % 5);
+                let aad = format!("aad {t}/{i}");
+                let out = encrypt_ok(&mut c, KEY, plaintext.as_bytes(), Some(aad.as_bytes())).await;
+                let back = decrypt_ok(&mut c, KEY, &out, Some(aad.as_bytes())).await;
+                assert_eq!(back, plaintext.as_bytes(), "task {t} message {i}");
+                let r = decrypt(&mut c, KEY, &out, Some(b"someone else's AAD")).await;
+                assert_error(&r, 400, "InvalidCiphertextException", "crossed AAD");
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("task");
+    }
+    let reopens = proxy.metric("ekm_hsm_session_reopens_total").await;
+    assert_eq!(reopens, 0.0, "128 bad tags cost no session");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hsm_outage_is_reported_and_answered_as_retryable() {
+    let proxy = TestProxy::start().await;
+    let mut c = proxy.tls_client().await;
+    let out = encrypt_ok(&mut c, KEY, b"before the outage", None).await;
+    let backend = proxy.running().service().backend().clone();
+    tokio::task::spawn_blocking(move || backend.shutdown())
+        .await
+        .unwrap();
+
+    // Crypto: InternalException (500, retryable), with a generic message.
+    let r = encrypt(&mut c, KEY, MARKER, None, false).await;
+    assert_error(&r, 500, "InternalException", "encrypt with the HSM down");
+    assert!(!error_message(&r).contains("CKR_"), "{}", error_message(&r));
+    let r = decrypt(&mut c, KEY, &out, None).await;
+    assert_error(&r, 500, "InternalException", "decrypt with the HSM down");
+    // Health tells the truth once its cache (max_age_secs = 1) expires.
+    let c = tokio::sync::Mutex::new(c);
+    let r = poll_until(
+        "health reports UNAVAILABLE",
+        || async { health(&mut *c.lock().await).await },
+        |r| {
+            r.status != 200
+                || r.json()
+                    .is_ok_and(|v| v["ekmFleetDetails"][0]["healthStatus"] != "ACTIVE")
+        },
+    )
+    .await;
+    let v = assert_ok(&r, "health with the HSM down");
+    assert_eq!(
+        v["ekmFleetDetails"][0]["healthStatus"], "UNAVAILABLE",
+        "{v}"
+    );
+    let (status, body) = proxy.admin_get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn hsm_deadline_answers_dependency_timeout() {
+    let proxy = TestProxy::start_with(ProxyOptions {
+        hsm_keys: "workers = 1\nqueue_capacity = 4096\nop_timeout_ms = 1".into(),
+        ..Default::default()
+    })
+    .await;
+    let connector = XksConnector::new(Arc::new(proxy.client_config("tls"))).unwrap();
+    let mut clients = Vec::new();
+    for _ in 0..64 {
+        clients.push(connector.connect().await.expect("connect"));
+    }
+    let plaintext = Arc::new(vec![0x5au8; 4300]);
+    let mut timed_out = 0usize;
+    for _ in 0..20 {
+        let barrier = Arc::new(tokio::sync::Barrier::new(clients.len()));
+        let mut tasks = tokio::task::JoinSet::new();
+        for mut client in clients.drain(..) {
+            let (barrier, plaintext) = (barrier.clone(), plaintext.clone());
+            tasks.spawn(async move {
+                let body = xks::encrypt_body(ARN, &plaintext, None, false);
+                barrier.wait().await;
+                let r = client
+                    .post(&op(KEY, "encrypt"), body)
+                    .await
+                    .expect("request");
+                (client, r)
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            let (client, r) = joined.unwrap();
+            match r.status {
+                200 => {
+                    xks::parse_encrypt_response(&r.body).expect("encrypt response");
+                }
+                503 => {
+                    assert_error(&r, 503, "DependencyTimeoutException", "HSM deadline");
+                    timed_out += 1;
+                }
+                other => panic!(
+                    "only 200 or 503 expected, got {other}: {}",
+                    String::from_utf8_lossy(&r.body)
+                ),
+            }
+            clients.push(client);
+        }
+        if timed_out > 0 {
+            break;
+        }
+    }
+    assert!(
+        timed_out > 0,
+        "no DependencyTimeoutException with a 1 ms HSM deadline"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // mTLS
 // ---------------------------------------------------------------------------------------------
@@ -1856,7 +2804,7 @@ async fn hsm_sessions_recover_without_restart() {
 /// Connect to the mTLS listener presenting `cert` (PEM cert, PEM key) or none, and send one
 /// request; returns the error the client saw (with TLS 1.3 the server's alert arrives after the
 /// client considers the handshake done, i.e. on the first request).
-async fn rejected_mtls_client(proxy: &TestProxy, cert: Option<(String, String)>) -> ClientError {
+async fn rejected_mtls_client(proxy: &TestProxy, cert: Option<PemPair>) -> ClientError {
     let mut cfg = proxy.client_config("mtls");
     let tls = cfg.tls.as_mut().unwrap();
     (tls.client_cert_pem, tls.client_key_pem) = match cert {
@@ -1877,36 +2825,120 @@ async fn mtls_listener_serves_good_clients_and_aborts_others() {
     let proxy = TestProxy::start().await;
     let mut c = proxy.client("mtls").await;
     assert_ok(&health(&mut c).await, "health over mTLS");
-    assert_eq!(assert_ok(&metadata(&mut c, KEY).await, "metadata over mTLS")["keySpec"], "AES_256");
+    assert_eq!(
+        assert_ok(&metadata(&mut c, KEY).await, "metadata over mTLS")["keySpec"],
+        "AES_256"
+    );
     let out = encrypt_ok(&mut c, KEY, b"mutual", Some(SPEC_AAD)).await;
-    assert_eq!(decrypt_ok(&mut c, KEY, &out, Some(SPEC_AAD)).await, b"mutual");
+    assert_eq!(
+        decrypt_ok(&mut c, KEY, &out, Some(SPEC_AAD)).await,
+        b"mutual"
+    );
     let r = encrypt(&mut c, ENC_ONLY, MARKER, None, true).await;
-    assert_error(&r, 400, "InvalidKeyUsageException", "CDIV on encrypt-only over mTLS");
-    let r = post_with(&mut c, "health", xks::health_body(), &SignOptions { unsigned: true, ..Default::default() }).await;
-    assert_error(&r, 401, "AuthenticationFailedException", "mTLS does not replace SigV4");
+    assert_error(
+        &r,
+        400,
+        "InvalidKeyUsageException",
+        "CDIV on encrypt-only over mTLS",
+    );
+    let r = post_with(
+        &mut c,
+        "health",
+        xks::health_body(),
+        &SignOptions {
+            unsigned: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_error(
+        &r,
+        401,
+        "AuthenticationFailedException",
+        "mTLS does not replace SigV4",
+    );
     // Ciphertexts move freely between listeners (same key store).
     let mut plain_tls = proxy.tls_client().await;
-    assert_eq!(decrypt_ok(&mut plain_tls, KEY, &out, Some(SPEC_AAD)).await, b"mutual");
+    assert_eq!(
+        decrypt_ok(&mut plain_tls, KEY, &out, Some(SPEC_AAD)).await,
+        b"mutual"
+    );
 
     let failures = "ekm_tls_handshake_failures_total";
     let other_ca = Authority::new("another CA").unwrap();
-    let pair = |c: ekm_proxy::dev::certs::IssuedCert| Some((c.cert_pem.clone(), (*c.key_pem).clone()));
-    let cases: Vec<(&str, Option<(String, String)>, AlertDescription)> = vec![
+    let pair =
+        |c: ekm_proxy::dev::certs::IssuedCert| Some((c.cert_pem.clone(), (*c.key_pem).clone()));
+    let cases: Vec<(&str, Option<PemPair>, AlertDescription)> = vec![
         // rustls itself rejects an empty Certificate message with certificate_required before any
         // verifier runs (documented in src/server/tls/client_auth.rs).
-        ("no certificate", None, AlertDescription::CertificateRequired),
-        ("expired", pair(proxy.pki.ca.issue_client(CLIENT_SUBJECT, Validity::Expired).unwrap()), AlertDescription::HandshakeFailure),
-        ("not yet valid", pair(proxy.pki.ca.issue_client(CLIENT_SUBJECT, Validity::NotYetValid).unwrap()), AlertDescription::HandshakeFailure),
-        ("self-signed", pair(self_signed_client(CLIENT_SUBJECT).unwrap()), AlertDescription::HandshakeFailure),
-        ("another CA", pair(other_ca.issue_client(CLIENT_SUBJECT, Validity::Current).unwrap()), AlertDescription::HandshakeFailure),
-        ("wrong subject", pair(proxy.pki.ca.issue_client("someone-else", Validity::Current).unwrap()), AlertDescription::HandshakeFailure),
-        ("server certificate as client", pair(proxy.pki.ca.issue_server(&[CLIENT_SUBJECT]).unwrap()), AlertDescription::HandshakeFailure),
+        (
+            "no certificate",
+            None,
+            AlertDescription::CertificateRequired,
+        ),
+        (
+            "expired",
+            pair(
+                proxy
+                    .pki
+                    .ca
+                    .issue_client(CLIENT_SUBJECT, Validity::Expired)
+                    .unwrap(),
+            ),
+            AlertDescription::HandshakeFailure,
+        ),
+        (
+            "not yet valid",
+            pair(
+                proxy
+                    .pki
+                    .ca
+                    .issue_client(CLIENT_SUBJECT, Validity::NotYetValid)
+                    .unwrap(),
+            ),
+            AlertDescription::HandshakeFailure,
+        ),
+        (
+            "self-signed",
+            pair(self_signed_client(CLIENT_SUBJECT).unwrap()),
+            AlertDescription::HandshakeFailure,
+        ),
+        (
+            "another CA",
+            pair(
+                other_ca
+                    .issue_client(CLIENT_SUBJECT, Validity::Current)
+                    .unwrap(),
+            ),
+            AlertDescription::HandshakeFailure,
+        ),
+        (
+            "wrong subject",
+            pair(
+                proxy
+                    .pki
+                    .ca
+                    .issue_client("someone-else", Validity::Current)
+                    .unwrap(),
+            ),
+            AlertDescription::HandshakeFailure,
+        ),
+        (
+            "server certificate as client",
+            pair(proxy.pki.ca.issue_server(&[CLIENT_SUBJECT]).unwrap()),
+            AlertDescription::HandshakeFailure,
+        ),
     ];
     for (what, cert, alert) in cases {
         let before = proxy.metric(failures).await;
         let err = rejected_mtls_client(&proxy, cert).await;
         assert_eq!(err.tls_alert(), Some(alert), "{what}: {err}");
-        poll_until(&format!("{failures} after {what}"), || proxy.metric(failures), |n| *n >= before + 1.0).await;
+        poll_until(
+            &format!("{failures} after {what}"),
+            || proxy.metric(failures),
+            |n| *n >= before + 1.0,
+        )
+        .await;
     }
     // The good client is still served, on its existing connection and on a new one.
     assert_ok(&health(&mut c).await, "existing mTLS connection");

@@ -274,6 +274,8 @@ fn describe(resp: &Response) -> String {
 pub struct BodyTemplate {
     bytes: Vec<u8>,
     id_at: usize,
+    /// This process's id, read once: `std::process::id()` is a system call every time.
+    pid: u32,
 }
 
 /// Length of a UUID-shaped request id.
@@ -293,14 +295,18 @@ impl BodyTemplate {
             .windows(ID_LEN)
             .position(|w| w == id.as_bytes())
             .ok_or("kmsRequestId not found in the body bytes")?;
-        Ok(Self { bytes: body, id_at })
+        Ok(Self {
+            bytes: body,
+            id_at,
+            pid: std::process::id(),
+        })
     }
 
     /// The body with a fresh request id: one allocation and one copy.
     pub fn render(&self, nonce: u16, worker: u16, seq: u64) -> Bytes {
         let mut v = self.bytes.clone();
         if let Some(slot) = v.get_mut(self.id_at..self.id_at + ID_LEN) {
-            write_request_id(slot, nonce, worker, seq);
+            write_request_id(slot, self.pid, nonce, worker, seq);
         }
         Bytes::from(v)
     }
@@ -308,12 +314,11 @@ impl BodyTemplate {
 
 /// Write a UUID-shaped id `pppppppp-wwww-4nnn-8sss-ssssssssssss` (process, worker, run nonce,
 /// sequence): unique across the run, and across concurrent bench processes by pid.
-pub fn write_request_id(dst: &mut [u8], nonce: u16, worker: u16, seq: u64) {
+pub fn write_request_id(dst: &mut [u8], pid: u32, nonce: u16, worker: u16, seq: u64) {
     if dst.len() != ID_LEN {
         return;
     }
-    let pid = u64::from(std::process::id());
-    hex_into(&mut dst[0..8], pid);
+    hex_into(&mut dst[0..8], u64::from(pid));
     dst[8] = b'-';
     hex_into(&mut dst[9..13], u64::from(worker));
     dst[13] = b'-';

@@ -303,6 +303,7 @@ async fn measure_all(
                 server_cpu_us_per_req: None,
                 server_rss_mb: None,
                 client_cpu_us_per_req: None,
+                server_session_reopens: None,
                 raw: None,
                 ratio_proxy_raw: None,
                 idle: None,
@@ -311,6 +312,7 @@ async fn measure_all(
             let mut errors = Vec::new();
             match &prepared {
                 Ok(op) => {
+                    let reopens_before = admin_counter(opts.admin, SESSION_REOPENS).await;
                     let lane = load::start_lane(
                         target,
                         Arc::clone(op),
@@ -337,6 +339,10 @@ async fn measure_all(
                             report.server_rss_mb = sample.server_rss.map(mb);
                             report.window_s = round3(window.seconds());
                             report.proxy = Some(lane);
+                            let reopens_after = admin_counter(opts.admin, SESSION_REOPENS).await;
+                            report.server_session_reopens = reopens_before
+                                .zip(reopens_after)
+                                .map(|(a, b)| b.saturating_sub(a));
                         }
                         Err(e) => errors.push(e.to_string()),
                     }
@@ -379,6 +385,60 @@ async fn measure_all(
     }
     drop(idle_clients);
     Ok(reports)
+}
+
+/// The server's counter of HSM session reopens: a bad-tag stream must not churn sessions.
+const SESSION_REOPENS: &str = "ekm_hsm_session_reopens_total";
+
+/// Read a counter (summed over its label sets) from the admin listener's `GET /metrics`; `None`
+/// when there is no admin address or it does not answer. Two short requests per run, outside the
+/// window's hot path.
+async fn admin_counter(admin: Option<SocketAddr>, name: &str) -> Option<u64> {
+    let addr = admin?;
+    let cfg = crate::client::XksClientConfig {
+        addr,
+        tls: None,
+        host: addr.to_string(),
+        prefix: String::new(),
+        access_key_id: String::new(),
+        secret: crate::secret::SecretString::from(""),
+        region: String::new(),
+        service: String::new(),
+    };
+    let mut client = crate::client::XksConnector::new(Arc::new(cfg))
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let mut req = http::Request::new(http_body_util::Full::new(bytes::Bytes::new()));
+    *req.uri_mut() = http::Uri::from_static("/metrics");
+    req.headers_mut().insert(
+        http::header::HOST,
+        http::HeaderValue::from_str(&addr.to_string()).ok()?,
+    );
+    let resp = tokio::time::timeout(Duration::from_secs(2), client.send_raw(req))
+        .await
+        .ok()?
+        .ok()?;
+    (resp.status == 200).then(|| parse_counter(&String::from_utf8_lossy(&resp.body), name))?
+}
+
+/// Sum of the samples of `name` in Prometheus text; `None` if there are none.
+fn parse_counter(text: &str, name: &str) -> Option<u64> {
+    let mut total = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        let value = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+        if let Some(v) = value {
+            *total.get_or_insert(0) += v as u64;
+        }
+    }
+    total
 }
 
 /// The target's address: IPv4 preferred (the dev listeners bind 127.0.0.1, while `localhost` may
@@ -540,6 +600,16 @@ mod tests {
         assert_eq!(per_request_us(Some(Duration::from_millis(50)), 0), None);
         assert_eq!(per_request_us(None, 10), None);
         assert_eq!(mb(3 * 1024 * 1024 / 2), 1.5);
+    }
+
+    #[test]
+    fn prometheus_counters() {
+        let text = "# HELP ekm_hsm_session_reopens_total x\n# TYPE ekm_hsm_session_reopens_total counter\n\
+                    ekm_hsm_session_reopens_total 3\nekm_hsm_session_reopens_total_other 9\n\
+                    ekm_requests_total{op=\"a\"} 2\nekm_requests_total{op=\"b\"} 5\n";
+        assert_eq!(parse_counter(text, SESSION_REOPENS), Some(3));
+        assert_eq!(parse_counter(text, "ekm_requests_total"), Some(7));
+        assert_eq!(parse_counter(text, "absent_total"), None);
     }
 
     #[tokio::test]

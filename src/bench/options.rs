@@ -141,6 +141,10 @@ pub struct BenchArgs {
     /// Extra idle keep-alive connections held open during the whole run.
     #[arg(long, default_value_t = 0)]
     pub idle_connections: usize,
+    /// The server's admin listener (plain HTTP, `GET /metrics`), to report HSM session reopens
+    /// per run; default with --spawn: the dev profile's 127.0.0.1:9090.
+    #[arg(long)]
+    pub admin: Option<std::net::SocketAddr>,
     /// SoftHSM configuration used when SOFTHSM2_CONF is not set (written if missing with --spawn).
     #[arg(long, default_value = "hsm-config/softhsm2-dev.conf")]
     pub softhsm_conf: PathBuf,
@@ -270,9 +274,14 @@ pub struct BenchOptions {
     pub server_pid: Option<u32>,
     /// Idle keep-alive connections held open during the run.
     pub idle_connections: usize,
+    /// The server's admin listener, for `ekm_hsm_session_reopens_total`.
+    pub admin: Option<std::net::SocketAddr>,
     /// Allow a non-loopback target.
     pub allow_remote: bool,
 }
+
+/// The dev profile's admin port (`hsm-config/dev.toml`).
+pub const DEV_ADMIN_PORT: u16 = 9090;
 
 /// Largest concurrency (and connection count) accepted: far beyond what one load generator on
 /// the same machine can drive, and it bounds file descriptors.
@@ -347,6 +356,14 @@ impl BenchOptions {
                 "--plaintext-size must be at most 1 MiB and --aad-size at most 65535".into(),
             );
         }
+        if let Some(admin) = a.admin
+            && !admin.ip().is_loopback()
+            && !a.allow_remote
+        {
+            return opt(format!(
+                "--admin {admin} is not a loopback address; add --allow-remote"
+            ));
+        }
         let mut scenarios = if a.scenarios.is_empty() {
             Scenario::ALL.to_vec()
         } else {
@@ -397,6 +414,10 @@ impl BenchOptions {
             spawn,
             server_pid: a.server_pid,
             idle_connections: a.idle_connections,
+            admin: a.admin.or_else(|| {
+                a.spawn
+                    .then(|| std::net::SocketAddr::from(([127, 0, 0, 1], DEV_ADMIN_PORT)))
+            }),
             allow_remote: a.allow_remote,
         })
     }

@@ -103,6 +103,9 @@ pub struct ScenarioReport {
     pub server_rss_mb: Option<f64>,
     /// The benchmark process's own CPU per request during the HTTP lane (µs).
     pub client_cpu_us_per_req: Option<f64>,
+    /// HSM sessions the server reopened during the HTTP lane, warm-up included (from
+    /// `ekm_hsm_session_reopens_total` on its admin listener; needs `--admin` or `--spawn`).
+    pub server_session_reopens: Option<u64>,
     /// The raw HSM lane; `None` when not measured (metadata, health, `--no-raw`).
     pub raw: Option<RawReport>,
     /// `proxy.rps / raw.rps`.
@@ -220,6 +223,23 @@ pub fn table_row(r: &ScenarioReport) -> String {
             l.first_error.as_deref().unwrap_or("?")
         );
     }
+    if let Some(n) = r.server_session_reopens
+        && n > 0
+    {
+        let _ = write!(
+            out,
+            "\n    the server reopened {n} HSM session(s) during this run"
+        );
+    }
+    if let Some(i) = &r.idle
+        && i.still_open < i.opened
+    {
+        let _ = write!(
+            out,
+            "\n    idle connections still open: {} of {}",
+            i.still_open, i.opened
+        );
+    }
     if let Some(e) = &r.error {
         let _ = write!(out, "\n    not measured: {e}");
     }
@@ -267,6 +287,7 @@ mod tests {
             server_cpu_us_per_req: Some(55.25),
             server_rss_mb: Some(20.0),
             client_cpu_us_per_req: None,
+            server_session_reopens: Some(0),
             raw: Some(RawReport {
                 lane: LaneReport::from_stats(&raw, 1.0),
                 cpu_us_per_op: Some(9.0),

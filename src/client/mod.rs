@@ -27,7 +27,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use crate::auth::sigv4::{self, SigV4Error};
+use crate::auth::sigv4::{self, SigV4Error, SigV4Signer};
 use crate::secret::SecretString;
 
 pub use tls::ClientTls;
@@ -148,7 +148,20 @@ impl ClientError {
 #[derive(Clone)]
 pub struct XksConnector {
     cfg: Arc<XksClientConfig>,
-    tls: Option<(tokio_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>,
+    signer: Arc<SigV4Signer>,
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+}
+
+impl std::fmt::Debug for XksConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XksConnector")
+            .field("addr", &self.cfg.addr)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl XksConnector {
@@ -156,9 +169,18 @@ impl XksConnector {
     pub fn new(cfg: Arc<XksClientConfig>) -> Result<Self, ClientError> {
         let tls = match &cfg.tls {
             None => None,
-            Some(t) => Some((tokio_rustls::TlsConnector::from(t.to_rustls()?), t.server_name()?)),
+            Some(t) => Some((
+                tokio_rustls::TlsConnector::from(t.to_rustls()?),
+                t.server_name()?,
+            )),
         };
-        Ok(Self { cfg, tls })
+        let signer = Arc::new(SigV4Signer::new(
+            &cfg.access_key_id,
+            cfg.secret.clone(),
+            &cfg.region,
+            &cfg.service,
+        ));
+        Ok(Self { cfg, signer, tls })
     }
 
     /// The config this connector was built from.
@@ -176,18 +198,19 @@ impl XksConnector {
         let (sender, conn_error) = match &self.tls {
             None => spawn_connection(TokioIo::new(tcp)).await?,
             Some((connector, name)) => {
-                let stream = connector
-                    .connect(name.clone(), tcp)
-                    .await
-                    .map_err(|e| match rustls_error_of_io(&e) {
-                        Some(tls) => ClientError::Tls(tls),
-                        None => ClientError::HandshakeIo(e),
-                    })?;
+                let stream =
+                    connector.connect(name.clone(), tcp).await.map_err(
+                        |e| match rustls_error_of_io(&e) {
+                            Some(tls) => ClientError::Tls(tls),
+                            None => ClientError::HandshakeIo(e),
+                        },
+                    )?;
                 spawn_connection(TokioIo::new(stream)).await?
             }
         };
         Ok(XksClient {
             cfg: Arc::clone(&self.cfg),
+            signer: Arc::clone(&self.signer),
             sender,
             conn_error: Some(conn_error),
         })
@@ -199,7 +222,13 @@ impl XksConnector {
 /// only visible there.
 async fn spawn_connection<T>(
     io: T,
-) -> Result<(http1::SendRequest<Full<Bytes>>, oneshot::Receiver<hyper::Error>), ClientError>
+) -> Result<
+    (
+        http1::SendRequest<Full<Bytes>>,
+        oneshot::Receiver<hyper::Error>,
+    ),
+    ClientError,
+>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -216,6 +245,8 @@ where
 /// One keep-alive connection to an XKS proxy.
 pub struct XksClient {
     cfg: Arc<XksClientConfig>,
+    /// Signs with the configured credential, keeping the derived key (shared per connector).
+    signer: Arc<SigV4Signer>,
     sender: http1::SendRequest<Full<Bytes>>,
     conn_error: Option<oneshot::Receiver<hyper::Error>>,
 }
@@ -281,19 +312,30 @@ impl XksClient {
                 .signed_headers
                 .as_ref()
                 .map(|v| v.iter().map(String::as_str).collect());
-            sigv4::sign(
-                "POST",
-                &path,
-                "",
-                &mut headers,
-                &body,
-                custom.as_deref().unwrap_or(&default_signed),
-                opts.access_key_id.as_deref().unwrap_or(&cfg.access_key_id),
-                opts.secret.as_ref().unwrap_or(&cfg.secret),
-                opts.region.as_deref().unwrap_or(&cfg.region),
-                opts.service.as_deref().unwrap_or(&cfg.service),
-                opts.time.unwrap_or_else(SystemTime::now),
-            )?;
+            let signed = custom.as_deref().unwrap_or(&default_signed);
+            let time = opts.time.unwrap_or_else(SystemTime::now);
+            let overrides_credential = opts.access_key_id.is_some()
+                || opts.secret.is_some()
+                || opts.region.is_some()
+                || opts.service.is_some();
+            if overrides_credential {
+                sigv4::sign(
+                    "POST",
+                    &path,
+                    "",
+                    &mut headers,
+                    &body,
+                    signed,
+                    opts.access_key_id.as_deref().unwrap_or(&cfg.access_key_id),
+                    opts.secret.as_ref().unwrap_or(&cfg.secret),
+                    opts.region.as_deref().unwrap_or(&cfg.region),
+                    opts.service.as_deref().unwrap_or(&cfg.service),
+                    time,
+                )?;
+            } else {
+                self.signer
+                    .sign("POST", &path, "", &mut headers, &body, signed, time)?;
+            }
         }
         for (name, value) in &opts.after_sign_headers {
             headers.insert(name, value.clone());
@@ -332,17 +374,16 @@ impl XksClient {
         if let Some(tls) = rustls_error_in_chain(&e) {
             return ClientError::Tls(tls);
         }
-        if !e.is_user() {
-            if let Some(rx) = self.conn_error.take() {
-                // The task ends right after the failure; a short wait is enough and bounds the
-                // delay when the connection is in fact still alive.
-                if let Ok(Ok(conn_error)) = tokio::time::timeout(Duration::from_millis(200), rx).await {
-                    return match rustls_error_in_chain(&conn_error) {
-                        Some(tls) => ClientError::Tls(tls),
-                        None => ClientError::Http(conn_error),
-                    };
-                }
-            }
+        // The task ends right after the failure; a short wait is enough and bounds the delay
+        // when the connection is in fact still alive.
+        if !e.is_user()
+            && let Some(rx) = self.conn_error.take()
+            && let Ok(Ok(conn_error)) = tokio::time::timeout(Duration::from_millis(200), rx).await
+        {
+            return match rustls_error_in_chain(&conn_error) {
+                Some(tls) => ClientError::Tls(tls),
+                None => ClientError::Http(conn_error),
+            };
         }
         ClientError::Http(e)
     }
@@ -365,10 +406,10 @@ fn rustls_error_in_chain(e: &(dyn std::error::Error + 'static)) -> Option<rustls
         if let Some(tls) = err.downcast_ref::<rustls::Error>() {
             return Some(tls.clone());
         }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if let Some(tls) = rustls_error_of_io(io) {
-                return Some(tls);
-            }
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && let Some(tls) = rustls_error_of_io(io)
+        {
+            return Some(tls);
         }
         next = err.source();
     }

@@ -21,7 +21,9 @@ use tokio::net::TcpListener;
 
 use super::*;
 use crate::auth::Principal;
-use crate::auth::sigv4::{DEFAULT_MAX_SKEW, RegionPolicy, SigV4Credential, SigV4Verifier, SignedRequest};
+use crate::auth::sigv4::{
+    DEFAULT_MAX_SKEW, RegionPolicy, SigV4Credential, SigV4Verifier, SignedRequest,
+};
 
 const AKID: &str = "AKIAXKSCLIENTTEST2345";
 const SECRET: &str = "Y2xpZW50LXRlc3Qtc2VjcmV0LWNsaWVudC10ZXN0LXNlY3JldA==";
@@ -39,7 +41,11 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<http::Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let reply = |status: StatusCode, json: serde_json::Value| {
         let mut r = http::Response::new(Full::new(Bytes::from(json.to_string())));
         *r.status_mut() = status;
@@ -183,7 +189,10 @@ async fn empty_prefix_and_rotated_credential() {
     cfg.access_key_id = AKID2.into();
     cfg.secret = SecretString::from(SECRET2);
     let mut client = XksClient::connect(Arc::new(cfg)).await.unwrap();
-    let r = client.post("keys/k/metadata", xks::metadata_body()).await.unwrap();
+    let r = client
+        .post("keys/k/metadata", xks::metadata_body())
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     let v = r.json().unwrap();
     assert_eq!(v["path"], "/kms/xks/v1/keys/k/metadata");
@@ -192,12 +201,23 @@ async fn empty_prefix_and_rotated_credential() {
 
 /// Posts with `opts` and returns the server's rejection reason (`None` on 200).
 async fn reason(client: &mut XksClient, opts: SignOptions) -> Option<String> {
-    let r = client.post_with("health", xks::health_body(), &opts).await.unwrap();
+    let r = client
+        .post_with("health", xks::health_body(), &opts)
+        .await
+        .unwrap();
     match r.status {
         200 => None,
         401 => {
-            assert_eq!(r.error_name().as_deref(), Some("AuthenticationFailedException"));
-            Some(r.json().unwrap()["errorMessage"].as_str().unwrap().to_owned())
+            assert_eq!(
+                r.error_name().as_deref(),
+                Some("AuthenticationFailedException")
+            );
+            Some(
+                r.json().unwrap()["errorMessage"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            )
         }
         s => panic!("status {s}"),
     }
@@ -219,7 +239,11 @@ async fn sign_options_reach_every_rejection() {
         (SignOptions::default(), None),
         (
             SignOptions {
-                signed_headers: Some(vec!["content-type".into(), "host".into(), "x-amz-date".into()]),
+                signed_headers: Some(vec![
+                    "content-type".into(),
+                    "host".into(),
+                    "x-amz-date".into(),
+                ]),
                 ..Default::default()
             },
             None,
@@ -353,7 +377,11 @@ async fn send_raw_sends_exactly_what_it_is_given() {
 #[tokio::test]
 async fn connect_failure_is_reported() {
     // Bind then drop to get a port nobody listens on.
-    let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let e = XksClient::connect(config(addr, None)).await.unwrap_err();
     assert!(matches!(e, ClientError::Connect(_)), "{e:?}");
 }
@@ -402,7 +430,10 @@ fn pki() -> Pki {
     }
 }
 
-fn server_tls(pki: &Pki, versions: &[&'static rustls::SupportedProtocolVersion]) -> Arc<rustls::ServerConfig> {
+fn server_tls(
+    pki: &Pki,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
@@ -454,7 +485,10 @@ async fn mtls_round_trip_and_connector_reuse() {
 #[tokio::test]
 async fn missing_client_certificate_surfaces_the_servers_alert() {
     let pki = pki();
-    for versions in [&[&rustls::version::TLS13][..], &[&rustls::version::TLS12][..]] {
+    for versions in [
+        &[&rustls::version::TLS13][..],
+        &[&rustls::version::TLS12][..],
+    ] {
         let server = start_server(Some(server_tls(&pki, versions))).await;
         let cfg = config(server.addr, Some(client_tls(&pki, false)));
         // TLS 1.2 fails in the handshake; TLS 1.3 completes it on the client side and the alert
@@ -474,14 +508,18 @@ async fn untrusted_server_is_rejected_locally() {
     let server = start_server(Some(server_tls(&pki, rustls::ALL_VERSIONS))).await;
     let mut tls = client_tls(&pki, true);
     tls.ca_pem = other.ca_pem.into_bytes();
-    let err = XksClient::connect(config(server.addr, Some(tls))).await.unwrap_err();
+    let err = XksClient::connect(config(server.addr, Some(tls)))
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, ClientError::Tls(rustls::Error::InvalidCertificate(_))),
         "{err:?}"
     );
     let mut tls = client_tls(&pki, true);
     tls.server_name = "not-localhost".into();
-    let err = XksClient::connect(config(server.addr, Some(tls))).await.unwrap_err();
+    let err = XksClient::connect(config(server.addr, Some(tls)))
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, ClientError::Tls(rustls::Error::InvalidCertificate(_))),
         "{err:?}"

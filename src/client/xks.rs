@@ -62,14 +62,23 @@ pub fn metadata_body() -> Vec<u8> {
 /// `POST …/keys/<id>/encrypt` body; `cdiv` asks for a `ciphertextDataIntegrityValue`.
 pub fn encrypt_body(key_arn: &str, plaintext: &[u8], aad: Option<&[u8]>, cdiv: bool) -> Vec<u8> {
     let mut body = Map::new();
-    body.insert("requestMetadata".into(), crypto_metadata(key_arn, "Encrypt"));
+    body.insert(
+        "requestMetadata".into(),
+        crypto_metadata(key_arn, "Encrypt"),
+    );
     body.insert("plaintext".into(), STANDARD.encode(plaintext).into());
     body.insert("encryptionAlgorithm".into(), "AES_GCM".into());
     if let Some(aad) = aad {
-        body.insert("additionalAuthenticatedData".into(), STANDARD.encode(aad).into());
+        body.insert(
+            "additionalAuthenticatedData".into(),
+            STANDARD.encode(aad).into(),
+        );
     }
     if cdiv {
-        body.insert("ciphertextDataIntegrityValueAlgorithm".into(), "SHA_256".into());
+        body.insert(
+            "ciphertextDataIntegrityValueAlgorithm".into(),
+            "SHA_256".into(),
+        );
     }
     Value::Object(body).to_string().into_bytes()
 }
@@ -84,13 +93,19 @@ pub fn decrypt_body(
     ciphertext_metadata: Option<&[u8]>,
 ) -> Vec<u8> {
     let mut body = Map::new();
-    body.insert("requestMetadata".into(), crypto_metadata(key_arn, "Decrypt"));
+    body.insert(
+        "requestMetadata".into(),
+        crypto_metadata(key_arn, "Decrypt"),
+    );
     body.insert("ciphertext".into(), STANDARD.encode(ciphertext).into());
     body.insert("encryptionAlgorithm".into(), "AES_GCM".into());
     body.insert("initializationVector".into(), STANDARD.encode(iv).into());
     body.insert("authenticationTag".into(), STANDARD.encode(tag).into());
     if let Some(aad) = aad {
-        body.insert("additionalAuthenticatedData".into(), STANDARD.encode(aad).into());
+        body.insert(
+            "additionalAuthenticatedData".into(),
+            STANDARD.encode(aad).into(),
+        );
     }
     if let Some(meta) = ciphertext_metadata {
         body.insert("ciphertextMetadata".into(), STANDARD.encode(meta).into());
@@ -223,7 +238,8 @@ mod tests {
 
     #[test]
     fn bodies_have_the_wire_shape() {
-        let v: Value = serde_json::from_slice(&encrypt_body("arn:k", b"hi", Some(b"aad"), true)).unwrap();
+        let v: Value =
+            serde_json::from_slice(&encrypt_body("arn:k", b"hi", Some(b"aad"), true)).unwrap();
         assert_eq!(v["plaintext"], "aGk=");
         assert_eq!(v["additionalAuthenticatedData"], "YWFk");
         assert_eq!(v["encryptionAlgorithm"], "AES_GCM");
@@ -245,7 +261,10 @@ mod tests {
     fn encrypt_output_round_trips_into_decrypt() {
         let resp = br#"{"ciphertext":"ghxkK1txeDNn3q8Y","initializationVector":"HMrlRw85cAJUd5Ax","authenticationTag":"vBxN2ncH1oEkR8WVXpmyYQ==","ciphertextMetadata":"a2V5X3ZlcnNpb249MQ==","ciphertextDataIntegrityValue":"qHA/ImC9h5HsLRXqCyPmWgYx7tzyoTplzILbP0fPXsc="}"#;
         let out = parse_encrypt_response(resp).unwrap();
-        assert_eq!(out.ciphertext_metadata.as_deref(), Some(&b"key_version=1"[..]));
+        assert_eq!(
+            out.ciphertext_metadata.as_deref(),
+            Some(&b"key_version=1"[..])
+        );
         // The spec's CDIV test vector (specs/xks-v1.md §5.5).
         let aad = b"project=nile,department=marketing";
         assert_eq!(out.cdiv.as_deref(), Some(&out.expected_cdiv(Some(aad))[..]));
@@ -254,8 +273,14 @@ mod tests {
         assert_eq!(v["ciphertextMetadata"], "a2V5X3ZlcnNpb249MQ==");
         assert_eq!(v["requestMetadata"]["kmsOperation"], "Decrypt");
 
-        assert_eq!(parse_decrypt_response(br#"{"plaintext":"aGk="}"#).unwrap(), b"hi");
-        assert!(matches!(parse_decrypt_response(b"{}"), Err(ParseError::Missing("plaintext"))));
+        assert_eq!(
+            parse_decrypt_response(br#"{"plaintext":"aGk="}"#).unwrap(),
+            b"hi"
+        );
+        assert!(matches!(
+            parse_decrypt_response(b"{}"),
+            Err(ParseError::Missing("plaintext"))
+        ));
         assert!(matches!(
             parse_decrypt_response(br#"{"plaintext":"*"}"#),
             Err(ParseError::Base64("plaintext"))

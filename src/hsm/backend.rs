@@ -13,15 +13,20 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use cryptoki::context::Function;
+use cryptoki::error::Error as CkError;
 use tokio::sync::oneshot;
 
 use super::errors::{HsmError, ck_error_name, login_is_fatal};
 use super::keys::{KeyCache, KeyEntry};
 use super::module::Module;
 use super::settings::HsmSettings;
-use super::worker::{Control, Job, OpTimers, Reply, Shared, TokenSummary, Work, Worker, open_logged_in};
+use super::worker::{
+    Control, Job, OpTimers, Reply, Shared, TokenSummary, Work, Worker, open_logged_in,
+};
 use crate::core::{
-    AeadDecrypt, AeadEncrypt, AeadSealed, Backend, CryptoError, HealthStatus, HsmHealth, KeyInfo, Plaintext,
+    AeadDecrypt, AeadEncrypt, AeadSealed, Backend, CryptoError, HealthStatus, HsmHealth, KeyInfo,
+    Plaintext,
 };
 use crate::metrics::{CacheMetrics, HsmMetrics};
 
@@ -70,7 +75,11 @@ impl Pkcs11Backend {
     ///
     /// Blocking (PKCS#11 calls on the calling thread): call it before serving, or from
     /// `spawn_blocking`. A refused PIN fails here after a single `C_Login` attempt.
-    pub fn start(settings: HsmSettings, metrics: HsmMetrics, cache_metrics: CacheMetrics) -> Result<Self, HsmError> {
+    pub fn start(
+        settings: HsmSettings,
+        metrics: HsmMetrics,
+        cache_metrics: CacheMetrics,
+    ) -> Result<Self, HsmError> {
         let problems = settings.problems();
         if !problems.is_empty() {
             return Err(HsmError::InvalidSettings(problems));
@@ -83,11 +92,16 @@ impl Pkcs11Backend {
             slot,
             token_label: identity.label.clone(),
             user_pin: settings.user_pin,
-            keys: KeyCache::new(settings.key_cache_capacity, cache_metrics, settings.allow_exportable_keys),
+            keys: KeyCache::new(
+                settings.key_cache_capacity,
+                cache_metrics,
+                settings.allow_exportable_keys,
+            ),
             timers: OpTimers::new(&metrics),
             metrics,
             sessions_up: Default::default(),
             login_refused: AtomicBool::new(false),
+            reconnect_failing: Default::default(),
         });
 
         // Sessions are opened here, sequentially: the first C_Login decides for all of them (later
@@ -95,10 +109,14 @@ impl Pkcs11Backend {
         let mut sessions = Vec::with_capacity(settings.workers);
         for _ in 0..settings.workers {
             let session = open_logged_in(&shared).map_err(|e| {
-                if login_is_fatal(&e) || matches!(e, cryptoki::error::Error::Pkcs11(_, cryptoki::context::Function::Login)) {
-                    HsmError::Login { user: "user", token: identity.label.clone(), ckr: ck_error_name(&e).into_owned() }
+                if login_is_fatal(&e) || matches!(e, CkError::Pkcs11(_, Function::Login)) {
+                    HsmError::Login {
+                        user: "user",
+                        token: identity.label.clone(),
+                        ckr: ck_error_name(&e).into_owned(),
+                    }
                 } else {
-                    HsmError::pkcs11("C_OpenSession", &e)
+                    HsmError::pkcs11("opening a worker session", &e)
                 }
             })?;
             sessions.push(session);
@@ -121,7 +139,10 @@ impl Pkcs11Backend {
                 .name(format!("hsm-worker-{index}"))
                 .spawn(move || worker.run(jobs, control_rx));
             match spawned {
-                Ok(thread) => workers.push(WorkerHandle { control: control_tx, thread: Some(thread) }),
+                Ok(thread) => workers.push(WorkerHandle {
+                    control: control_tx,
+                    thread: Some(thread),
+                }),
                 Err(e) => {
                     stop_workers(workers);
                     return Err(HsmError::Thread(e.to_string()));
@@ -169,7 +190,13 @@ impl Pkcs11Backend {
         let mut acks = Vec::with_capacity(controls.len());
         for control in &controls {
             let (tx, rx) = oneshot::channel();
-            if control.send(Control::CloseSession { closed: tx, resume: resume_rx.clone() }).is_ok() {
+            if control
+                .send(Control::CloseSession {
+                    closed: tx,
+                    resume: resume_rx.clone(),
+                })
+                .is_ok()
+            {
                 acks.push(rx);
             }
         }
@@ -212,7 +239,10 @@ impl Pkcs11Backend {
     }
 
     fn controls(&self) -> Vec<Sender<Control>> {
-        lock(&self.inner.workers).iter().map(|w| w.control.clone()).collect()
+        lock(&self.inner.workers)
+            .iter()
+            .map(|w| w.control.clone())
+            .collect()
     }
 
     /// The cached entry for `label`, or one `C_FindObjects` on a worker.
@@ -228,17 +258,23 @@ impl Pkcs11Backend {
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Work) -> Result<T, CryptoError> {
         let inner = &*self.inner;
         if inner.closed.load(Ordering::Acquire) {
-            return Err(CryptoError::HsmUnavailable("HSM backend is shut down".to_owned()));
+            return Err(CryptoError::HsmUnavailable(
+                "HSM backend is shut down".to_owned(),
+            ));
         }
-        if inner.shared.sessions_up.load(Ordering::Acquire) == 0 {
+        if inner.hsm_down() {
             return Err(CryptoError::HsmUnavailable(inner.down_detail()));
         }
         let (tx, rx) = oneshot::channel();
-        let deadline = Instant::now() + inner.op_timeout;
+        let now = Instant::now();
+        let deadline = now.checked_add(inner.op_timeout).unwrap_or(now);
         let metrics = &inner.shared.metrics;
         // Count before sending: the worker may dequeue (and decrement) before try_send returns.
         metrics.queue_depth.inc();
-        match inner.jobs.try_send(Job { deadline, work: make(tx) }) {
+        match inner.jobs.try_send(Job {
+            deadline,
+            work: make(tx),
+        }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 metrics.queue_depth.dec();
@@ -247,20 +283,34 @@ impl Pkcs11Backend {
             }
             Err(TrySendError::Disconnected(_)) => {
                 metrics.queue_depth.dec();
-                return Err(CryptoError::HsmUnavailable("HSM workers stopped".to_owned()));
+                return Err(CryptoError::HsmUnavailable(
+                    "HSM workers stopped".to_owned(),
+                ));
             }
         }
         match tokio::time::timeout(inner.op_timeout, rx).await {
             Ok(Ok(result)) => result,
             // The worker dropped the job: it had expired, or the workers stopped.
             Ok(Err(_)) if Instant::now() >= deadline => Err(CryptoError::HsmTimeout),
-            Ok(Err(_)) => Err(CryptoError::HsmUnavailable("HSM workers stopped".to_owned())),
+            Ok(Err(_)) => Err(CryptoError::HsmUnavailable(
+                "HSM workers stopped".to_owned(),
+            )),
             Err(_) => Err(CryptoError::HsmTimeout),
         }
     }
 }
 
 impl Inner {
+    /// No session is up and the workers are known to be failing (reconnects failed, or the PIN
+    /// was refused): fail fast. Right after a loss, while the first reconnect is under way, jobs
+    /// are queued instead and served as soon as a worker is back.
+    fn hsm_down(&self) -> bool {
+        let shared = &self.shared;
+        shared.sessions_up.load(Ordering::Acquire) == 0
+            && (shared.login_refused.load(Ordering::Acquire)
+                || shared.reconnect_failing.load(Ordering::Acquire) > 0)
+    }
+
     fn down_detail(&self) -> String {
         if self.shared.login_refused.load(Ordering::Acquire) {
             "the HSM refused the user PIN; fix hsm.user_pin and restart".to_owned()
@@ -314,7 +364,13 @@ impl Backend for Pkcs11Backend {
             return Err(CryptoError::KeyDisabled(why.clone()));
         }
         let AeadEncrypt { plaintext, aad, .. } = req;
-        self.call(|reply| Work::Encrypt { key, plaintext, aad, reply }).await
+        self.call(|reply| Work::Encrypt {
+            key,
+            plaintext,
+            aad,
+            reply,
+        })
+        .await
     }
 
     async fn aead_decrypt(&self, req: AeadDecrypt) -> Result<Plaintext, CryptoError> {
@@ -322,8 +378,22 @@ impl Backend for Pkcs11Backend {
         if let Some(why) = &key.info.custody_violation {
             return Err(CryptoError::KeyDisabled(why.clone()));
         }
-        let AeadDecrypt { iv, ciphertext, tag, aad, .. } = req;
-        self.call(|reply| Work::Decrypt { key, iv, ciphertext, tag, aad, reply }).await
+        let AeadDecrypt {
+            iv,
+            ciphertext,
+            tag,
+            aad,
+            ..
+        } = req;
+        self.call(|reply| Work::Decrypt {
+            key,
+            iv,
+            ciphertext,
+            tag,
+            aad,
+            reply,
+        })
+        .await
     }
 
     async fn key_info(&self, key: &str) -> Result<KeyInfo, CryptoError> {
@@ -332,7 +402,9 @@ impl Backend for Pkcs11Backend {
 
     async fn random(&self, len: usize) -> Result<Vec<u8>, CryptoError> {
         if len > MAX_RANDOM_LEN {
-            return Err(CryptoError::Unsupported(format!("random length {len} exceeds {MAX_RANDOM_LEN}")));
+            return Err(CryptoError::Unsupported(format!(
+                "random length {len} exceeds {MAX_RANDOM_LEN}"
+            )));
         }
         self.call(|reply| Work::Random { len, reply }).await
     }
@@ -351,33 +423,63 @@ impl Backend for Pkcs11Backend {
             detail,
         };
         if inner.closed.load(Ordering::Acquire) {
-            return from(HealthStatus::Unavailable, &inner.identity, "HSM backend is shut down".to_owned());
+            return from(
+                HealthStatus::Unavailable,
+                &inner.identity,
+                "HSM backend is shut down".to_owned(),
+            );
+        }
+        if inner.shared.sessions_up.load(Ordering::Acquire) == 0 {
+            // Nothing could answer a token-info job: say so now rather than wait for the deadline.
+            return from(
+                HealthStatus::Unavailable,
+                &inner.identity,
+                inner.down_detail(),
+            );
         }
         match self.call(|reply| Work::TokenInfo { reply }).await {
             Ok(token) => {
                 let up = inner.shared.sessions_up.load(Ordering::Acquire);
                 let (status, detail) = if token.user_pin_locked {
-                    (HealthStatus::Degraded, "the token reports the user PIN as locked".to_owned())
+                    (
+                        HealthStatus::Degraded,
+                        "the token reports the user PIN as locked".to_owned(),
+                    )
                 } else if up < inner.sessions_total {
                     (
                         HealthStatus::Degraded,
-                        format!("{} of {} HSM sessions are down; reconnecting", inner.sessions_total - up, inner.sessions_total),
+                        format!(
+                            "{} of {} HSM sessions are down; reconnecting",
+                            inner.sessions_total - up,
+                            inner.sessions_total
+                        ),
                     )
                 } else {
                     (HealthStatus::Active, String::new())
                 };
                 from(status, &token, detail)
             }
-            Err(CryptoError::HsmBusy) => {
-                from(HealthStatus::Degraded, &inner.identity, "HSM queue is full".to_owned())
-            }
+            Err(CryptoError::HsmBusy) => from(
+                HealthStatus::Degraded,
+                &inner.identity,
+                "HSM queue is full".to_owned(),
+            ),
             Err(CryptoError::HsmTimeout) => from(
                 HealthStatus::Degraded,
                 &inner.identity,
-                format!("the HSM did not answer within {} ms", inner.op_timeout.as_millis()),
+                format!(
+                    "the HSM did not answer within {} ms",
+                    inner.op_timeout.as_millis()
+                ),
             ),
-            Err(CryptoError::HsmUnavailable(detail)) => from(HealthStatus::Unavailable, &inner.identity, detail),
-            Err(other) => from(HealthStatus::Unavailable, &inner.identity, other.to_string()),
+            Err(CryptoError::HsmUnavailable(detail)) => {
+                from(HealthStatus::Unavailable, &inner.identity, detail)
+            }
+            Err(other) => from(
+                HealthStatus::Unavailable,
+                &inner.identity,
+                other.to_string(),
+            ),
         }
     }
 }

@@ -112,7 +112,10 @@ pub fn ensure_token(
         Err(HsmError::TokenNotFound { .. }) => {
             let slot = free_slot(&module, label)?;
             let pin = AuthPin::from(so_pin.expose());
-            module.ctx().init_token(slot, &pin, label).map_err(|e| HsmError::pkcs11("C_InitToken", &e))?;
+            module
+                .ctx()
+                .init_token(slot, &pin, label)
+                .map_err(|e| HsmError::pkcs11("C_InitToken", &e))?;
             // SoftHSM moves a freshly initialized token to a new slot id: find it again by label.
             let (slot, _) = module.find_token(&selector)?;
             init_user_pin(&module, slot, label, so_pin, user_pin)?;
@@ -122,7 +125,11 @@ pub fn ensure_token(
     };
     let (slot, info) = module.find_token(&selector)?;
     if created {
-        tracing::info!(token = label, serial = info.serial_number().trim(), "token created");
+        tracing::info!(
+            token = label,
+            serial = info.serial_number().trim(),
+            "token created"
+        );
     }
     Ok(TokenReport {
         label: info.label().trim_end().to_owned(),
@@ -141,35 +148,74 @@ pub fn ensure_key(
     user_pin: &SecretString,
     spec: &KeySpec,
 ) -> Result<KeyReport, HsmError> {
+    with_user_session(module, token_label, user_pin, spec, |s| {
+        match find_unique(s, &spec.label, ObjectClass::SECRET_KEY) {
+            Ok(handle) => Ok((handle, false)),
+            Err(fault) => match fault.error {
+                CryptoError::KeyNotFound => Ok((generate(s, spec)?, true)),
+                CryptoError::KeyDisabled(_) => Err(HsmError::KeyAmbiguous {
+                    label: spec.label.clone(),
+                    count: count_labelled(s, &spec.label),
+                }),
+                other => Err(HsmError::Pkcs11 {
+                    op: "C_FindObjects",
+                    ckr: other.to_string(),
+                }),
+            },
+        }
+    })
+}
+
+/// Generate a new key labelled `spec.label` even if one exists already. Not idempotent: for key
+/// ceremony tooling and for tests of the ambiguity check (the backend refuses labels that several
+/// keys share). Prefer [`ensure_key`].
+pub fn generate_key(
+    module: &Path,
+    token_label: &str,
+    user_pin: &SecretString,
+    spec: &KeySpec,
+) -> Result<KeyReport, HsmError> {
+    with_user_session(module, token_label, user_pin, spec, |s| {
+        Ok((generate(s, spec)?, true))
+    })
+}
+
+/// Open a user session on the token, run `act`, and report the key it returns.
+fn with_user_session(
+    module: &Path,
+    token_label: &str,
+    user_pin: &SecretString,
+    spec: &KeySpec,
+    act: impl FnOnce(&Session) -> Result<(ObjectHandle, bool), HsmError>,
+) -> Result<KeyReport, HsmError> {
     if spec.label.is_empty() {
-        return Err(HsmError::InvalidSettings(vec!["key label is empty".to_owned()]));
+        return Err(HsmError::InvalidSettings(vec![
+            "key label is empty".to_owned(),
+        ]));
     }
     let module = Module::acquire(module)?;
     let (slot, _) = module.find_token(&TokenSelector::Label(token_label.to_owned()))?;
     // Closed on drop, without C_Logout: a serving backend in this process may share the login.
     let session = open_rw(&module, slot)?;
     user_login(&session, token_label, user_pin)?;
-    let s = &session;
-    let (handle, created) = match find_unique(s, &spec.label, ObjectClass::SECRET_KEY) {
-        Ok(handle) => (handle, false),
-        Err(fault) => match fault.error {
-            CryptoError::KeyNotFound => (generate(s, spec)?, true),
-            CryptoError::KeyDisabled(_) => {
-                let count = s
-                    .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(spec.label.as_bytes().to_vec())])
-                    .map_or(0, |v| v.len());
-                return Err(HsmError::KeyAmbiguous { label: spec.label.clone(), count });
-            }
-            other => return Err(HsmError::Pkcs11 { op: "C_FindObjects", ckr: other.to_string() }),
-        },
-    };
+    let (handle, created) = act(&session)?;
     // Report the custody verdict as the default (strict) policy sees it.
-    let info = read_info(s, handle, false)
-        .map_err(|f| HsmError::Pkcs11 { op: "C_GetAttributeValue", ckr: f.error.to_string() })?;
+    let info = read_info(&session, handle, false).map_err(|f| HsmError::Pkcs11 {
+        op: "C_GetAttributeValue",
+        ckr: f.error.to_string(),
+    })?;
     if created {
         tracing::info!(token = token_label, key = %spec.label, "key generated");
     }
     Ok(KeyReport { created, info })
+}
+
+fn count_labelled(session: &Session, label: &str) -> usize {
+    let template = [
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ];
+    session.find_objects(&template).map_or(0, |v| v.len())
 }
 
 fn generate(session: &Session, spec: &KeySpec) -> Result<ObjectHandle, HsmError> {
@@ -178,7 +224,9 @@ fn generate(session: &Session, spec: &KeySpec) -> Result<ObjectHandle, HsmError>
     };
     // CKA_ID: 16 random bytes from the HSM, so tools that key on CKA_ID see distinct ids.
     let mut id = [0u8; 16];
-    session.generate_random_slice(&mut id).map_err(|e| HsmError::pkcs11("C_GenerateRandom", &e))?;
+    session
+        .generate_random_slice(&mut id)
+        .map_err(|e| HsmError::pkcs11("C_GenerateRandom", &e))?;
     let template = [
         Attribute::Token(true),
         Attribute::Private(true),
@@ -195,12 +243,17 @@ fn generate(session: &Session, spec: &KeySpec) -> Result<ObjectHandle, HsmError>
         Attribute::Label(spec.label.as_bytes().to_vec()),
         Attribute::Id(id.to_vec()),
     ];
-    session.generate_key(&mechanism, &template).map_err(|e| HsmError::pkcs11("C_GenerateKey", &e))
+    session
+        .generate_key(&mechanism, &template)
+        .map_err(|e| HsmError::pkcs11("C_GenerateKey", &e))
 }
 
 /// The first slot that has no initialized token.
 fn free_slot(module: &Module, label: &str) -> Result<Slot, HsmError> {
-    let slots = module.ctx().get_all_slots().map_err(|e| HsmError::pkcs11("C_GetSlotList", &e))?;
+    let slots = module
+        .ctx()
+        .get_all_slots()
+        .map_err(|e| HsmError::pkcs11("C_GetSlotList", &e))?;
     for slot in slots {
         match module.ctx().get_token_info(slot) {
             Ok(info) if !info.token_initialized() => return Ok(slot),
@@ -210,7 +263,9 @@ fn free_slot(module: &Module, label: &str) -> Result<Slot, HsmError> {
             Err(e) => return Err(HsmError::pkcs11("C_GetTokenInfo", &e)),
         }
     }
-    Err(HsmError::NoFreeSlot { label: label.to_owned() })
+    Err(HsmError::NoFreeSlot {
+        label: label.to_owned(),
+    })
 }
 
 fn init_user_pin(
@@ -233,7 +288,9 @@ fn init_user_pin(
         }
     }
     let user = AuthPin::from(user_pin.expose());
-    let result = session.init_pin(&user).map_err(|e| HsmError::pkcs11("C_InitPIN", &e));
+    let result = session
+        .init_pin(&user)
+        .map_err(|e| HsmError::pkcs11("C_InitPIN", &e));
     // An SO login must not outlive this call (it would block user logins on the token).
     let _ = session.logout();
     result
@@ -253,5 +310,8 @@ fn user_login(session: &Session, token: &str, user_pin: &SecretString) -> Result
 
 /// A read-write session, closed when dropped.
 fn open_rw(module: &Module, slot: Slot) -> Result<Session, HsmError> {
-    module.ctx().open_rw_session(slot).map_err(|e| HsmError::pkcs11("C_OpenSession", &e))
+    module
+        .ctx()
+        .open_rw_session(slot)
+        .map_err(|e| HsmError::pkcs11("C_OpenSession", &e))
 }

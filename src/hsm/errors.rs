@@ -96,13 +96,20 @@ pub enum HsmError {
 }
 
 fn list_or_none(items: &[String]) -> String {
-    if items.is_empty() { "none".to_owned() } else { items.join(", ") }
+    if items.is_empty() {
+        "none".to_owned()
+    } else {
+        items.join(", ")
+    }
 }
 
 impl HsmError {
     /// Wrap a cryptoki error from an administrative call.
     pub(crate) fn pkcs11(op: &'static str, err: &CkError) -> Self {
-        HsmError::Pkcs11 { op, ckr: ck_error_name(err).into_owned() }
+        HsmError::Pkcs11 {
+            op,
+            ckr: ck_error_name(err).into_owned(),
+        }
     }
 }
 
@@ -160,7 +167,10 @@ pub(crate) struct Fault {
 impl Fault {
     /// A failure that needs no recovery.
     pub(crate) fn plain(error: CryptoError) -> Self {
-        Self { error, recovery: Recovery::None }
+        Self {
+            error,
+            recovery: Recovery::None,
+        }
     }
 }
 
@@ -221,7 +231,8 @@ pub(crate) fn map_ckr(op: Op, err: &CkError) -> Fault {
 fn classify(op: Op, rv: RvError) -> Fault {
     use RvError as R;
     let unavailable = || CryptoError::HsmUnavailable("HSM session lost; reconnecting".to_owned());
-    let internal = || CryptoError::Internal(format!("PKCS#11 {} failed: {}", op.as_str(), ckr_name(rv)));
+    let internal =
+        || CryptoError::Internal(format!("PKCS#11 {} failed: {}", op.as_str(), ckr_name(rv)));
     match rv {
         // Lost session, login or device: the worker reopens and retries once.
         R::SessionHandleInvalid
@@ -231,15 +242,22 @@ fn classify(op: Op, rv: RvError) -> Fault {
         | R::DeviceError
         | R::TokenNotPresent
         | R::TokenNotRecognized
-        | R::CryptokiNotInitialized => Fault { error: unavailable(), recovery: Recovery::ReopenSession },
+        | R::CryptokiNotInitialized => Fault {
+            error: unavailable(),
+            recovery: Recovery::ReopenSession,
+        },
 
         // A cached handle went stale (key deleted and recreated, token logged out, ...).
-        R::ObjectHandleInvalid | R::KeyHandleInvalid => {
-            Fault { error: CryptoError::KeyNotFound, recovery: Recovery::RefreshKey }
-        }
+        R::ObjectHandleInvalid | R::KeyHandleInvalid => Fault {
+            error: CryptoError::KeyNotFound,
+            recovery: Recovery::RefreshKey,
+        },
 
         // Left over from an earlier failure on this session; terminate it and go again.
-        R::OperationActive => Fault { error: internal(), recovery: Recovery::ResetOperation },
+        R::OperationActive => Fault {
+            error: internal(),
+            recovery: Recovery::ResetOperation,
+        },
 
         // Authentication failure. SoftHSM reports a GCM tag mismatch as CKR_GENERAL_ERROR; other
         // modules use these codes. None of them says anything about the session, which stays.
@@ -262,19 +280,23 @@ fn classify(op: Op, rv: RvError) -> Fault {
             "the key's type cannot be used for {}",
             op.as_str()
         ))),
-        R::KeySizeRange => Fault::plain(CryptoError::Unsupported("key size not supported by the HSM".to_owned())),
-        R::MechanismInvalid | R::MechanismParamInvalid => Fault::plain(CryptoError::Unsupported(format!(
-            "the HSM does not support this mechanism or its parameters for {}",
-            op.as_str()
-        ))),
-        R::DataLenRange | R::DataInvalid => {
-            Fault::plain(CryptoError::Unsupported("input size not supported by the HSM".to_owned()))
+        R::KeySizeRange => Fault::plain(CryptoError::Unsupported(
+            "key size not supported by the HSM".to_owned(),
+        )),
+        R::MechanismInvalid | R::MechanismParamInvalid => {
+            Fault::plain(CryptoError::Unsupported(format!(
+                "the HSM does not support this mechanism or its parameters for {}",
+                op.as_str()
+            )))
         }
+        R::DataLenRange | R::DataInvalid => Fault::plain(CryptoError::Unsupported(
+            "input size not supported by the HSM".to_owned(),
+        )),
 
         // The device is alive but cannot take more work right now.
-        R::DeviceMemory | R::HostMemory | R::SessionCount => Fault::plain(CryptoError::HsmUnavailable(
-            "the HSM is out of resources".to_owned(),
-        )),
+        R::DeviceMemory | R::HostMemory | R::SessionCount => Fault::plain(
+            CryptoError::HsmUnavailable("the HSM is out of resources".to_owned()),
+        ),
 
         _ => Fault::plain(internal()),
     }
@@ -284,7 +306,9 @@ fn classify(op: Op, rv: RvError) -> Fault {
 pub(crate) fn ckr_name(rv: RvError) -> Cow<'static, str> {
     match rv {
         RvError::VendorDefined(code) => Cow::Owned(format!("CKR_VENDOR_DEFINED(0x{code:08x})")),
-        RvError::UnknownErrorCode(CKR_AEAD_DECRYPT_FAILED) => Cow::Borrowed("CKR_AEAD_DECRYPT_FAILED"),
+        RvError::UnknownErrorCode(CKR_AEAD_DECRYPT_FAILED) => {
+            Cow::Borrowed("CKR_AEAD_DECRYPT_FAILED")
+        }
         RvError::UnknownErrorCode(code) => Cow::Owned(format!("CKR_0x{code:08x}")),
         other => {
             // RvError's Debug is the CamelCase variant name; PKCS#11 spells it SCREAMING_SNAKE.
@@ -329,11 +353,20 @@ mod tests {
 
     #[test]
     fn ckr_names() {
-        assert_eq!(ckr_name(RvError::SessionHandleInvalid), "CKR_SESSION_HANDLE_INVALID");
+        assert_eq!(
+            ckr_name(RvError::SessionHandleInvalid),
+            "CKR_SESSION_HANDLE_INVALID"
+        );
         assert_eq!(ckr_name(RvError::GeneralError), "CKR_GENERAL_ERROR");
         assert_eq!(ckr_name(RvError::PinIncorrect), "CKR_PIN_INCORRECT");
-        assert_eq!(ckr_name(RvError::UnknownErrorCode(0x42)), "CKR_AEAD_DECRYPT_FAILED");
-        assert_eq!(ckr_name(RvError::VendorDefined(0x8000_0001)), "CKR_VENDOR_DEFINED(0x80000001)");
+        assert_eq!(
+            ckr_name(RvError::UnknownErrorCode(0x42)),
+            "CKR_AEAD_DECRYPT_FAILED"
+        );
+        assert_eq!(
+            ckr_name(RvError::VendorDefined(0x8000_0001)),
+            "CKR_VENDOR_DEFINED(0x80000001)"
+        );
     }
 
     #[test]
@@ -349,7 +382,10 @@ mod tests {
             assert_eq!(f, Fault::plain(CryptoError::InvalidCiphertext), "{rv:?}");
         }
         // The same codes on encrypt are not the caller's fault.
-        assert!(matches!(map_ckr(Op::Encrypt, &ck(RvError::GeneralError)).error, CryptoError::Internal(_)));
+        assert!(matches!(
+            map_ckr(Op::Encrypt, &ck(RvError::GeneralError)).error,
+            CryptoError::Internal(_)
+        ));
     }
 
     #[test]
@@ -373,19 +409,38 @@ mod tests {
     fn usage_handles_and_internal() {
         assert!(matches!(
             map_ckr(Op::Encrypt, &ck(RvError::KeyFunctionNotPermitted)),
-            Fault { error: CryptoError::InvalidKeyUsage(_), recovery: Recovery::None }
+            Fault {
+                error: CryptoError::InvalidKeyUsage(_),
+                recovery: Recovery::None
+            }
         ));
-        assert_eq!(map_ckr(Op::Encrypt, &ck(RvError::KeyHandleInvalid)).recovery, Recovery::RefreshKey);
-        assert_eq!(map_ckr(Op::Decrypt, &ck(RvError::ObjectHandleInvalid)).recovery, Recovery::RefreshKey);
-        assert_eq!(map_ckr(Op::Decrypt, &ck(RvError::OperationActive)).recovery, Recovery::ResetOperation);
+        assert_eq!(
+            map_ckr(Op::Encrypt, &ck(RvError::KeyHandleInvalid)).recovery,
+            Recovery::RefreshKey
+        );
+        assert_eq!(
+            map_ckr(Op::Decrypt, &ck(RvError::ObjectHandleInvalid)).recovery,
+            Recovery::RefreshKey
+        );
+        assert_eq!(
+            map_ckr(Op::Decrypt, &ck(RvError::OperationActive)).recovery,
+            Recovery::ResetOperation
+        );
         let f = map_ckr(Op::Random, &ck(RvError::ArgumentsBad));
         assert!(matches!(f.error, CryptoError::Internal(ref m) if m.contains("CKR_ARGUMENTS_BAD")));
-        assert!(matches!(map_ckr(Op::Encrypt, &CkError::NotSupported).error, CryptoError::Internal(_)));
+        assert!(matches!(
+            map_ckr(Op::Encrypt, &CkError::NotSupported).error,
+            CryptoError::Internal(_)
+        ));
     }
 
     #[test]
     fn caller_facing_errors_never_name_the_ckr() {
-        for rv in [RvError::SessionHandleInvalid, RvError::GeneralError, RvError::KeyFunctionNotPermitted] {
+        for rv in [
+            RvError::SessionHandleInvalid,
+            RvError::GeneralError,
+            RvError::KeyFunctionNotPermitted,
+        ] {
             let msg = map_ckr(Op::Decrypt, &ck(rv)).error.to_string();
             assert!(!msg.contains("CKR_"), "{msg}");
         }
@@ -393,9 +448,18 @@ mod tests {
 
     #[test]
     fn pin_errors_are_fatal_for_login() {
-        assert!(login_is_fatal(&CkError::Pkcs11(RvError::PinIncorrect, Function::Login)));
-        assert!(login_is_fatal(&CkError::Pkcs11(RvError::PinLocked, Function::Login)));
-        assert!(!login_is_fatal(&CkError::Pkcs11(RvError::DeviceError, Function::Login)));
+        assert!(login_is_fatal(&CkError::Pkcs11(
+            RvError::PinIncorrect,
+            Function::Login
+        )));
+        assert!(login_is_fatal(&CkError::Pkcs11(
+            RvError::PinLocked,
+            Function::Login
+        )));
+        assert!(!login_is_fatal(&CkError::Pkcs11(
+            RvError::DeviceError,
+            Function::Login
+        )));
     }
 
     #[test]
@@ -409,7 +473,14 @@ mod tests {
             e.to_string(),
             "no token with label \"x\" in PKCS#11 module /m.so; tokens present: a (serial 1), b (serial 2)"
         );
-        let e = HsmError::Login { user: "user", token: "t".into(), ckr: "CKR_PIN_INCORRECT".into() };
-        assert_eq!(e.to_string(), "C_Login as user on token \"t\" failed: CKR_PIN_INCORRECT");
+        let e = HsmError::Login {
+            user: "user",
+            token: "t".into(),
+            ckr: "CKR_PIN_INCORRECT".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "C_Login as user on token \"t\" failed: CKR_PIN_INCORRECT"
+        );
     }
 }

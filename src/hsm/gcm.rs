@@ -20,12 +20,22 @@ const DECRYPT_IV_LENS: [usize; 2] = [12, 16];
 const TAG_BITS: u64 = (GCM_TAG_LEN * 8) as u64;
 
 /// Encrypt `plaintext` with a fresh HSM-generated IV; `aad` is the complete (framed) AAD.
-pub(crate) fn encrypt(session: &Session, key: ObjectHandle, plaintext: &[u8], aad: &[u8]) -> Result<AeadSealed, Fault> {
+pub(crate) fn encrypt(
+    session: &Session,
+    key: ObjectHandle,
+    plaintext: &[u8],
+    aad: &[u8],
+) -> Result<AeadSealed, Fault> {
     let mut iv = [0u8; IV_LEN];
-    session.generate_random_slice(&mut iv).map_err(|e| map_ckr(Op::Random, &e))?;
+    session
+        .generate_random_slice(&mut iv)
+        .map_err(|e| map_ckr(Op::Random, &e))?;
     let mut out = {
-        let params = GcmParams::new(&mut iv, aad, Ulong::new(TAG_BITS)).map_err(|e| map_ckr(Op::Encrypt, &e))?;
-        session.encrypt(&Mechanism::AesGcm(params), key, plaintext).map_err(|e| map_ckr(Op::Encrypt, &e))?
+        let params = GcmParams::new(&mut iv, aad, Ulong::new(TAG_BITS))
+            .map_err(|e| map_ckr(Op::Encrypt, &e))?;
+        session
+            .encrypt(&Mechanism::AesGcm(params), key, plaintext)
+            .map_err(|e| map_ckr(Op::Encrypt, &e))?
     };
     // C_Encrypt returns ciphertext ‖ tag.
     let Some(ct_len) = out.len().checked_sub(GCM_TAG_LEN) else {
@@ -37,7 +47,11 @@ pub(crate) fn encrypt(session: &Session, key: ObjectHandle, plaintext: &[u8], aa
     let mut tag = [0u8; GCM_TAG_LEN];
     tag.copy_from_slice(&out[ct_len..]);
     out.truncate(ct_len);
-    Ok(AeadSealed { iv: iv.to_vec(), ciphertext: out, tag })
+    Ok(AeadSealed {
+        iv: iv.to_vec(),
+        ciphertext: out,
+        tag,
+    })
 }
 
 /// Decrypt `ciphertext` ‖ `tag` (the caller's buffer is reused for the concatenation). A tag
@@ -59,9 +73,12 @@ pub(crate) fn decrypt(
     iv_buf.copy_from_slice(iv);
     let original_len = ciphertext.len();
     ciphertext.extend_from_slice(tag);
-    let params = GcmParams::new(iv_buf, aad, Ulong::new(TAG_BITS)).map_err(|e| map_ckr(Op::Decrypt, &e))?;
+    let params =
+        GcmParams::new(iv_buf, aad, Ulong::new(TAG_BITS)).map_err(|e| map_ckr(Op::Decrypt, &e))?;
     let result = session.decrypt(&Mechanism::AesGcm(params), key, ciphertext);
     // Restore the buffer so a retry sees the same input.
     ciphertext.truncate(original_len);
-    result.map(Zeroizing::new).map_err(|e| map_ckr(Op::Decrypt, &e))
+    result
+        .map(Zeroizing::new)
+        .map_err(|e| map_ckr(Op::Decrypt, &e))
 }

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use cryptoki::object::{Attribute, AttributeType, KeyType as CkKeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
@@ -17,6 +18,11 @@ use crate::metrics::CacheMetrics;
 
 /// Cache name in `ekm_cache_{hits,misses}_total{cache}`.
 pub(crate) const CACHE_NAME: &str = "hsm_key";
+
+/// How long a cached key is trusted. The HSM stays the authority on every operation (a revoked
+/// usage fails there at once); this bounds how long `key_info` may report attributes an
+/// operator has since changed, at the cost of one lookup per key per period.
+const ENTRY_TTL: Duration = Duration::from_secs(300);
 
 /// A resolved key: its handle (valid for every session of this process while logged in) and what
 /// the HSM says about it.
@@ -42,7 +48,10 @@ pub(crate) struct KeyCache {
 impl KeyCache {
     pub(crate) fn new(capacity: u64, metrics: CacheMetrics, allow_exportable_keys: bool) -> Self {
         Self {
-            entries: moka::sync::Cache::new(capacity),
+            entries: moka::sync::Cache::builder()
+                .max_capacity(capacity)
+                .time_to_live(ENTRY_TTL)
+                .build(),
             metrics,
             generation: AtomicU64::new(0),
             allow_exportable_keys,
@@ -58,6 +67,14 @@ impl KeyCache {
             self.metrics.miss(CACHE_NAME);
         }
         found
+    }
+
+    /// The cached entry for `label` if it was resolved in `generation` (worker side; not counted
+    /// as a hit or miss: the request was counted when it entered).
+    pub(crate) fn fresh(&self, label: &str, generation: u64) -> Option<Arc<KeyEntry>> {
+        self.entries
+            .get(label)
+            .filter(|entry| entry.generation == generation)
     }
 
     pub(crate) fn insert(&self, entry: Arc<KeyEntry>) {
@@ -87,7 +104,11 @@ impl KeyCache {
         let generation = self.generation();
         let handle = find_unique(session, label, ObjectClass::SECRET_KEY)?;
         let info = read_info(session, handle, self.allow_exportable_keys)?;
-        let entry = Arc::new(KeyEntry { handle, info, generation });
+        let entry = Arc::new(KeyEntry {
+            handle,
+            info,
+            generation,
+        });
         self.insert(entry.clone());
         Ok(entry)
     }
@@ -96,13 +117,29 @@ impl KeyCache {
     /// several keys share are left out: a lookup of them reports the ambiguity.
     pub(crate) fn warm(&self, session: &Session) -> Result<usize, Fault> {
         let generation = self.generation();
-        let keys = list(session, &[ObjectClass::SECRET_KEY], self.allow_exportable_keys)?;
+        let keys = list(
+            session,
+            &[ObjectClass::SECRET_KEY],
+            self.allow_exportable_keys,
+        )?;
+        // `list` sorts by label, so keys sharing a label are neighbours.
+        let shared_label = |i: usize| {
+            let label = &keys[i].1.label;
+            (i > 0 && keys[i - 1].1.label == *label)
+                || keys
+                    .get(i + 1)
+                    .is_some_and(|(_, next)| next.label == *label)
+        };
         let mut count = 0;
-        for (handle, info) in &keys {
-            if info.label.is_empty() || keys.iter().filter(|(_, other)| other.label == info.label).count() > 1 {
+        for (i, (handle, info)) in keys.iter().enumerate() {
+            if info.label.is_empty() || shared_label(i) {
                 continue;
             }
-            self.insert(Arc::new(KeyEntry { handle: *handle, info: info.clone(), generation }));
+            self.insert(Arc::new(KeyEntry {
+                handle: *handle,
+                info: info.clone(),
+                generation,
+            }));
             count += 1;
         }
         Ok(count)
@@ -110,13 +147,25 @@ impl KeyCache {
 }
 
 /// The one object of `class` labelled `label`: none is `KeyNotFound`, several is `KeyDisabled`.
-pub(crate) fn find_unique(session: &Session, label: &str, class: ObjectClass) -> Result<ObjectHandle, Fault> {
-    let template = [Attribute::Class(class), Attribute::Label(label.as_bytes().to_vec())];
-    let found = session.find_objects(&template).map_err(|e| map_ckr(Op::FindKey, &e))?;
+pub(crate) fn find_unique(
+    session: &Session,
+    label: &str,
+    class: ObjectClass,
+) -> Result<ObjectHandle, Fault> {
+    let template = [
+        Attribute::Class(class),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ];
+    let found = session
+        .find_objects(&template)
+        .map_err(|e| map_ckr(Op::FindKey, &e))?;
     match found.as_slice() {
         [one] => Ok(*one),
         [] => Err(Fault::plain(CryptoError::KeyNotFound)),
-        many => Err(Fault::plain(CryptoError::KeyDisabled(format!("label is ambiguous: {} objects", many.len())))),
+        many => Err(Fault::plain(CryptoError::KeyDisabled(format!(
+            "label is ambiguous: {} objects",
+            many.len()
+        )))),
     }
 }
 
@@ -128,7 +177,9 @@ pub(crate) fn list(
 ) -> Result<Vec<(ObjectHandle, KeyInfo)>, Fault> {
     let mut out = Vec::new();
     for class in classes {
-        let handles = session.find_objects(&[Attribute::Class(*class)]).map_err(|e| map_ckr(Op::ListKeys, &e))?;
+        let handles = session
+            .find_objects(&[Attribute::Class(*class)])
+            .map_err(|e| map_ckr(Op::ListKeys, &e))?;
         for handle in handles {
             out.push((handle, read_info(session, handle, allow_exportable_keys)?));
         }
@@ -158,8 +209,14 @@ const INFO_ATTRIBUTES: &[AttributeType] = &[
 ];
 
 /// Read a key's attributes into a [`KeyInfo`], including the custody verdict.
-pub(crate) fn read_info(session: &Session, handle: ObjectHandle, allow_exportable_keys: bool) -> Result<KeyInfo, Fault> {
-    let attrs = session.get_attributes(handle, INFO_ATTRIBUTES).map_err(|e| map_ckr(Op::ReadAttributes, &e))?;
+pub(crate) fn read_info(
+    session: &Session,
+    handle: ObjectHandle,
+    allow_exportable_keys: bool,
+) -> Result<KeyInfo, Fault> {
+    let attrs = session
+        .get_attributes(handle, INFO_ATTRIBUTES)
+        .map_err(|e| map_ckr(Op::ReadAttributes, &e))?;
     Ok(info_from_attributes(&attrs, allow_exportable_keys))
 }
 
@@ -255,12 +312,18 @@ fn key_type_of(kt: CkKeyType) -> KeyType {
 /// Field size in bits of a named curve given as DER `CKA_EC_PARAMS` (an OID); 0 when unknown.
 fn curve_bits(params: &[u8]) -> u32 {
     const CURVES: &[(&[u8], u32)] = &[
-        (&[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07], 256), // P-256
-        (&[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22], 384),                   // P-384
-        (&[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23], 521),                   // P-521
-        (&[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x0a], 256),                   // secp256k1
+        (
+            &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07],
+            256,
+        ), // P-256
+        (&[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22], 384), // P-384
+        (&[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23], 521), // P-521
+        (&[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x0a], 256), // secp256k1
     ];
-    CURVES.iter().find(|(oid, _)| *oid == params).map_or(0, |(_, bits)| *bits)
+    CURVES
+        .iter()
+        .find(|(oid, _)| *oid == params)
+        .map_or(0, |(_, bits)| *bits)
 }
 
 #[cfg(test)]
@@ -295,14 +358,29 @@ mod tests {
     fn custody_check() {
         let info = info_from_attributes(&aes(true, true), false);
         let why = info.custody_violation.unwrap();
-        assert!(why.starts_with("key is extractable (CKA_EXTRACTABLE=true)"), "{why}");
+        assert!(
+            why.starts_with("key is extractable (CKA_EXTRACTABLE=true)"),
+            "{why}"
+        );
         assert!(why.contains("hsm.allow_exportable_keys"));
-        let why = info_from_attributes(&aes(false, false), false).custody_violation.unwrap();
+        let why = info_from_attributes(&aes(false, false), false)
+            .custody_violation
+            .unwrap();
         assert!(why.contains("CKA_SENSITIVE=false"), "{why}");
-        assert_eq!(info_from_attributes(&aes(false, true), true).custody_violation, None);
+        assert_eq!(
+            info_from_attributes(&aes(false, true), true).custody_violation,
+            None
+        );
         // A module that does not report the attributes fails closed.
-        let bare = [Attribute::Class(ObjectClass::SECRET_KEY), Attribute::KeyType(CkKeyType::AES)];
-        assert!(info_from_attributes(&bare, false).custody_violation.is_some());
+        let bare = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(CkKeyType::AES),
+        ];
+        assert!(
+            info_from_attributes(&bare, false)
+                .custody_violation
+                .is_some()
+        );
     }
 
     #[test]
@@ -323,7 +401,10 @@ mod tests {
             Attribute::EcParams(vec![0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22]),
         ];
         assert_eq!(info_from_attributes(&ec, false).key_spec(), "EC_384");
-        let public = [Attribute::Class(ObjectClass::PUBLIC_KEY), Attribute::KeyType(CkKeyType::RSA)];
+        let public = [
+            Attribute::Class(ObjectClass::PUBLIC_KEY),
+            Attribute::KeyType(CkKeyType::RSA),
+        ];
         assert_eq!(info_from_attributes(&public, false).custody_violation, None);
         assert_eq!(key_type_of(CkKeyType::DES3), KeyType::Other("DES3".into()));
     }

@@ -23,6 +23,9 @@ pub mod settings;
 mod worker;
 
 pub use backend::Pkcs11Backend;
-pub use bootstrap::{KeyKind, KeyReport, KeySpec, TokenReport, ensure_key, ensure_token};
+pub use bootstrap::{
+    KeyKind, KeyReport, KeySpec, TokenReport, ensure_key, ensure_token, generate_key,
+};
 pub use errors::HsmError;
+pub use module::ModuleGuard;
 pub use settings::{HsmSettings, TokenSelector};

@@ -73,7 +73,8 @@ impl Module {
                     if started.elapsed() > TEARDOWN_WAIT {
                         return Err(HsmError::ModuleLoad {
                             path: key,
-                            detail: "timed out waiting for the previous user to finalize it".to_owned(),
+                            detail: "timed out waiting for the previous user to finalize it"
+                                .to_owned(),
                         });
                     }
                     std::thread::sleep(Duration::from_millis(1));
@@ -88,20 +89,32 @@ impl Module {
     }
 
     fn load(path: &Path) -> Result<Module, HsmError> {
-        let ctx = Pkcs11::new(path)
-            .map_err(|e| HsmError::ModuleLoad { path: path.to_path_buf(), detail: e.to_string() })?;
-        let owns_initialization = match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        let ctx = Pkcs11::new(path).map_err(|e| HsmError::ModuleLoad {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        let owns_initialization = match ctx
+            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        {
             Ok(()) => true,
             Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
                 tracing::warn!(module = %path.display(), "PKCS#11 module was already initialized by other code in this process; sharing it");
                 false
             }
             Err(e) => {
-                return Err(HsmError::Initialize { path: path.to_path_buf(), ckr: ck_error_name(&e).into_owned() });
+                return Err(HsmError::Initialize {
+                    path: path.to_path_buf(),
+                    ckr: ck_error_name(&e).into_owned(),
+                });
             }
         };
         tracing::info!(module = %path.display(), "PKCS#11 module loaded and initialized");
-        Ok(Module { ctx, path: path.to_path_buf(), owns_initialization, admin: Mutex::new(()) })
+        Ok(Module {
+            ctx,
+            path: path.to_path_buf(),
+            owns_initialization,
+            admin: Mutex::new(()),
+        })
     }
 
     /// The cryptoki context.
@@ -121,14 +134,19 @@ impl Module {
 
     /// Every slot that holds an initialized token, with its token info.
     pub(crate) fn tokens(&self) -> Result<Vec<(Slot, TokenInfo)>, HsmError> {
-        let slots = self.ctx.get_slots_with_token().map_err(|e| HsmError::pkcs11("C_GetSlotList", &e))?;
+        let slots = self
+            .ctx
+            .get_slots_with_token()
+            .map_err(|e| HsmError::pkcs11("C_GetSlotList", &e))?;
         let mut out = Vec::with_capacity(slots.len());
         for slot in slots {
             match self.ctx.get_token_info(slot) {
                 Ok(info) if info.token_initialized() => out.push((slot, info)),
                 Ok(_) => {}
                 // A slot whose token vanished between the two calls is simply not a candidate.
-                Err(e) => tracing::debug!(slot = slot.id(), ckr = %ck_error_name(&e), "C_GetTokenInfo failed"),
+                Err(e) => {
+                    tracing::debug!(slot = slot.id(), ckr = %ck_error_name(&e), "C_GetTokenInfo failed")
+                }
             }
         }
         Ok(out)
@@ -136,9 +154,18 @@ impl Module {
 
     /// The slot holding the token `selector` names: exactly one match, else an operator-facing
     /// error listing the tokens that exist.
-    pub(crate) fn find_token(&self, selector: &TokenSelector) -> Result<(Slot, TokenInfo), HsmError> {
+    pub(crate) fn find_token(
+        &self,
+        selector: &TokenSelector,
+    ) -> Result<(Slot, TokenInfo), HsmError> {
         let tokens = self.tokens()?;
-        let describe = |info: &TokenInfo| format!("{} (serial {})", info.label().trim(), info.serial_number().trim());
+        let describe = |info: &TokenInfo| {
+            format!(
+                "{} (serial {})",
+                info.label().trim(),
+                info.serial_number().trim()
+            )
+        };
         let mut matches: Vec<(Slot, TokenInfo)> = tokens
             .iter()
             .filter(|(_, info)| match selector {
@@ -162,6 +189,21 @@ impl Module {
     }
 }
 
+/// Keeps a PKCS#11 module loaded and initialized while held, so a series of bootstrap calls (or
+/// tests creating many tokens) does not `C_Initialize` and `C_Finalize` it around every call.
+/// Cheap to clone. The backend holds its own; this is for tools and tests.
+#[derive(Clone, Debug)]
+pub struct ModuleGuard {
+    _module: Arc<Module>,
+}
+
+impl ModuleGuard {
+    /// Load and initialize the module at `path` (or share it if this process already has).
+    pub fn acquire(path: &Path) -> Result<Self, HsmError> {
+        Module::acquire(path).map(|module| ModuleGuard { _module: module })
+    }
+}
+
 impl Drop for Module {
     fn drop(&mut self) {
         // Under the registry lock, so a concurrent `acquire` cannot initialize the module again
@@ -182,7 +224,9 @@ impl Drop for Module {
 
 impl std::fmt::Debug for Module {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Module").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("Module")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -194,6 +238,9 @@ mod tests {
     fn missing_module_is_an_operator_error() {
         let err = Module::acquire(Path::new("/nonexistent/libnothing.so")).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.starts_with("cannot load PKCS#11 module /nonexistent/libnothing.so"), "{msg}");
+        assert!(
+            msg.starts_with("cannot load PKCS#11 module /nonexistent/libnothing.so"),
+            "{msg}"
+        );
     }
 }

@@ -13,7 +13,7 @@ use crate::secret::SecretString;
 /// (SoftHSM renumbers on every `C_InitToken`; network HSMs renumber on partition changes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenSelector {
-    /// The token whose `CKA_LABEL`-style token label (`CK_TOKEN_INFO.label`) equals this.
+    /// The token whose label (`CK_TOKEN_INFO.label`, trailing blanks ignored) equals this.
     Label(String),
     /// The token whose serial number (`CK_TOKEN_INFO.serialNumber`) equals this.
     Serial(String),
@@ -57,6 +57,8 @@ impl HsmSettings {
     pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
     /// Default per-job deadline.
     pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(2);
+    /// Longest accepted per-job deadline (a request waiting longer is better failed).
+    pub const MAX_OP_TIMEOUT: Duration = Duration::from_secs(300);
     /// Default key cache capacity.
     pub const DEFAULT_KEY_CACHE_CAPACITY: u64 = 10_000;
 
@@ -81,13 +83,22 @@ impl HsmSettings {
             out.push("workers must be at least 1".to_owned());
         }
         if self.workers > 1024 {
-            out.push(format!("workers must be at most 1024 (got {})", self.workers));
+            out.push(format!(
+                "workers must be at most 1024 (got {})",
+                self.workers
+            ));
         }
         if self.queue_capacity == 0 {
             out.push("queue_capacity must be at least 1".to_owned());
         }
         if self.op_timeout.is_zero() {
             out.push("op_timeout must be greater than zero".to_owned());
+        }
+        if self.op_timeout > Self::MAX_OP_TIMEOUT {
+            out.push(format!(
+                "op_timeout must be at most {} s",
+                Self::MAX_OP_TIMEOUT.as_secs()
+            ));
         }
         if self.key_cache_capacity == 0 {
             out.push("key_cache_capacity must be at least 1".to_owned());

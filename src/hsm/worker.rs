@@ -53,6 +53,9 @@ pub(crate) struct Shared {
     pub(crate) sessions_up: AtomicUsize,
     /// Set when the HSM refused the PIN: workers stop trying (a retried wrong PIN locks the token).
     pub(crate) login_refused: AtomicBool,
+    /// Workers whose last reconnect attempt failed (in backoff). With no session up and at least
+    /// one of these, the HSM is really unreachable and callers fail fast instead of queueing.
+    pub(crate) reconnect_failing: AtomicUsize,
 }
 
 /// Latency histograms resolved once, so the hot path does no label lookup.
@@ -114,7 +117,13 @@ impl From<&TokenInfo> for TokenSummary {
             manufacturer: info.manufacturer_id().trim_end().to_owned(),
             model: info.model().trim_end().to_owned(),
             serial: info.serial_number().trim_end().to_owned(),
-            versions: format!("hw {}.{} fw {}.{}", hw.major(), hw.minor(), fw.major(), fw.minor()),
+            versions: format!(
+                "hw {}.{} fw {}.{}",
+                hw.major(),
+                hw.minor(),
+                fw.major(),
+                fw.minor()
+            ),
             user_pin_locked: info.user_pin_locked(),
         }
     }
@@ -129,7 +138,12 @@ pub(crate) struct Job {
 /// The operations a worker performs. Every one is safe to retry once after a reopen: none
 /// changes token state.
 pub(crate) enum Work {
-    Encrypt { key: Arc<KeyEntry>, plaintext: Plaintext, aad: Vec<u8>, reply: Reply<AeadSealed> },
+    Encrypt {
+        key: Arc<KeyEntry>,
+        plaintext: Plaintext,
+        aad: Vec<u8>,
+        reply: Reply<AeadSealed>,
+    },
     Decrypt {
         key: Arc<KeyEntry>,
         iv: Vec<u8>,
@@ -138,11 +152,21 @@ pub(crate) enum Work {
         aad: Vec<u8>,
         reply: Reply<Plaintext>,
     },
-    Random { len: usize, reply: Reply<Vec<u8>> },
-    Lookup { label: String, reply: Reply<Arc<KeyEntry>> },
+    Random {
+        len: usize,
+        reply: Reply<Vec<u8>>,
+    },
+    Lookup {
+        label: String,
+        reply: Reply<Arc<KeyEntry>>,
+    },
     /// `C_GetSessionInfo` (proves the session is alive) + `C_GetTokenInfo`.
-    TokenInfo { reply: Reply<TokenSummary> },
-    ListKeys { reply: Reply<Vec<KeyInfo>> },
+    TokenInfo {
+        reply: Reply<TokenSummary>,
+    },
+    ListKeys {
+        reply: Reply<Vec<KeyInfo>>,
+    },
 }
 
 impl Work {
@@ -162,9 +186,14 @@ impl Work {
 pub(crate) enum Control {
     /// Close the session for real (`C_CloseSession`), report, wait until `resume` is released (or
     /// disconnected) so all peers are closed too, then reconnect.
-    CloseSession { closed: oneshot::Sender<bool>, resume: Receiver<()> },
+    CloseSession {
+        closed: oneshot::Sender<bool>,
+        resume: Receiver<()>,
+    },
     /// `C_Logout`: the token forgets the login of every session of this process.
-    Logout { done: oneshot::Sender<Result<(), CryptoError>> },
+    Logout {
+        done: oneshot::Sender<Result<(), CryptoError>>,
+    },
     /// Answer what is queued, close the session, exit.
     Stop,
 }
@@ -208,8 +237,13 @@ impl Drop for OwnedSession {
 pub(crate) fn open_logged_in(shared: &Shared) -> Result<OwnedSession, CkError> {
     let timer = Instant::now();
     // RO is enough for encrypt/decrypt/find/attributes: least privilege.
-    let session = OwnedSession(Some(shared.module.ctx().open_ro_session_no_drop(shared.slot)?));
-    shared.timers.get(Op::OpenSession).observe(timer.elapsed().as_secs_f64());
+    let session = OwnedSession(Some(
+        shared.module.ctx().open_ro_session_no_drop(shared.slot)?,
+    ));
+    shared
+        .timers
+        .get(Op::OpenSession)
+        .observe(timer.elapsed().as_secs_f64());
     if let Some(s) = session.session() {
         login_if_needed(shared, s)?;
     }
@@ -227,7 +261,10 @@ fn login_if_needed(shared: &Shared, session: &Session) -> Result<bool, CkError> 
     let timer = Instant::now();
     let pin = AuthPin::from(shared.user_pin.expose());
     let result = session.login(UserType::User, Some(&pin));
-    shared.timers.get(Op::Login).observe(timer.elapsed().as_secs_f64());
+    shared
+        .timers
+        .get(Op::Login)
+        .observe(timer.elapsed().as_secs_f64());
     match result {
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(true),
         Err(e) => Err(e),
@@ -242,6 +279,8 @@ pub(crate) struct Worker {
     shared: Arc<Shared>,
     index: usize,
     up: bool,
+    /// Counted in `Shared::reconnect_failing`.
+    failing: bool,
     backoff: Duration,
     next_attempt: Instant,
 }
@@ -250,8 +289,15 @@ impl Worker {
     /// A worker around an already logged-in session (opened by `start`, so a bad PIN fails
     /// start-up with a single attempt).
     pub(crate) fn new(index: usize, session: OwnedSession, shared: Arc<Shared>) -> Self {
-        let mut worker =
-            Worker { session: Some(session), shared, index, up: false, backoff: BACKOFF_INITIAL, next_attempt: Instant::now() };
+        let mut worker = Worker {
+            session: Some(session),
+            shared,
+            index,
+            up: false,
+            failing: false,
+            backoff: BACKOFF_INITIAL,
+            next_attempt: Instant::now(),
+        };
         worker.mark_up();
         worker
     }
@@ -323,7 +369,9 @@ impl Worker {
             Control::Logout { done } => {
                 let result = match self.session.as_ref().and_then(OwnedSession::session) {
                     Some(s) => s.logout().map_err(|e| map_ckr(Op::Login, &e).error),
-                    None => Err(CryptoError::HsmUnavailable("worker has no session".to_owned())),
+                    None => Err(CryptoError::HsmUnavailable(
+                        "worker has no session".to_owned(),
+                    )),
                 };
                 let _ = done.send(result);
                 ControlFlow::Continue(())
@@ -333,7 +381,11 @@ impl Worker {
 
     /// Without a session: reconnect when the backoff allows, otherwise wait for it (or a control
     /// message). Never retries a refused PIN.
-    fn reconnect_or_wait(&mut self, control: &Receiver<Control>, jobs: &Receiver<Job>) -> ControlFlow<()> {
+    fn reconnect_or_wait(
+        &mut self,
+        control: &Receiver<Control>,
+        jobs: &Receiver<Job>,
+    ) -> ControlFlow<()> {
         let wait = if self.shared.login_refused.load(Ordering::Acquire) {
             None
         } else {
@@ -361,28 +413,51 @@ impl Worker {
         if Instant::now() >= job.deadline {
             // The caller has given up (or is about to): do not spend HSM time on it. Dropping the
             // job drops its reply channel.
-            self.shared.metrics.op_error(op.as_str(), CryptoError::HsmTimeout.kind());
+            self.shared
+                .metrics
+                .op_error(op.as_str(), CryptoError::HsmTimeout.kind());
             return;
         }
         match job.work {
-            Work::Encrypt { key, plaintext, aad, reply } => {
-                let r = self.with_key(Op::Encrypt, &key, |s, k| gcm::encrypt(s, k.handle, &plaintext, &aad));
+            Work::Encrypt {
+                key,
+                plaintext,
+                aad,
+                reply,
+            } => {
+                let r = self.with_key(Op::Encrypt, &key, |s, k| {
+                    gcm::encrypt(s, k.handle, &plaintext, &aad)
+                });
                 let _ = reply.send(r);
             }
-            Work::Decrypt { key, iv, mut ciphertext, tag, aad, reply } => {
-                let r = self.with_key(Op::Decrypt, &key, |s, k| gcm::decrypt(s, k.handle, &iv, &mut ciphertext, &tag, &aad));
+            Work::Decrypt {
+                key,
+                iv,
+                mut ciphertext,
+                tag,
+                aad,
+                reply,
+            } => {
+                let r = self.with_key(Op::Decrypt, &key, |s, k| {
+                    gcm::decrypt(s, k.handle, &iv, &mut ciphertext, &tag, &aad)
+                });
                 let _ = reply.send(r);
             }
             Work::Random { len, reply } => {
                 let r = self.with_session(Op::Random, |_, s| {
                     let mut out = vec![0u8; len];
-                    s.generate_random_slice(&mut out).map_err(|e| map_ckr(Op::Random, &e))?;
+                    s.generate_random_slice(&mut out)
+                        .map_err(|e| map_ckr(Op::Random, &e))?;
                     Ok(out)
                 });
                 let _ = reply.send(r);
             }
             Work::Lookup { label, reply } => {
                 let r = self.with_session(Op::FindKey, |shared, s| {
+                    // Concurrent misses for one label: the first lookup serves the rest.
+                    if let Some(fresh) = shared.keys.fresh(&label, shared.keys.generation()) {
+                        return Ok(fresh);
+                    }
                     // A logged-out session sees no private objects and would report "not found".
                     ensure_user(shared, s)?;
                     shared.keys.resolve(s, &label)
@@ -391,12 +466,22 @@ impl Worker {
             }
             Work::TokenInfo { reply } => {
                 let r = self.with_session(Op::TokenInfo, |shared, s| {
-                    let state = s.get_session_info().map_err(|e| map_ckr(Op::TokenInfo, &e))?.session_state();
+                    let state = s
+                        .get_session_info()
+                        .map_err(|e| map_ckr(Op::TokenInfo, &e))?
+                        .session_state();
                     if !matches!(state, SessionState::RoUser | SessionState::RwUser) {
                         // Logged out behind our back: let the recovery path log in again.
-                        return Err(Fault { error: not_logged_in(), recovery: Recovery::ReopenSession });
+                        return Err(Fault {
+                            error: not_logged_in(),
+                            recovery: Recovery::ReopenSession,
+                        });
                     }
-                    let info = shared.module.ctx().get_token_info(shared.slot).map_err(|e| map_ckr(Op::TokenInfo, &e))?;
+                    let info = shared
+                        .module
+                        .ctx()
+                        .get_token_info(shared.slot)
+                        .map_err(|e| map_ckr(Op::TokenInfo, &e))?;
                     Ok(TokenSummary::from(&info))
                 });
                 let _ = reply.send(r);
@@ -424,36 +509,61 @@ impl Worker {
         let mut entry = Arc::clone(key);
         let mut force_refresh = false;
         self.with_recovery(op, |shared, session| {
-            if force_refresh || entry.generation != shared.keys.generation() {
-                // Handles from before a reopen/re-login are suspect: resolve the label again.
-                shared.keys.invalidate(&entry.info.label);
-                let label = entry.info.label.clone();
-                entry = shared.keys.resolve(session, &label)?;
+            let generation = shared.keys.generation();
+            if force_refresh || entry.generation != generation {
+                // Handles from before a reopen/re-login are suspect, and a handle the HSM just
+                // refused is stale. A peer may have resolved the label again already; otherwise
+                // look it up on this session.
+                match shared.keys.fresh(&entry.info.label, generation) {
+                    Some(fresh) if !force_refresh || fresh.handle != entry.handle => entry = fresh,
+                    _ => {
+                        shared.keys.invalidate(&entry.info.label);
+                        let label = entry.info.label.clone();
+                        entry = shared.keys.resolve(session, &label)?;
+                    }
+                }
                 force_refresh = false;
             }
             if let Some(why) = &entry.info.custody_violation {
                 return Err(Fault::plain(CryptoError::KeyDisabled(why.clone())));
             }
             let result = f(session, &entry);
-            if matches!(result, Err(Fault { recovery: Recovery::RefreshKey, .. })) {
+            if matches!(
+                result,
+                Err(Fault {
+                    recovery: Recovery::RefreshKey,
+                    ..
+                })
+            ) {
                 force_refresh = true;
             }
             result
         })
     }
 
-    fn with_session<T>(&mut self, op: Op, f: impl FnMut(&Shared, &Session) -> Result<T, Fault>) -> Result<T, CryptoError> {
+    fn with_session<T>(
+        &mut self,
+        op: Op,
+        f: impl FnMut(&Shared, &Session) -> Result<T, Fault>,
+    ) -> Result<T, CryptoError> {
         self.with_recovery(op, f)
     }
 
     /// The retry loop: at most one recovery and one retry per job.
-    fn with_recovery<T>(&mut self, op: Op, mut f: impl FnMut(&Shared, &Session) -> Result<T, Fault>) -> Result<T, CryptoError> {
+    fn with_recovery<T>(
+        &mut self,
+        op: Op,
+        mut f: impl FnMut(&Shared, &Session) -> Result<T, Fault>,
+    ) -> Result<T, CryptoError> {
         let mut retried = false;
         loop {
             let shared = Arc::clone(&self.shared);
             let Some(session) = self.session.as_ref().and_then(OwnedSession::session) else {
                 // Only while draining at shutdown: a worker without a session takes no jobs.
-                shared.metrics.op_error(op.as_str(), CryptoError::HsmUnavailable(String::new()).kind());
+                shared.metrics.op_error(
+                    op.as_str(),
+                    CryptoError::HsmUnavailable(String::new()).kind(),
+                );
                 return Err(reconnecting());
             };
             let timer = Instant::now();
@@ -464,6 +574,10 @@ impl Worker {
                 Err(fault) => fault,
             };
             if retried || fault.recovery == Recovery::None {
+                if retried && fault.recovery == Recovery::ResetOperation {
+                    // Terminating the operation did not help: give later jobs a clean session.
+                    let _ = self.recover_session();
+                }
                 shared.metrics.op_error(op.as_str(), fault.error.kind());
                 return Err(fault.error);
             }
@@ -486,7 +600,9 @@ impl Worker {
                 match self.session.as_ref().and_then(OwnedSession::session) {
                     Some(s) => match ensure_user(&shared, s) {
                         Ok(()) => Ok(()),
-                        Err(fault) if fault.recovery == Recovery::ReopenSession => self.recover_session(),
+                        Err(fault) if fault.recovery == Recovery::ReopenSession => {
+                            self.recover_session()
+                        }
                         Err(fault) => Err(fault.error),
                     },
                     None => self.recover_session(),
@@ -498,9 +614,7 @@ impl Worker {
                     // result itself is irrelevant).
                     let _ = s.decrypt_final();
                     let _ = s.encrypt_final();
-                    if s.generate_random_slice(&mut [0u8; 1]).is_ok() {
-                        return Ok(());
-                    }
+                    return Ok(());
                 }
                 self.recover_session()
             }
@@ -518,7 +632,12 @@ impl Worker {
         }
         if let Some(owned) = self.session.take() {
             match owned.session().map(Session::get_session_info) {
-                Some(Ok(info)) if !matches!(info.session_state(), SessionState::RoUser | SessionState::RwUser) => {
+                Some(Ok(info))
+                    if !matches!(
+                        info.session_state(),
+                        SessionState::RoUser | SessionState::RwUser
+                    ) =>
+                {
                     // The session survived, the login did not.
                     let relogin = owned.session().map(|s| login_if_needed(&shared, s));
                     match relogin {
@@ -558,6 +677,7 @@ impl Worker {
                 // New session, maybe a new login: cached handles are suspect.
                 self.shared.keys.bump_generation();
                 self.backoff = BACKOFF_INITIAL;
+                self.set_failing(false);
                 self.mark_up();
                 tracing::info!(worker = self.index, "HSM session reopened");
                 Ok(())
@@ -576,7 +696,8 @@ impl Worker {
                     retry_in_ms = (self.backoff + jitter).as_millis() as u64,
                     "HSM session reopen failed"
                 );
-                self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                self.backoff = self.backoff.saturating_mul(2).min(BACKOFF_MAX);
+                self.set_failing(true);
                 Err(reconnecting())
             }
         }
@@ -607,6 +728,17 @@ impl Worker {
         }
     }
 
+    fn set_failing(&mut self, failing: bool) {
+        if self.failing != failing {
+            self.failing = failing;
+            if failing {
+                self.shared.reconnect_failing.fetch_add(1, Ordering::AcqRel);
+            } else {
+                self.shared.reconnect_failing.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
     fn mark_up(&mut self) {
         if !self.up {
             self.up = true;
@@ -626,6 +758,7 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
+        self.set_failing(false);
         self.close_session();
     }
 }

@@ -62,15 +62,26 @@ impl Pki {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let ca = Authority::new("ekm-proxy test CA").expect("CA");
-        let server = ca.issue_server(&["localhost", "127.0.0.1"]).expect("server cert");
-        let client = ca.issue_client(CLIENT_SUBJECT, Validity::Current).expect("client cert");
+        let server = ca
+            .issue_server(&["localhost", "127.0.0.1"])
+            .expect("server cert");
+        let client = ca
+            .issue_client(CLIENT_SUBJECT, Validity::Current)
+            .expect("client cert");
         let ca_pem = dir.path().join("ca.pem");
         let server_pem = dir.path().join("server.pem");
         let server_key = dir.path().join("server-key.pem");
         std::fs::write(&ca_pem, ca.cert_pem()).unwrap();
         std::fs::write(&server_pem, &server.cert_pem).unwrap();
         std::fs::write(&server_key, server.key_pem.as_bytes()).unwrap();
-        Self { dir, ca, ca_pem, server_pem, server_key, client }
+        Self {
+            dir,
+            ca,
+            ca_pem,
+            server_pem,
+            server_key,
+            client,
+        }
     }
 }
 
@@ -101,13 +112,26 @@ impl TestProxy {
         let pki = Pki::new();
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("ekm-proxy.toml");
-        std::fs::write(&config_path, config_text(&token, &pki, &options, dir.path())).unwrap();
+        std::fs::write(
+            &config_path,
+            config_text(&token, &pki, &options, dir.path()),
+        )
+        .unwrap();
         let settings = match ekm_proxy::config::load(&config_path) {
             Ok(s) => s,
             Err(e) => panic!("test config rejected: {e}"),
         };
-        let running = app::start(settings).await.unwrap_or_else(|e| panic!("proxy did not start: {e}"));
-        Self { running: Some(running), token, pki, dir, config_path, options }
+        let running = app::start(settings)
+            .await
+            .unwrap_or_else(|e| panic!("proxy did not start: {e}"));
+        Self {
+            running: Some(running),
+            token,
+            pki,
+            dir,
+            config_path,
+            options,
+        }
     }
 
     pub fn running(&self) -> &Running {
@@ -115,7 +139,9 @@ impl TestProxy {
     }
 
     pub fn addr(&self, listener: &str) -> std::net::SocketAddr {
-        self.running().addr(listener).unwrap_or_else(|| panic!("no listener {listener}"))
+        self.running()
+            .addr(listener)
+            .unwrap_or_else(|| panic!("no listener {listener}"))
     }
 
     /// Client config for a listener (`tls`, `mtls` or `plain`); mTLS presents the good client cert.
@@ -125,8 +151,10 @@ impl TestProxy {
             "plain" => None,
             _ => Some(ClientTls {
                 ca_pem: self.pki.ca.cert_pem().into_bytes(),
-                client_cert_pem: (listener == "mtls").then(|| self.pki.client.cert_pem.clone().into_bytes()),
-                client_key_pem: (listener == "mtls").then(|| self.pki.client.key_pem.as_bytes().to_vec()),
+                client_cert_pem: (listener == "mtls")
+                    .then(|| self.pki.client.cert_pem.clone().into_bytes()),
+                client_key_pem: (listener == "mtls")
+                    .then(|| self.pki.client.key_pem.as_bytes().to_vec()),
                 server_name: "localhost".into(),
             }),
         };
@@ -144,7 +172,9 @@ impl TestProxy {
 
     /// A connected client on `listener`.
     pub async fn client(&self, listener: &str) -> XksClient {
-        XksClient::connect(Arc::new(self.client_config(listener))).await.expect("connect")
+        XksClient::connect(Arc::new(self.client_config(listener)))
+            .await
+            .expect("connect")
     }
 
     /// A client on the TLS listener.
@@ -159,28 +189,42 @@ impl TestProxy {
         cfg.addr = addr;
         cfg.tls = None;
         cfg.host = addr.to_string();
-        let mut client = XksClient::connect(Arc::new(cfg)).await.expect("admin connect");
+        let mut client = XksClient::connect(Arc::new(cfg))
+            .await
+            .expect("admin connect");
         let req = http::Request::get(path)
             .header(http::header::HOST, addr.to_string())
             .body(http_body_util::Full::new(bytes::Bytes::new()))
             .unwrap();
         let resp = client.send_raw(req).await.expect("admin request");
-        (resp.status, String::from_utf8_lossy(&resp.body).into_owned())
+        (
+            resp.status,
+            String::from_utf8_lossy(&resp.body).into_owned(),
+        )
     }
 
     /// The value of a metric line (exact series text before the value), or 0.
     pub async fn metric(&self, series: &str) -> f64 {
         let (_, text) = self.admin_get("/metrics").await;
         text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).map(str::to_owned))
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .map(str::to_owned)
+            })
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0.0)
     }
 
     /// Rewrite the config file with other options and reload it in place (like SIGHUP).
     pub fn reload_with(&mut self, options: ProxyOptions) {
-        std::fs::write(&self.config_path, config_text(&self.token, &self.pki, &options, self.dir.path())).unwrap();
-        let settings = ekm_proxy::config::load(&self.config_path).unwrap_or_else(|e| panic!("reload config: {e}"));
+        std::fs::write(
+            &self.config_path,
+            config_text(&self.token, &self.pki, &options, self.dir.path()),
+        )
+        .unwrap();
+        let settings = ekm_proxy::config::load(&self.config_path)
+            .unwrap_or_else(|e| panic!("reload config: {e}"));
         self.running().reload(&settings).expect("reload");
         self.options = options;
     }
@@ -231,7 +275,11 @@ allowed_subjects = ["{CLIENT_SUBJECT}"]
     )
     .unwrap();
     if o.plain_http {
-        writeln!(t, "[[listener]]\nname = \"plain\"\naddress = \"127.0.0.1:0\"\nplain_http = true\n").unwrap();
+        writeln!(
+            t,
+            "[[listener]]\nname = \"plain\"\naddress = \"127.0.0.1:0\"\nplain_http = true\n"
+        )
+        .unwrap();
     }
     writeln!(
         t,
@@ -242,8 +290,7 @@ address = "127.0.0.1:0"
 module = "{module}"
 token_label = "{label}"
 user_pin = "{pin}"
-{workers}op_timeout_ms = 3000
-{hsm}
+{hsm_defaults}{hsm}
 
 [health]
 key = "ekm-health-check"
@@ -276,8 +323,7 @@ secret = "{SECRET_2}"
         label = token.label,
         pin = token.user_pin,
         hsm = o.hsm_keys,
-        // `hsm_keys` may set its own worker count (TOML forbids a duplicate key).
-        workers = if o.hsm_keys.lines().any(|l| l.trim_start().starts_with("workers")) { "" } else { "workers = 2\n" },
+        hsm_defaults = hsm_defaults(&o.hsm_keys),
         kill = dir.join("KILL").display(),
         security = o.security_keys,
         ks = o.key_store_keys,
@@ -285,4 +331,18 @@ secret = "{SECRET_2}"
     )
     .unwrap();
     t
+}
+
+/// `[hsm]` defaults that `hsm_keys` does not set itself (TOML forbids a duplicate key).
+fn hsm_defaults(hsm_keys: &str) -> String {
+    let set = |key: &str| {
+        hsm_keys
+            .lines()
+            .any(|l| l.split('=').next().is_some_and(|k| k.trim() == key))
+    };
+    [("workers", "2"), ("op_timeout_ms", "3000")]
+        .iter()
+        .filter(|(key, _)| !set(key))
+        .map(|(key, value)| format!("{key} = {value}\n"))
+        .collect()
 }

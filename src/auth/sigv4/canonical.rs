@@ -192,7 +192,10 @@ mod tests {
 
     #[test]
     fn uri_encoding() {
-        assert_eq!(encode("/dev-keystore/kms/xks/v1/keys/k.1_~/encrypt", true), "/dev-keystore/kms/xks/v1/keys/k.1_~/encrypt");
+        assert_eq!(
+            encode("/dev-keystore/kms/xks/v1/keys/k.1_~/encrypt", true),
+            "/dev-keystore/kms/xks/v1/keys/k.1_~/encrypt"
+        );
         assert_eq!(encode("/example space/", true), "/example%20space/");
         assert_eq!(encode("/\u{1234}", true), "/%E1%88%B4");
         assert_eq!(encode("/%E1%88%B4", true), "/%E1%88%B4");

@@ -135,7 +135,14 @@ mod tests {
 
     #[test]
     fn round_trips_across_calendar_edges() {
-        for secs in [0, 951_782_400, 951_868_799, 1_709_164_800, 4_102_444_799, 253_402_300_799] {
+        for secs in [
+            0,
+            951_782_400,
+            951_868_799,
+            1_709_164_800,
+            4_102_444_799,
+            253_402_300_799,
+        ] {
             let t = UNIX_EPOCH + Duration::from_secs(secs);
             let f = format_amz_date(t).unwrap_or_default();
             let s = std::str::from_utf8(&f).unwrap_or_default();

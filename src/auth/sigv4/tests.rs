@@ -119,12 +119,7 @@ fn canonical_requests_match_the_published_creq() {
             },
         )
         .unwrap();
-        assert_eq!(
-            Some(String::from_utf8(out).unwrap()),
-            v.creq,
-            "{}",
-            v.name
-        );
+        assert_eq!(Some(String::from_utf8(out).unwrap()), v.creq, "{}", v.name);
         checked += 1;
     }
     assert!(checked >= 4);
@@ -282,9 +277,9 @@ fn authorization(headers: &HeaderMap) -> String {
 #[test]
 fn round_trip_kms_style() {
     let h = signed_headers(&Signing::default());
-    assert!(
-        authorization(&h).contains("/us-east-1/kms-xks-proxy/aws4_request, SignedHeaders=host;x-amz-date, Signature=")
-    );
+    assert!(authorization(&h).contains(
+        "/us-east-1/kms-xks-proxy/aws4_request, SignedHeaders=host;x-amz-date, Signature="
+    ));
     assert_eq!(
         verify(&h).unwrap(),
         Principal::SigV4 {
@@ -401,7 +396,11 @@ fn tampering_is_detected() {
     // Date moved by one second (still within skew, still the same day).
     let mut t = h.clone();
     let date = t["x-amz-date"].to_str().unwrap().to_owned();
-    let bumped = format!("{}{}Z", &date[..14], if &date[14..15] == "0" { 1 } else { 0 });
+    let bumped = format!(
+        "{}{}Z",
+        &date[..14],
+        if &date[14..15] == "0" { 1 } else { 0 }
+    );
     t.insert("x-amz-date", HeaderValue::from_str(&bumped).unwrap());
     assert!(matches!(verify(&t), Err(SigV4Error::SignatureMismatch)));
     // Method.
@@ -433,14 +432,24 @@ fn every_signature_nibble_matters() {
         bytes[i] = if bytes[i] == b'0' { b'1' } else { b'0' };
         let mut t = h.clone();
         set_authorization(&mut t, std::str::from_utf8(&bytes).unwrap());
-        assert!(matches!(verify(&t), Err(SigV4Error::SignatureMismatch)), "{i}");
+        assert!(
+            matches!(verify(&t), Err(SigV4Error::SignatureMismatch)),
+            "{i}"
+        );
     }
 }
 
 #[test]
 fn clock_skew_both_ways() {
     let skew = DEFAULT_MAX_SKEW;
-    for (offset_secs, ok) in [(-300i64, true), (300, true), (-301, false), (301, false), (-3600, false), (86_400, false)] {
+    for (offset_secs, ok) in [
+        (-300i64, true),
+        (300, true),
+        (-301, false),
+        (301, false),
+        (-3600, false),
+        (86_400, false),
+    ] {
         let time = if offset_secs < 0 {
             now() - Duration::from_secs(offset_secs.unsigned_abs())
         } else {
@@ -454,7 +463,10 @@ fn clock_skew_both_ways() {
         if ok {
             assert!(r.is_ok(), "{offset_secs}: {r:?}");
         } else {
-            assert!(matches!(r, Err(SigV4Error::ClockSkew)), "{offset_secs}: {r:?}");
+            assert!(
+                matches!(r, Err(SigV4Error::ClockSkew)),
+                "{offset_secs}: {r:?}"
+            );
         }
     }
     assert_eq!(skew, Duration::from_secs(300));
@@ -499,7 +511,10 @@ fn host_and_date_must_be_signed() {
         signed: &["x-amz-date"],
         ..Signing::default()
     });
-    assert!(matches!(verify(&h), Err(SigV4Error::HeaderNotSigned("host"))));
+    assert!(matches!(
+        verify(&h),
+        Err(SigV4Error::HeaderNotSigned("host"))
+    ));
     let h = signed_headers(&Signing {
         signed: &["host"],
         ..Signing::default()
@@ -551,7 +566,10 @@ fn content_sha256_is_checked_only_when_signed() {
     let bad = hex::encode(Sha256::digest(b"other"));
     let with = |value: &str, signed: &'static [&'static str]| {
         let mut base = HeaderMap::new();
-        base.insert("x-amz-content-sha256", HeaderValue::from_str(value).unwrap());
+        base.insert(
+            "x-amz-content-sha256",
+            HeaderValue::from_str(value).unwrap(),
+        );
         signed_headers_with(
             &Signing {
                 signed,
@@ -587,24 +605,37 @@ fn missing_and_malformed_headers() {
     t.remove("x-amz-date");
     assert!(matches!(verify(&t), Err(SigV4Error::MissingDate)));
 
-    for bad_date in ["2023-11-14T22:13:20Z", "20231114T221320", "20231131T221320Z"] {
+    for bad_date in [
+        "2023-11-14T22:13:20Z",
+        "20231114T221320",
+        "20231131T221320Z",
+    ] {
         let mut t = h.clone();
         t.insert("x-amz-date", HeaderValue::from_static(bad_date));
-        assert!(matches!(verify(&t), Err(SigV4Error::MalformedDate)), "{bad_date}");
+        assert!(
+            matches!(verify(&t), Err(SigV4Error::MalformedDate)),
+            "{bad_date}"
+        );
     }
     let mut t = h.clone();
     t.append("x-amz-date", h["x-amz-date"].clone());
     assert!(matches!(verify(&t), Err(SigV4Error::MalformedDate)));
 
     let mut t = h.clone();
-    set_authorization(&mut t, &auth.replace("AWS4-HMAC-SHA256", "AWS4-HMAC-SHA512"));
+    set_authorization(
+        &mut t,
+        &auth.replace("AWS4-HMAC-SHA256", "AWS4-HMAC-SHA512"),
+    );
     assert!(matches!(verify(&t), Err(SigV4Error::UnsupportedAlgorithm)));
     set_authorization(&mut t, "Basic dXNlcjpwYXNz");
     assert!(matches!(verify(&t), Err(SigV4Error::UnsupportedAlgorithm)));
 
     let mut t = h.clone();
     t.append("authorization", h["authorization"].clone());
-    assert!(matches!(verify(&t), Err(SigV4Error::MalformedAuthorization(_))));
+    assert!(matches!(
+        verify(&t),
+        Err(SigV4Error::MalformedAuthorization(_))
+    ));
 
     let sig = &auth[auth.find("Signature=").unwrap()..];
     let malformed = [
@@ -658,12 +689,19 @@ fn reasons_and_messages_never_leak() {
     for e in &errors {
         let text = format!("{e} {e:?}");
         assert!(!text.contains(SECRET) && !text.contains(&sig), "{text}");
-        assert!(e.reason().bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+        assert!(
+            e.reason()
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_')
+        );
         reasons.insert(e.reason());
     }
     assert_eq!(reasons.len(), errors.len());
     let dbg = format!("{:?}", verifier());
-    assert!(dbg.contains(AKID) && !dbg.contains(SECRET) && !dbg.contains(SECRET2), "{dbg}");
+    assert!(
+        dbg.contains(AKID) && !dbg.contains(SECRET) && !dbg.contains(SECRET2),
+        "{dbg}"
+    );
 }
 
 #[test]
@@ -712,4 +750,56 @@ fn key_cache_is_bounded() {
 fn verifier_is_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<SigV4Verifier>();
+}
+
+#[test]
+fn cached_signer_matches_the_free_function_across_dates() {
+    let signer = SigV4Signer::new(AKID, SecretString::from(SECRET), "us-east-1", SERVICE);
+    let day = Duration::from_secs(86_400);
+    for time in [now(), now() + Duration::from_secs(1), now() + day, now()] {
+        let mut a = HeaderMap::new();
+        a.insert("host", HeaderValue::from_static(HOST));
+        let mut b = a.clone();
+        signer
+            .sign(
+                "POST",
+                PATH,
+                "",
+                &mut a,
+                BODY,
+                &["host", "x-amz-date"],
+                time,
+            )
+            .unwrap();
+        sign(
+            "POST",
+            PATH,
+            "",
+            &mut b,
+            BODY,
+            &["host", "x-amz-date"],
+            AKID,
+            &SecretString::from(SECRET),
+            "us-east-1",
+            SERVICE,
+            time,
+        )
+        .unwrap();
+        assert_eq!(a, b);
+    }
+    let mut h = HeaderMap::new();
+    h.insert("host", HeaderValue::from_static(HOST));
+    signer
+        .sign(
+            "POST",
+            PATH,
+            "",
+            &mut h,
+            BODY,
+            &["host", "x-amz-date"],
+            now(),
+        )
+        .unwrap();
+    assert!(verify(&h).is_ok());
+    assert!(!format!("{signer:?}").contains(SECRET));
 }
