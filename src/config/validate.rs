@@ -417,6 +417,15 @@ fn key_store(ks: &RawKeyStore, at: &str, base: &Path, c: &mut Collector) -> Opti
                 Some(parsed)
             }
         };
+        let covers_metadata = operations.as_ref().is_none_or(|ops| ops.contains(&Operation::KeyMetadata));
+        if r.attribute == "kmsKeyArn" && covers_metadata {
+            // KMS sends no kmsKeyArn with GetKeyMetadata (CreateKey: the KMS key does not exist yet),
+            // so such a rule would deny every CreateKey.
+            c.add(
+                format!("{rat}.operations"),
+                "a kmsKeyArn rule must not apply to metadata (CreateKey sends no kmsKeyArn); set operations = [\"encrypt\", \"decrypt\"]",
+            );
+        }
         rules.push(Rule {
             name: r.name.clone(),
             keys: r.keys.as_ref().map_or_else(|| vec![Pattern::new("*")], |k| k.iter().map(Pattern::new).collect()),

@@ -92,9 +92,15 @@ impl<B: Backend> KeyService<B> {
         &self.health
     }
 
-    /// Current health (cached deep check, at most `max_age` old).
+    /// Current health (cached deep check, at most `max_age` old). While the kill switch is
+    /// engaged the status is UNAVAILABLE: a healthy answer must mean key operations would succeed.
     pub async fn health_report(&self) -> HealthReport {
-        self.health.report().await
+        let mut report = self.health.report().await;
+        if self.kill.engaged() {
+            report.status = super::HealthStatus::Unavailable;
+            report.detail = "the kill switch is engaged".into();
+        }
+        report
     }
 
     /// The key's attributes and whether it may be used now.

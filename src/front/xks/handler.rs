@@ -22,6 +22,8 @@ use crate::metrics::RequestMetrics;
 
 /// The path segment every XKS API lives under, after the key store's prefix.
 const API_ROOT: &str = "/kms/xks/v1";
+/// Decode bound for fields whose wrong sizes have their own error (IV, tag, metadata).
+const ANY_SIZE: usize = usize::MAX / 2;
 /// Front name in metrics, logs and audit lines.
 const FRONT: &str = "xks";
 
@@ -283,10 +285,12 @@ impl<B: Backend> XksFront<B> {
                 require_algorithm(parsed.encryption_algorithm.as_deref())?;
                 let limits = store.settings.limits;
                 let ciphertext = decode_field("ciphertext", parsed.ciphertext.as_deref(), limits.max_plaintext)?;
-                let iv = decode_field("initializationVector", parsed.initialization_vector.as_deref(), 64)?;
-                let tag = decode_field("authenticationTag", parsed.authentication_tag.as_deref(), 64)?;
+                // Fixed-size fields: a wrong size, however large, gets the field's own error below;
+                // the server's body limit bounds what is decoded.
+                let iv = decode_field("initializationVector", parsed.initialization_vector.as_deref(), ANY_SIZE)?;
+                let tag = decode_field("authenticationTag", parsed.authentication_tag.as_deref(), ANY_SIZE)?;
                 let aad = decode_optional("additionalAuthenticatedData", parsed.additional_authenticated_data.as_deref(), limits.max_aad)?;
-                let metadata = decode_optional("ciphertextMetadata", parsed.ciphertext_metadata.as_deref(), 64)?
+                let metadata = decode_optional("ciphertextMetadata", parsed.ciphertext_metadata.as_deref(), ANY_SIZE)?
                     .unwrap_or_default();
                 if metadata.len() > MAX_METADATA {
                     return Err(XksError::new(N::Validation, "ciphertextMetadata exceeds 20 bytes"));
