@@ -89,6 +89,10 @@ name = "r"
 attribute = "notAnAttribute"
 operations = ["sign"]
 allow = []
+[[xks.key_store.rule]]
+name = "arn-binding-without-operations"
+attribute = "kmsKeyArn"
+allow = ["*"]
 "#
     );
     let err = ekm_proxy::config::from_str(&text, Path::new("bad.toml"), Path::new("/")).unwrap_err();
@@ -114,6 +118,7 @@ allow = []
         "xks.key_store[0].rule[0].attribute",
         "xks.key_store[0].rule[0].operations",
         "xks.key_store[0].rule[0].allow",
+        "xks.key_store[0].rule[1].operations",
     ] {
         assert!(paths.contains(&expected), "missing problem for {expected}; got {paths:#?}");
     }
