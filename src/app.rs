@@ -66,19 +66,35 @@ pub struct Running {
 
 /// Build and start everything described by `settings`.
 pub async fn start(settings: Settings) -> Result<Running, StartError> {
-    let metrics = Metrics::new(prometheus::Registry::new()).map_err(|e| StartError::Metrics(e.to_string()))?;
+    let metrics = Metrics::new(prometheus::Registry::new())
+        .map_err(|e| StartError::Metrics(e.to_string()))?;
     // Module load, C_Initialize, C_Login and the key-cache warm-up are blocking FFI work.
     let hsm_settings = settings.hsm.clone();
     let (hsm_metrics, cache_metrics) = (metrics.hsm.clone(), metrics.cache.clone());
-    let backend = tokio::task::spawn_blocking(move || Pkcs11Backend::start(hsm_settings, hsm_metrics, cache_metrics))
-        .await
-        .map_err(|e| StartError::Task(e.to_string()))??;
+    let backend = tokio::task::spawn_blocking(move || {
+        Pkcs11Backend::start(hsm_settings, hsm_metrics, cache_metrics)
+    })
+    .await
+    .map_err(|e| StartError::Task(e.to_string()))??;
     let backend = Arc::new(backend);
 
     let kill = Arc::new(KillSwitch::default());
-    let health = HealthMonitor::new(backend.clone(), settings.core.health_key.clone(), settings.core.health_max_age);
-    let service = Arc::new(KeyService::new(backend.clone(), settings.core.keys.clone(), kill.clone(), health));
-    let xks = Arc::new(XksFront::new(&settings.xks, service.clone(), metrics.requests.clone()));
+    let health = HealthMonitor::new(
+        backend.clone(),
+        settings.core.health_key.clone(),
+        settings.core.health_max_age,
+    );
+    let service = Arc::new(KeyService::new(
+        backend.clone(),
+        settings.core.keys.clone(),
+        kill.clone(),
+        health,
+    ));
+    let xks = Arc::new(XksFront::new(
+        &settings.xks,
+        service.clone(),
+        metrics.requests.clone(),
+    ));
     let router = Arc::new(Router {
         xks: Some(xks.clone()),
         metrics: metrics.requests.clone(),
@@ -90,16 +106,21 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let mut tasks = JoinSet::new();
     let server_settings = Arc::new(settings.server.clone());
     let connections = Arc::new(Semaphore::new(settings.server.max_connections));
-    let alpn: Vec<Vec<u8>> =
-        if settings.server.http2 { vec![b"h2".to_vec(), b"http/1.1".to_vec()] } else { vec![b"http/1.1".to_vec()] };
+    let alpn: Vec<Vec<u8>> = if settings.server.http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     let mut addrs = HashMap::new();
     let mut tls_configs = HashMap::new();
     for l in &settings.listeners {
         let tls_config = match &l.tls {
             None => None,
             Some(t) => {
-                let cfg = build_tls(t, &alpn)
-                    .map_err(|source| StartError::Tls { listener: l.name.clone(), source })?;
+                let cfg = build_tls(t, &alpn).map_err(|source| StartError::Tls {
+                    listener: l.name.clone(),
+                    source,
+                })?;
                 let cfg = Arc::new(ArcSwap::new(cfg));
                 tls_configs.insert(l.name.clone(), cfg.clone());
                 Some(cfg)
@@ -115,8 +136,16 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             metrics.requests.clone(),
         )
         .await
-        .map_err(|source| StartError::Bind { what: l.name.clone(), addr: l.addr, source })?;
-        let addr = listener.local_addr().map_err(|source| StartError::Bind { what: l.name.clone(), addr: l.addr, source })?;
+        .map_err(|source| StartError::Bind {
+            what: l.name.clone(),
+            addr: l.addr,
+            source,
+        })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            what: l.name.clone(),
+            addr: l.addr,
+            source,
+        })?;
         tracing::info!(listener = %l.name, %addr, tls = l.tls.is_some(), "listening");
         addrs.insert(l.name.clone(), addr);
         tasks.spawn(listener.run(shutdown.clone()));
@@ -126,8 +155,16 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         Some(a) => {
             let admin = Admin::bind(a.addr, service.clone(), metrics.clone())
                 .await
-                .map_err(|source| StartError::Bind { what: "admin".into(), addr: a.addr, source })?;
-            let addr = admin.local_addr().map_err(|source| StartError::Bind { what: "admin".into(), addr: a.addr, source })?;
+                .map_err(|source| StartError::Bind {
+                    what: "admin".into(),
+                    addr: a.addr,
+                    source,
+                })?;
+            let addr = admin.local_addr().map_err(|source| StartError::Bind {
+                what: "admin".into(),
+                addr: a.addr,
+                source,
+            })?;
             tracing::info!(%addr, "admin listening");
             tasks.spawn(admin.run(shutdown.clone()));
             Some(addr)
@@ -192,7 +229,10 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     })
 }
 
-fn build_tls(t: &tls::TlsSettings, alpn: &[Vec<u8>]) -> Result<Arc<rustls::ServerConfig>, tls::TlsError> {
+fn build_tls(
+    t: &tls::TlsSettings,
+    alpn: &[Vec<u8>],
+) -> Result<Arc<rustls::ServerConfig>, tls::TlsError> {
     let alpn: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
     // Rejected client certificates are logged by the verifier and counted by the listener as
     // failed handshakes, so no extra hook is needed here.
@@ -227,8 +267,10 @@ impl Running {
         let mut fresh = Vec::new();
         for l in &new.listeners {
             if let (Some(t), Some(slot)) = (&l.tls, self.tls.get(&l.name)) {
-                let cfg = build_tls(t, &self.alpn)
-                    .map_err(|source| StartError::Tls { listener: l.name.clone(), source })?;
+                let cfg = build_tls(t, &self.alpn).map_err(|source| StartError::Tls {
+                    listener: l.name.clone(),
+                    source,
+                })?;
                 fresh.push((slot.clone(), cfg));
             }
             if !self.addrs.contains_key(&l.name) {

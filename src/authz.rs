@@ -154,7 +154,11 @@ impl Policy {
             if !rule.keys.iter().any(|k| k.matches(facts.key)) {
                 continue;
             }
-            if rule.operations.as_ref().is_some_and(|ops| !ops.contains(&facts.op)) {
+            if rule
+                .operations
+                .as_ref()
+                .is_some_and(|ops| !ops.contains(&facts.op))
+            {
                 continue;
             }
             let value = facts
@@ -178,7 +182,11 @@ impl Policy {
                 Some(_) => {}
             }
         }
-        Ok(Permit { principal: facts.principal.name().to_owned(), key: facts.key.to_owned(), op: facts.op })
+        Ok(Permit {
+            principal: facts.principal.name().to_owned(),
+            key: facts.key.to_owned(),
+            op: facts.op,
+        })
     }
 }
 
@@ -187,7 +195,10 @@ mod tests {
     use super::*;
 
     fn principal() -> Principal {
-        Principal::SigV4 { access_key_id: "AKID".into(), region: "us-east-1".into() }
+        Principal::SigV4 {
+            access_key_id: "AKID".into(),
+            region: "us-east-1".into(),
+        }
     }
 
     #[test]
@@ -195,8 +206,16 @@ mod tests {
         for (p, v, want) in [
             ("*", "", true),
             ("*", "abc", true),
-            ("arn:aws:iam::111122223333:*", "arn:aws:iam::111122223333:role/x", true),
-            ("arn:aws:iam::111122223333:*", "arn:aws:iam::999922223333:role/x", false),
+            (
+                "arn:aws:iam::111122223333:*",
+                "arn:aws:iam::111122223333:role/x",
+                true,
+            ),
+            (
+                "arn:aws:iam::111122223333:*",
+                "arn:aws:iam::999922223333:role/x",
+                false,
+            ),
             ("a*b*c", "aXXbYYc", true),
             ("a*b*c", "aXXbYY", false),
             ("exact", "exact", true),
@@ -211,7 +230,12 @@ mod tests {
     fn empty_policy_allows_and_permit_records_request() {
         let p = principal();
         let permit = Policy::default()
-            .authorize(&Facts { principal: &p, key: "k1", op: Operation::Encrypt, attributes: &[] })
+            .authorize(&Facts {
+                principal: &p,
+                key: "k1",
+                op: Operation::Encrypt,
+                attributes: &[],
+            })
             .unwrap();
         assert_eq!(permit.key(), "k1");
         assert_eq!(permit.operation(), Operation::Encrypt);
@@ -239,22 +263,65 @@ mod tests {
         let p = principal();
         let good = [
             ("awsPrincipalArn", Some("arn:aws:iam::111122223333:root")),
-            ("kmsKeyArn", Some("arn:aws:kms:us-east-1:111122223333:key/abc")),
+            (
+                "kmsKeyArn",
+                Some("arn:aws:kms:us-east-1:111122223333:key/abc"),
+            ),
         ];
-        assert!(policy.authorize(&Facts { principal: &p, key: "k1", op: Operation::Encrypt, attributes: &good }).is_ok());
-        let other_key = [("awsPrincipalArn", Some("arn:aws:iam::111122223333:root")), ("kmsKeyArn", Some("x"))];
+        assert!(
+            policy
+                .authorize(&Facts {
+                    principal: &p,
+                    key: "k1",
+                    op: Operation::Encrypt,
+                    attributes: &good
+                })
+                .is_ok()
+        );
+        let other_key = [
+            ("awsPrincipalArn", Some("arn:aws:iam::111122223333:root")),
+            ("kmsKeyArn", Some("x")),
+        ];
         // bind-key does not apply to k2.
-        assert!(policy.authorize(&Facts { principal: &p, key: "k2", op: Operation::Encrypt, attributes: &other_key }).is_ok());
+        assert!(
+            policy
+                .authorize(&Facts {
+                    principal: &p,
+                    key: "k2",
+                    op: Operation::Encrypt,
+                    attributes: &other_key
+                })
+                .is_ok()
+        );
         // ...nor to metadata.
-        assert!(policy.authorize(&Facts { principal: &p, key: "k1", op: Operation::KeyMetadata, attributes: &other_key }).is_ok());
+        assert!(
+            policy
+                .authorize(&Facts {
+                    principal: &p,
+                    key: "k1",
+                    op: Operation::KeyMetadata,
+                    attributes: &other_key
+                })
+                .is_ok()
+        );
         let denied = policy
-            .authorize(&Facts { principal: &p, key: "k1", op: Operation::Decrypt, attributes: &other_key })
+            .authorize(&Facts {
+                principal: &p,
+                key: "k1",
+                op: Operation::Decrypt,
+                attributes: &other_key,
+            })
             .unwrap_err();
         assert_eq!(denied.rule, "bind-key");
         assert!(denied.to_string().contains("kmsKeyArn"));
         let absent = [("awsPrincipalArn", None)];
         let denied = policy
-            .authorize(&Facts { principal: &p, key: "k2", op: Operation::Encrypt, attributes: &absent })
+            .authorize(&Facts {
+                principal: &p,
+                key: "k2",
+                op: Operation::Encrypt,
+                attributes: &absent,
+            })
             .unwrap_err();
         assert_eq!(denied.rule, "account");
         assert!(denied.reason.contains("absent"));

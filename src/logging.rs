@@ -25,7 +25,11 @@ pub fn init(settings: &LoggingSettings) -> std::io::Result<LogGuard> {
     let audit_elsewhere = settings.audit_file.is_some();
     let not_audit = FilterFn::new(move |meta| !(audit_elsewhere && meta.target() == audit::TARGET));
     let ops = match settings.format {
-        LogFormat::Json => tracing_subscriber::fmt::layer().json().with_writer(stderr).with_filter(not_audit).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(stderr)
+            .with_filter(not_audit)
+            .boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_ansi(std::io::stderr().is_terminal())
             .with_writer(stderr)
@@ -35,7 +39,10 @@ pub fn init(settings: &LoggingSettings) -> std::io::Result<LogGuard> {
     let audit_layer = match &settings.audit_file {
         None => None,
         Some(path) => {
-            let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
             let (writer, guard) = tracing_appender::non_blocking(file);
             guards.push(guard);
             Some(
@@ -46,12 +53,19 @@ pub fn init(settings: &LoggingSettings) -> std::io::Result<LogGuard> {
             )
         }
     };
-    let _ = tracing_subscriber::registry().with(filter).with(ops).with(audit_layer).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(ops)
+        .with(audit_layer)
+        .try_init();
     Ok(LogGuard { _guards: guards })
 }
 
 /// A minimal stderr subscriber for commands that run before (or without) a configuration.
 pub fn init_cli(level: &str) {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use ekm_proxy::config::{self, EXIT_CONFIG};
 
 #[derive(Parser)]
-#[command(name = "ekm-proxy", version, about = "External key manager proxy in front of a PKCS#11 HSM")]
+#[command(
+    name = "ekm-proxy",
+    version,
+    about = "External key manager proxy in front of a PKCS#11 HSM"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -71,8 +75,12 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Serve { config } => serve(&config),
         Command::CheckConfig { config } => check_config(&config),
-        Command::Keys { command: KeysCommand::List { config } } => keys_list(&config),
-        Command::Dev { command: DevCommand::Init { root, module } } => dev_init(&root, module),
+        Command::Keys {
+            command: KeysCommand::List { config },
+        } => keys_list(&config),
+        Command::Dev {
+            command: DevCommand::Init { root, module },
+        } => dev_init(&root, module),
         Command::Bench(args) => ekm_proxy::bench::main(*args),
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
@@ -86,10 +94,13 @@ fn load(path: &std::path::Path) -> Result<config::Settings, i32> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, i32> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
-        eprintln!("cannot start the async runtime: {e}");
-        1
-    })
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("cannot start the async runtime: {e}");
+            1
+        })
 }
 
 fn serve(path: &std::path::Path) -> i32 {
@@ -191,7 +202,9 @@ fn keys_table(keys: &[ekm_proxy::core::KeyInfo]) -> String {
         let usable = match (&k.custody_violation, k.is_aes_256()) {
             (Some(why), _) => format!("no: {why}"),
             (None, false) => "no: only AES-256 keys serve XKS requests".to_owned(),
-            (None, true) if !k.usage.encrypt && !k.usage.decrypt => "no: neither encrypt nor decrypt allowed".to_owned(),
+            (None, true) if !k.usage.encrypt && !k.usage.decrypt => {
+                "no: neither encrypt nor decrypt allowed".to_owned()
+            }
             (None, true) => "yes".to_owned(),
         };
         out.push_str(&format!(

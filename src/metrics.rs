@@ -10,8 +10,8 @@ use prometheus::{
 
 /// Latency buckets in seconds: fine resolution below 1 ms (where the proxy lives), coarse above.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.000_05, 0.0001, 0.000_25, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5,
+    0.000_05, 0.0001, 0.000_25, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5,
 ];
 
 /// Every metric family of the proxy.
@@ -65,16 +65,25 @@ impl Metrics {
     pub fn new(registry: Registry) -> Result<Self, prometheus::Error> {
         let requests = RequestMetrics {
             total: IntCounterVec::new(
-                Opts::new("ekm_requests_total", "Requests answered, by front end, operation and outcome"),
+                Opts::new(
+                    "ekm_requests_total",
+                    "Requests answered, by front end, operation and outcome",
+                ),
                 &["front", "op", "outcome"],
             )?,
             duration: HistogramVec::new(
-                HistogramOpts::new("ekm_request_duration_seconds", "Request latency inside the proxy")
-                    .buckets(LATENCY_BUCKETS.to_vec()),
+                HistogramOpts::new(
+                    "ekm_request_duration_seconds",
+                    "Request latency inside the proxy",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
                 &["front", "op"],
             )?,
             auth_failures: IntCounterVec::new(
-                Opts::new("ekm_auth_failures_total", "Authentication failures by front end and reason"),
+                Opts::new(
+                    "ekm_auth_failures_total",
+                    "Authentication failures by front end and reason",
+                ),
                 &["front", "reason"],
             )?,
             tls_handshake_failures: IntCounter::new(
@@ -85,12 +94,18 @@ impl Metrics {
         };
         let hsm = HsmMetrics {
             op_duration: HistogramVec::new(
-                HistogramOpts::new("ekm_hsm_op_duration_seconds", "Time spent in PKCS#11 calls per operation")
-                    .buckets(LATENCY_BUCKETS.to_vec()),
+                HistogramOpts::new(
+                    "ekm_hsm_op_duration_seconds",
+                    "Time spent in PKCS#11 calls per operation",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
                 &["op"],
             )?,
             op_errors: IntCounterVec::new(
-                Opts::new("ekm_hsm_op_errors_total", "HSM operations that failed, by operation and condition"),
+                Opts::new(
+                    "ekm_hsm_op_errors_total",
+                    "HSM operations that failed, by operation and condition",
+                ),
                 &["op", "error"],
             )?,
             queue_depth: IntGauge::new("ekm_hsm_queue_depth", "Jobs waiting for an HSM worker")?,
@@ -106,7 +121,10 @@ impl Metrics {
             )?,
         };
         let cache = CacheMetrics {
-            hits: IntCounterVec::new(Opts::new("ekm_cache_hits_total", "Cache hits by cache"), &["cache"])?,
+            hits: IntCounterVec::new(
+                Opts::new("ekm_cache_hits_total", "Cache hits by cache"),
+                &["cache"],
+            )?,
             misses: IntCounterVec::new(
                 Opts::new("ekm_cache_misses_total", "Cache misses by cache"),
                 &["cache"],
@@ -126,7 +144,12 @@ impl Metrics {
         registry.register(Box::new(hsm.queue_rejections.clone()))?;
         registry.register(Box::new(cache.hits.clone()))?;
         registry.register(Box::new(cache.misses.clone()))?;
-        Ok(Self { registry, requests, hsm, cache })
+        Ok(Self {
+            registry,
+            requests,
+            hsm,
+            cache,
+        })
     }
 
     /// A fresh set on its own registry (tests, tools).
@@ -149,7 +172,9 @@ impl RequestMetrics {
     /// Count one answered request and observe its latency.
     pub fn observe(&self, front: &str, op: &str, outcome: &str, seconds: f64) {
         self.total.with_label_values(&[front, op, outcome]).inc();
-        self.duration.with_label_values(&[front, op]).observe(seconds);
+        self.duration
+            .with_label_values(&[front, op])
+            .observe(seconds);
     }
 
     /// Count one authentication failure.

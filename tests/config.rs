@@ -43,19 +43,26 @@ keys = ["*"]
 
 #[test]
 fn a_good_config_validates() {
-    let settings = ekm_proxy::config::from_str(&good_config(), Path::new("t.toml"), Path::new("/")).unwrap();
+    let settings =
+        ekm_proxy::config::from_str(&good_config(), Path::new("t.toml"), Path::new("/")).unwrap();
     assert_eq!(settings.listeners.len(), 1);
     assert_eq!(settings.xks.key_stores[0].prefix, "/dev");
-    assert_eq!(settings.xks.key_stores[0].ciphertext_metadata, vec![0x01], "spec framing writes a version byte");
+    assert_eq!(
+        settings.xks.key_stores[0].ciphertext_metadata,
+        vec![0x01],
+        "spec framing writes a version byte"
+    );
     let debug = format!("{settings:?}");
-    assert!(!debug.contains("devXksSecretAccessKey"), "SigV4 secret leaked into Debug");
+    assert!(
+        !debug.contains("devXksSecretAccessKey"),
+        "SigV4 secret leaked into Debug"
+    );
     assert!(!debug.contains("\"1234\""), "PIN leaked into Debug");
 }
 
 #[test]
 fn every_problem_is_reported_with_its_key_path() {
-    let text = format!(
-        r#"
+    let text = r#"
 [server]
 max_body_bytes = 10
 
@@ -67,7 +74,7 @@ address = "0.0.0.0:8443"
 
 [hsm]
 module = "/nonexistent/libpkcs11.so"
-user_pin = {{ env = "EKM_TEST_SURELY_UNSET_VARIABLE" }}
+user_pin = { env = "EKM_TEST_SURELY_UNSET_VARIABLE" }
 workers = 0
 
 [health]
@@ -93,9 +100,8 @@ allow = []
 name = "arn-binding-without-operations"
 attribute = "kmsKeyArn"
 allow = ["*"]
-"#
-    );
-    let err = ekm_proxy::config::from_str(&text, Path::new("bad.toml"), Path::new("/")).unwrap_err();
+"#;
+    let err = ekm_proxy::config::from_str(text, Path::new("bad.toml"), Path::new("/")).unwrap_err();
     let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
     for expected in [
         "server.max_body_bytes",
@@ -120,10 +126,16 @@ allow = ["*"]
         "xks.key_store[0].rule[0].allow",
         "xks.key_store[0].rule[1].operations",
     ] {
-        assert!(paths.contains(&expected), "missing problem for {expected}; got {paths:#?}");
+        assert!(
+            paths.contains(&expected),
+            "missing problem for {expected}; got {paths:#?}"
+        );
     }
     let text = err.to_string();
-    assert!(!text.contains("short\""), "secret value in the error text: {text}");
+    assert!(
+        !text.contains("short\""),
+        "secret value in the error text: {text}"
+    );
 }
 
 #[test]
@@ -139,7 +151,11 @@ fn unknown_keys_and_syntax_errors_are_refused() {
 fn secrets_from_files_and_relative_paths() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("pin"), "9876\n").unwrap();
-    std::fs::write(dir.path().join("xks-secret"), "devXksSecretAccessKeyNotForProductionUse0123456789\n").unwrap();
+    std::fs::write(
+        dir.path().join("xks-secret"),
+        "devXksSecretAccessKeyNotForProductionUse0123456789\n",
+    )
+    .unwrap();
     let text = good_config()
         .replace("user_pin = \"1234\"", "user_pin = { file = \"pin\" }")
         .replace(
@@ -156,11 +172,28 @@ fn check_config_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.toml");
     std::fs::write(&good, good_config()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ekm-proxy")).args(["check-config", "--config"]).arg(&good).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_ekm-proxy"))
+        .args(["check-config", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, good_config().replace("regions = [\"us-east-1\"]", "regions = []")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ekm-proxy")).args(["check-config", "--config"]).arg(&bad).output().unwrap();
+    std::fs::write(
+        &bad,
+        good_config().replace("regions = [\"us-east-1\"]", "regions = []"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ekm-proxy"))
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("xks.key_store[0].regions"), "{stderr}");

@@ -13,7 +13,10 @@ use std::time::Duration;
 
 use common::proxy::{ACCESS_KEY_ID, PREFIX, ProxyOptions, SECRET, TestProxy};
 
-const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/conformance/xks-conformance.sh");
+const SCRIPT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/conformance/xks-conformance.sh"
+);
 
 /// Minimum curl version for `--aws-sigv4`.
 const MIN_CURL: (u32, u32) = (7, 75);
@@ -23,7 +26,10 @@ fn require_tools() {
     let version = |tool: &str, arg: &str| -> String {
         match Command::new(tool).arg(arg).output() {
             Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
-            Ok(out) => panic!("`{tool} {arg}` failed ({}): the conformance test needs {tool}", out.status),
+            Ok(out) => panic!(
+                "`{tool} {arg}` failed ({}): the conformance test needs {tool}",
+                out.status
+            ),
             Err(e) => panic!(
                 "{tool} not found ({e}): the XKS conformance test needs bash, curl >= 7.75 and openssl \
                  (Debian: apt-get install curl openssl)"
@@ -33,7 +39,11 @@ fn require_tools() {
     version("bash", "--version");
     version("openssl", "version");
     let curl = version("curl", "--version");
-    let v = curl.split_whitespace().nth(1).unwrap_or_default().to_owned();
+    let v = curl
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
     let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     assert!(
@@ -60,7 +70,12 @@ fn write_client_files(proxy: &TestProxy) -> ClientFiles {
     std::fs::write(&cert, &proxy.pki.client.cert_pem).unwrap();
     std::fs::write(&key, proxy.pki.client.key_pem.as_bytes()).unwrap();
     std::fs::write(&ca_key, proxy.pki.ca.key_pem().as_bytes()).unwrap();
-    ClientFiles { _dir: dir, cert, key, ca_key }
+    ClientFiles {
+        _dir: dir,
+        cert,
+        key,
+        ca_key,
+    }
 }
 
 /// One run of the script: the command line used (for messages), exit status and output.
@@ -88,7 +103,14 @@ fn run_script(port: u16, ca_pem: &Path, client: Option<&ClientFiles>) -> Run {
         .env_remove("XKS_CURL_OPTS")
         .env("XKS_VERBOSE", "0");
     // The proxy is on loopback: never go through an HTTP proxy from the environment.
-    for var in ["http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"] {
+    for var in [
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+    ] {
         cmd.env_remove(var);
     }
     cmd.env("NO_PROXY", "*").env("no_proxy", "*");
@@ -98,19 +120,33 @@ fn run_script(port: u16, ca_pem: &Path, client: Option<&ClientFiles>) -> Run {
             .env("XKS_CLIENT_CA_KEY", &c.ca_key)
             .env("XKS_CLIENT_CA_CERT", ca_pem);
     }
-    let what = format!("XKS_URL={url}{} bash {SCRIPT}", if client.is_some() { " (mTLS)" } else { "" });
-    let out = cmd.output().unwrap_or_else(|e| panic!("could not run {what}: {e}"));
+    let what = format!(
+        "XKS_URL={url}{} bash {SCRIPT}",
+        if client.is_some() { " (mTLS)" } else { "" }
+    );
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {what}: {e}"));
     let output = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    Run { what, code: out.status.code(), output }
+    Run {
+        what,
+        code: out.status.code(),
+        output,
+    }
 }
 
 /// The script must exit 0, end with `N passed, 0 failed`, and have run every test in `must_run`.
 fn assert_passed(run: &Run, must_run: &[&str]) {
-    let summary = run.output.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+    let summary = run
+        .output
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default();
     let passed = summary
         .strip_suffix(" passed, 0 failed")
         .and_then(|n| n.parse::<u32>().ok());
@@ -181,10 +217,14 @@ async fn conformance_client_passes_on_tls_and_mtls_listeners() {
         drop(client);
         run
     });
-    let (tls, mtls) = tokio::time::timeout(Duration::from_secs(600), async { tokio::join!(tls, mtls) })
-        .await
-        .expect("the conformance client did not finish within 10 minutes");
-    let (tls, mtls) = (tls.expect("TLS run panicked"), mtls.expect("mTLS run panicked"));
+    let (tls, mtls) =
+        tokio::time::timeout(Duration::from_secs(600), async { tokio::join!(tls, mtls) })
+            .await
+            .expect("the conformance client did not finish within 10 minutes");
+    let (tls, mtls) = (
+        tls.expect("TLS run panicked"),
+        mtls.expect("mTLS run panicked"),
+    );
 
     println!("--- TLS listener ({}) ---\n{}", tls.what, tls.output);
     println!("--- mTLS listener ({}) ---\n{}", mtls.what, mtls.output);

@@ -22,7 +22,11 @@ fn rust_files(dir: &Path) -> Vec<PathBuf> {
 /// Lines of code (comments stripped) of every file under `src/<dir>` that mention `needle`.
 fn offenders(dir: &str, needles: &[&str]) -> Vec<String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src").join(dir);
-    let files = if root.is_dir() { rust_files(&root) } else { vec![root.with_extension("rs")] };
+    let files = if root.is_dir() {
+        rust_files(&root)
+    } else {
+        vec![root.with_extension("rs")]
+    };
     let mut out = Vec::new();
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
@@ -47,7 +51,10 @@ fn cryptoki_only_in_hsm() {
             continue;
         }
         let text = std::fs::read_to_string(&file).unwrap();
-        if text.lines().any(|l| l.split("//").next().unwrap_or("").contains("cryptoki")) {
+        if text
+            .lines()
+            .any(|l| l.split("//").next().unwrap_or("").contains("cryptoki"))
+        {
             bad.push(file.display().to_string());
         }
     }
@@ -70,12 +77,24 @@ fn front_never_reaches_into_hsm() {
 
 #[test]
 fn core_depends_only_inward() {
-    let bad = offenders("core", &["crate::front", "crate::server", "crate::hsm", "crate::config", "crate::app"]);
+    let bad = offenders(
+        "core",
+        &[
+            "crate::front",
+            "crate::server",
+            "crate::hsm",
+            "crate::config",
+            "crate::app",
+        ],
+    );
     assert!(bad.is_empty(), "core depends outward: {bad:#?}");
 }
 
 #[test]
 fn the_checker_sees_violations() {
     // Guard against a checker that silently checks nothing: it must see cryptoki in src/hsm.
-    assert!(!offenders("hsm", &["cryptoki"]).is_empty(), "layering checker found no files under src/hsm");
+    assert!(
+        !offenders("hsm", &["cryptoki"]).is_empty(),
+        "layering checker found no files under src/hsm"
+    );
 }

@@ -102,7 +102,12 @@ pub struct ConfigError {
 
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "{}: {} problem(s):", self.file.display(), self.problems.len())?;
+        writeln!(
+            f,
+            "{}: {} problem(s):",
+            self.file.display(),
+            self.problems.len()
+        )?;
         for p in &self.problems {
             writeln!(f, "  - {p}")?;
         }
@@ -116,9 +121,13 @@ impl std::error::Error for ConfigError {}
 pub fn load(path: &Path) -> Result<Settings, ConfigError> {
     let fail = |path_in_file: &str, message: String| ConfigError {
         file: path.to_owned(),
-        problems: vec![Problem { path: path_in_file.to_owned(), message }],
+        problems: vec![Problem {
+            path: path_in_file.to_owned(),
+            message,
+        }],
     };
-    let text = std::fs::read_to_string(path).map_err(|e| fail("(file)", format!("cannot read: {e}")))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| fail("(file)", format!("cannot read: {e}")))?;
     let base = path.parent().map(Path::to_owned).unwrap_or_default();
     from_str(&text, path, &base)
 }

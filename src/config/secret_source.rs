@@ -50,7 +50,9 @@ impl SecretSource {
                 let text = std::fs::read_to_string(&path)
                     .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
                 let text = zeroize::Zeroizing::new(text);
-                Ok(SecretString::new(text.trim_end_matches(['\r', '\n']).to_owned()))
+                Ok(SecretString::new(
+                    text.trim_end_matches(['\r', '\n']).to_owned(),
+                ))
             }
         }
     }

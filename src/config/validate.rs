@@ -12,9 +12,7 @@ use crate::auth::sigv4::{RegionPolicy, SigV4Credential};
 use crate::authz::{Pattern, Policy, Rule};
 use crate::core::framing::AadFraming;
 use crate::core::{KeyServiceSettings, Operation};
-use crate::front::xks::settings::{
-    AAD_CEILING, MAX_METADATA, SPEC_MIN_AAD, SPEC_MIN_PLAINTEXT,
-};
+use crate::front::xks::settings::{AAD_CEILING, MAX_METADATA, SPEC_MIN_AAD, SPEC_MIN_PLAINTEXT};
 use crate::front::xks::{KeyAllowList, KeyStoreSettings, XksLimits, XksSettings};
 use crate::hsm::{HsmSettings, TokenSelector};
 use crate::secret::SecretString;
@@ -30,22 +28,33 @@ struct Collector {
 
 impl Collector {
     fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Problem { path: path.into(), message: message.into() });
+        self.problems.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
     }
 }
 
 /// Validate `raw`; relative paths resolve against `base`.
 pub fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Settings, ConfigError> {
-    let mut c = Collector { problems: Vec::new() };
+    let mut c = Collector {
+        problems: Vec::new(),
+    };
     let server = server(&raw, &mut c);
     let listeners = listeners(&raw.listener, base, &mut c);
-    let admin = raw.admin.as_ref().and_then(|a| match a.address.parse::<SocketAddr>() {
-        Ok(addr) => Some(AdminSettings { addr }),
-        Err(_) => {
-            c.add("admin.address", format!("'{}' is not host:port (e.g. 127.0.0.1:9090)", a.address));
-            None
-        }
-    });
+    let admin = raw
+        .admin
+        .as_ref()
+        .and_then(|a| match a.address.parse::<SocketAddr>() {
+            Ok(addr) => Some(AdminSettings { addr }),
+            Err(_) => {
+                c.add(
+                    "admin.address",
+                    format!("'{}' is not host:port (e.g. 127.0.0.1:9090)", a.address),
+                );
+                None
+            }
+        });
     let hsm = hsm(&raw, base, &mut c);
     let core = core(&raw, base, &mut c);
     let xks = xks(&raw, base, &mut c);
@@ -54,7 +63,10 @@ pub fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Settings, 
         c.add("listener", "at least one [[listener]] is required");
     }
     if xks.key_stores.is_empty() {
-        c.add("xks.key_store", "at least one [[xks.key_store]] is required");
+        c.add(
+            "xks.key_store",
+            "at least one [[xks.key_store]] is required",
+        );
     }
     match (hsm, c.problems.is_empty()) {
         (Some(hsm), true) => Ok(Settings {
@@ -67,7 +79,10 @@ pub fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Settings, 
             xks,
             logging,
         }),
-        _ => Err(ConfigError { file: source.to_owned(), problems: c.problems }),
+        _ => Err(ConfigError {
+            file: source.to_owned(),
+            problems: c.problems,
+        }),
     }
 }
 
@@ -96,14 +111,21 @@ fn server(raw: &RawConfig, c: &mut Collector) -> ServerSettings {
     // The body must hold the spec's minimum plaintext and AAD in base64 plus JSON overhead.
     let min_body = (SPEC_MIN_PLAINTEXT + SPEC_MIN_AAD).div_ceil(3) * 4 + 4096;
     if out.max_body_bytes < min_body {
-        c.add("server.max_body_bytes", format!("must be at least {min_body} to accept the XKS spec's minimum sizes"));
+        c.add(
+            "server.max_body_bytes",
+            format!("must be at least {min_body} to accept the XKS spec's minimum sizes"),
+        );
     }
     out
 }
 
 fn resolve(base: &Path, p: &str) -> PathBuf {
     let path = PathBuf::from(p);
-    if path.is_absolute() { path } else { base.join(path) }
+    if path.is_absolute() {
+        path
+    } else {
+        base.join(path)
+    }
 }
 
 fn listeners(raw: &[RawListener], base: &Path, c: &mut Collector) -> Vec<ListenerSettings> {
@@ -113,22 +135,34 @@ fn listeners(raw: &[RawListener], base: &Path, c: &mut Collector) -> Vec<Listene
         let at = format!("listener[{i}]");
         let name = l.name.clone().unwrap_or_else(|| format!("listener-{i}"));
         if !names.insert(name.clone()) {
-            c.add(format!("{at}.name"), format!("duplicate listener name '{name}'"));
+            c.add(
+                format!("{at}.name"),
+                format!("duplicate listener name '{name}'"),
+            );
         }
         let addr = match l.address.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
-                c.add(format!("{at}.address"), format!("'{}' is not host:port", l.address));
+                c.add(
+                    format!("{at}.address"),
+                    format!("'{}' is not host:port", l.address),
+                );
                 None
             }
         };
         let tls = match (&l.tls, l.plain_http) {
             (Some(_), true) => {
-                c.add(format!("{at}.plain_http"), "plain_http = true conflicts with [listener.tls]");
+                c.add(
+                    format!("{at}.plain_http"),
+                    "plain_http = true conflicts with [listener.tls]",
+                );
                 None
             }
             (None, false) => {
-                c.add(format!("{at}.tls"), "TLS is required; set plain_http = true explicitly for local testing only");
+                c.add(
+                    format!("{at}.tls"),
+                    "TLS is required; set plain_http = true explicitly for local testing only",
+                );
                 None
             }
             (None, true) => None,
@@ -140,12 +174,22 @@ fn listeners(raw: &[RawListener], base: &Path, c: &mut Collector) -> Vec<Listene
                         allowed_subjects: ca.allowed_subjects.clone(),
                     },
                 };
-                for (key, path) in [("certificate", &t.certificate), ("private_key", &t.private_key)] {
+                for (key, path) in [
+                    ("certificate", &t.certificate),
+                    ("private_key", &t.private_key),
+                ] {
                     if !resolve(base, path).is_file() {
-                        c.add(format!("{at}.tls.{key}"), format!("file not found: {}", resolve(base, path).display()));
+                        c.add(
+                            format!("{at}.tls.{key}"),
+                            format!("file not found: {}", resolve(base, path).display()),
+                        );
                     }
                 }
-                if let Some(ca) = t.client_auth.as_ref().filter(|ca| !resolve(base, &ca.ca_bundle).is_file()) {
+                if let Some(ca) = t
+                    .client_auth
+                    .as_ref()
+                    .filter(|ca| !resolve(base, &ca.ca_bundle).is_file())
+                {
                     c.add(
                         format!("{at}.tls.client_auth.ca_bundle"),
                         format!("file not found: {}", resolve(base, &ca.ca_bundle).display()),
@@ -175,23 +219,35 @@ fn hsm(raw: &RawConfig, base: &Path, c: &mut Collector) -> Option<HsmSettings> {
     };
     let module = resolve(base, &h.module);
     if !module.is_file() {
-        c.add("hsm.module", format!("PKCS#11 module not found: {}", module.display()));
+        c.add(
+            "hsm.module",
+            format!("PKCS#11 module not found: {}", module.display()),
+        );
     }
     let token = match (&h.token_label, &h.token_serial) {
         (Some(l), None) if !l.is_empty() => Some(TokenSelector::Label(l.clone())),
         (None, Some(s)) if !s.is_empty() => Some(TokenSelector::Serial(s.clone())),
         (Some(_), Some(_)) => {
-            c.add("hsm.token_label", "set token_label or token_serial, not both");
+            c.add(
+                "hsm.token_label",
+                "set token_label or token_serial, not both",
+            );
             None
         }
         _ => {
-            c.add("hsm.token_label", "token_label (or token_serial) is required");
+            c.add(
+                "hsm.token_label",
+                "token_label (or token_serial) is required",
+            );
             None
         }
     };
     let user_pin = match &h.user_pin {
         None => {
-            c.add("hsm.user_pin", "required (inline, { env = \"NAME\" } or { file = \"path\" })");
+            c.add(
+                "hsm.user_pin",
+                "required (inline, { env = \"NAME\" } or { file = \"path\" })",
+            );
             None
         }
         Some(src) => match src.resolve(base) {
@@ -210,7 +266,9 @@ fn hsm(raw: &RawConfig, base: &Path, c: &mut Collector) -> Option<HsmSettings> {
     if workers == 0 || workers > 256 {
         c.add("hsm.workers", "must be between 1 and 256");
     }
-    let queue_capacity = h.queue_capacity.unwrap_or(HsmSettings::DEFAULT_QUEUE_CAPACITY);
+    let queue_capacity = h
+        .queue_capacity
+        .unwrap_or(HsmSettings::DEFAULT_QUEUE_CAPACITY);
     if queue_capacity == 0 {
         c.add("hsm.queue_capacity", "must be greater than 0");
     }
@@ -226,7 +284,9 @@ fn hsm(raw: &RawConfig, base: &Path, c: &mut Collector) -> Option<HsmSettings> {
         queue_capacity,
         op_timeout,
         allow_exportable_keys: h.allow_exportable_keys,
-        key_cache_capacity: h.key_cache_capacity.unwrap_or(HsmSettings::DEFAULT_KEY_CACHE_CAPACITY),
+        key_cache_capacity: h
+            .key_cache_capacity
+            .unwrap_or(HsmSettings::DEFAULT_KEY_CACHE_CAPACITY),
     })
 }
 
@@ -238,14 +298,23 @@ fn core(raw: &RawConfig, base: &Path, c: &mut Collector) -> CoreSettings {
         c.add("health.interval_secs", "must be greater than 0");
     }
     if max_age > Duration::from_secs(60) {
-        c.add("health.max_age_secs", "must be at most 60 (XKS: health results no older than one minute)");
+        c.add(
+            "health.max_age_secs",
+            "must be at most 60 (XKS: health results no older than one minute)",
+        );
     }
     CoreSettings {
-        keys: KeyServiceSettings { disabled_keys: raw.security.disabled_keys.iter().cloned().collect() },
+        keys: KeyServiceSettings {
+            disabled_keys: raw.security.disabled_keys.iter().cloned().collect(),
+        },
         health_key: h.key.clone().unwrap_or_else(|| "ekm-health-check".into()),
         health_interval: interval,
         health_max_age: max_age,
-        kill_switch_file: raw.security.kill_switch_file.as_deref().map(|p| resolve(base, p)),
+        kill_switch_file: raw
+            .security
+            .kill_switch_file
+            .as_deref()
+            .map(|p| resolve(base, p)),
     }
 }
 
@@ -255,15 +324,25 @@ fn logging(raw: &RawConfig, base: &Path, c: &mut Collector) -> LoggingSettings {
         None | Some("text") => LogFormat::Text,
         Some("json") => LogFormat::Json,
         Some(other) => {
-            c.add("logging.format", format!("'{other}' is not 'text' or 'json'"));
+            c.add(
+                "logging.format",
+                format!("'{other}' is not 'text' or 'json'"),
+            );
             LogFormat::Text
         }
     };
     let level = l.level.clone().unwrap_or_else(|| "info".into());
     if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
-        c.add("logging.level", format!("'{level}' is not a valid filter (e.g. 'info' or 'warn,ekm_audit=info')"));
+        c.add(
+            "logging.level",
+            format!("'{level}' is not a valid filter (e.g. 'info' or 'warn,ekm_audit=info')"),
+        );
     }
-    LoggingSettings { format, level, audit_file: l.audit_file.as_deref().map(|p| resolve(base, p)) }
+    LoggingSettings {
+        format,
+        level,
+        audit_file: l.audit_file.as_deref().map(|p| resolve(base, p)),
+    }
 }
 
 fn xks(raw: &RawConfig, base: &Path, c: &mut Collector) -> XksSettings {
@@ -273,10 +352,16 @@ fn xks(raw: &RawConfig, base: &Path, c: &mut Collector) -> XksSettings {
     for (i, ks) in raw.xks.key_store.iter().enumerate() {
         let at = format!("xks.key_store[{i}]");
         if !names.insert(ks.name.clone()) {
-            c.add(format!("{at}.name"), format!("duplicate key store name '{}'", ks.name));
+            c.add(
+                format!("{at}.name"),
+                format!("duplicate key store name '{}'", ks.name),
+            );
         }
         if !prefixes.insert(ks.path_prefix.clone()) {
-            c.add(format!("{at}.path_prefix"), format!("prefix '{}' is used by another key store", ks.path_prefix));
+            c.add(
+                format!("{at}.path_prefix"),
+                format!("prefix '{}' is used by another key store", ks.path_prefix),
+            );
         }
         if let Some(store) = key_store(ks, &at, base, c) {
             stores.push(store);
@@ -286,15 +371,32 @@ fn xks(raw: &RawConfig, base: &Path, c: &mut Collector) -> XksSettings {
     if fleet_size == 0 {
         c.add("xks.fleet_size", "must be greater than 0");
     }
-    XksSettings { key_stores: stores, fleet_size, vendor: raw.xks.vendor.clone().unwrap_or_else(|| "ekm-proxy".into()) }
+    XksSettings {
+        key_stores: stores,
+        fleet_size,
+        vendor: raw.xks.vendor.clone().unwrap_or_else(|| "ekm-proxy".into()),
+    }
 }
 
-fn key_store(ks: &RawKeyStore, at: &str, base: &Path, c: &mut Collector) -> Option<KeyStoreSettings> {
+fn key_store(
+    ks: &RawKeyStore,
+    at: &str,
+    base: &Path,
+    c: &mut Collector,
+) -> Option<KeyStoreSettings> {
     let before = c.problems.len();
     // KMS accepts `[/<prefix>]/kms/xks/v1` of at most 128 characters from [a-zA-Z0-9/_-].
     let p = &ks.path_prefix;
-    let valid_chars = p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'/' || b == b'_' || b == b'-');
-    if !p.is_empty() && (!p.starts_with('/') || p.ends_with('/') || !valid_chars || p.contains("//") || p.len() > 117) {
+    let valid_chars = p
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'/' || b == b'_' || b == b'-');
+    if !p.is_empty()
+        && (!p.starts_with('/')
+            || p.ends_with('/')
+            || !valid_chars
+            || p.contains("//")
+            || p.len() > 117)
+    {
         c.add(
             format!("{at}.path_prefix"),
             "must be empty or '/segment[/segment…]' of [a-zA-Z0-9_-], no trailing '/', at most 117 characters",
@@ -303,31 +405,53 @@ fn key_store(ks: &RawKeyStore, at: &str, base: &Path, c: &mut Collector) -> Opti
     let regions = if ks.regions.iter().any(|r| r == "*") {
         RegionPolicy::Any
     } else if ks.regions.is_empty() {
-        c.add(format!("{at}.regions"), "list the accepted SigV4 regions, or [\"*\"] for any");
+        c.add(
+            format!("{at}.regions"),
+            "list the accepted SigV4 regions, or [\"*\"] for any",
+        );
         RegionPolicy::Any
     } else {
         RegionPolicy::OneOf(ks.regions.clone())
     };
     if ks.credential.is_empty() {
-        c.add(format!("{at}.credential"), "at least one [[xks.key_store.credential]] is required");
+        c.add(
+            format!("{at}.credential"),
+            "at least one [[xks.key_store.credential]] is required",
+        );
     }
     let mut credentials = Vec::new();
     let mut ids = HashSet::new();
     for (j, cred) in ks.credential.iter().enumerate() {
         let cat = format!("{at}.credential[{j}]");
         let id = &cred.access_key_id;
-        if !(20..=30).contains(&id.len()) || !id.bytes().all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b)) {
-            c.add(format!("{cat}.access_key_id"), "must be 20-30 characters of A-Z and 2-7 (XKS spec)");
+        if !(20..=30).contains(&id.len())
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b))
+        {
+            c.add(
+                format!("{cat}.access_key_id"),
+                "must be 20-30 characters of A-Z and 2-7 (XKS spec)",
+            );
         }
         if !ids.insert(id.clone()) {
-            c.add(format!("{cat}.access_key_id"), "duplicate access key id in this key store");
+            c.add(
+                format!("{cat}.access_key_id"),
+                "duplicate access key id in this key store",
+            );
         }
         match cred.secret.resolve(base) {
             Ok(secret) => {
                 if !secret_ok(&secret) {
-                    c.add(format!("{cat}.secret"), "must be 43-64 characters of A-Z a-z 0-9 / + = (XKS spec)");
+                    c.add(
+                        format!("{cat}.secret"),
+                        "must be 43-64 characters of A-Z a-z 0-9 / + = (XKS spec)",
+                    );
                 }
-                credentials.push(SigV4Credential { access_key_id: id.clone(), secret });
+                credentials.push(SigV4Credential {
+                    access_key_id: id.clone(),
+                    secret,
+                });
             }
             Err(e) => c.add(format!("{cat}.secret"), e),
         }
@@ -336,7 +460,10 @@ fn key_store(ks: &RawKeyStore, at: &str, base: &Path, c: &mut Collector) -> Opti
         None | Some("spec") => AadFraming::SpecLiteral,
         Some("aws-sample") => AadFraming::AwsSample,
         Some(other) => {
-            c.add(format!("{at}.aad_framing"), format!("'{other}' is not 'spec' or 'aws-sample'"));
+            c.add(
+                format!("{at}.aad_framing"),
+                format!("'{other}' is not 'spec' or 'aws-sample'"),
+            );
             AadFraming::SpecLiteral
         }
     };
@@ -355,11 +482,17 @@ fn key_store(ks: &RawKeyStore, at: &str, base: &Path, c: &mut Collector) -> Opti
             match base64::engine::general_purpose::STANDARD.decode(b64) {
                 Ok(bytes) if bytes.len() <= MAX_METADATA => bytes,
                 Ok(_) => {
-                    c.add(format!("{at}.ciphertext_metadata"), "decodes to more than 20 bytes");
+                    c.add(
+                        format!("{at}.ciphertext_metadata"),
+                        "decodes to more than 20 bytes",
+                    );
                     Vec::new()
                 }
                 Err(_) => {
-                    c.add(format!("{at}.ciphertext_metadata"), "is not canonical base64");
+                    c.add(
+                        format!("{at}.ciphertext_metadata"),
+                        "is not canonical base64",
+                    );
                     Vec::new()
                 }
             }
@@ -368,17 +501,25 @@ fn key_store(ks: &RawKeyStore, at: &str, base: &Path, c: &mut Collector) -> Opti
     let keys = if ks.keys.iter().any(|k| k == "*") {
         KeyAllowList::Any
     } else if ks.keys.is_empty() {
-        c.add(format!("{at}.keys"), "list the exposed key labels, or [\"*\"] for all");
+        c.add(
+            format!("{at}.keys"),
+            "list the exposed key labels, or [\"*\"] for all",
+        );
         KeyAllowList::Any
     } else {
         KeyAllowList::Only(ks.keys.iter().map(Pattern::new).collect())
     };
     let limits = XksLimits {
-        max_plaintext: ks.max_plaintext_bytes.unwrap_or(XksLimits::default().max_plaintext),
+        max_plaintext: ks
+            .max_plaintext_bytes
+            .unwrap_or(XksLimits::default().max_plaintext),
         max_aad: ks.max_aad_bytes.unwrap_or(XksLimits::default().max_aad),
     };
     if limits.max_plaintext < SPEC_MIN_PLAINTEXT {
-        c.add(format!("{at}.max_plaintext_bytes"), format!("must be at least {SPEC_MIN_PLAINTEXT} (XKS spec minimum)"));
+        c.add(
+            format!("{at}.max_plaintext_bytes"),
+            format!("must be at least {SPEC_MIN_PLAINTEXT} (XKS spec minimum)"),
+        );
     }
     if !(SPEC_MIN_AAD..=AAD_CEILING).contains(&limits.max_aad) {
         c.add(
@@ -399,10 +540,16 @@ fn key_store(ks: &RawKeyStore, at: &str, base: &Path, c: &mut Collector) -> Opti
             "kmsViaService",
         ];
         if !ATTRIBUTES.contains(&r.attribute.as_str()) {
-            c.add(format!("{rat}.attribute"), format!("'{}' is not one of {}", r.attribute, ATTRIBUTES.join(", ")));
+            c.add(
+                format!("{rat}.attribute"),
+                format!("'{}' is not one of {}", r.attribute, ATTRIBUTES.join(", ")),
+            );
         }
         if r.allow.is_empty() {
-            c.add(format!("{rat}.allow"), "an empty allow list denies every request; list at least one pattern");
+            c.add(
+                format!("{rat}.allow"),
+                "an empty allow list denies every request; list at least one pattern",
+            );
         }
         let operations = match &r.operations {
             None => None,
@@ -410,14 +557,21 @@ fn key_store(ks: &RawKeyStore, at: &str, base: &Path, c: &mut Collector) -> Opti
                 let mut parsed = Vec::new();
                 for op in ops {
                     match Operation::parse(op) {
-                        Some(o @ (Operation::KeyMetadata | Operation::Encrypt | Operation::Decrypt)) => parsed.push(o),
-                        _ => c.add(format!("{rat}.operations"), format!("'{op}' is not metadata, encrypt or decrypt")),
+                        Some(
+                            o @ (Operation::KeyMetadata | Operation::Encrypt | Operation::Decrypt),
+                        ) => parsed.push(o),
+                        _ => c.add(
+                            format!("{rat}.operations"),
+                            format!("'{op}' is not metadata, encrypt or decrypt"),
+                        ),
                     }
                 }
                 Some(parsed)
             }
         };
-        let covers_metadata = operations.as_ref().is_none_or(|ops| ops.contains(&Operation::KeyMetadata));
+        let covers_metadata = operations
+            .as_ref()
+            .is_none_or(|ops| ops.contains(&Operation::KeyMetadata));
         if r.attribute == "kmsKeyArn" && covers_metadata {
             // KMS sends no kmsKeyArn with GetKeyMetadata (CreateKey: the KMS key does not exist yet),
             // so such a rule would deny every CreateKey.
@@ -428,7 +582,10 @@ fn key_store(ks: &RawKeyStore, at: &str, base: &Path, c: &mut Collector) -> Opti
         }
         rules.push(Rule {
             name: r.name.clone(),
-            keys: r.keys.as_ref().map_or_else(|| vec![Pattern::new("*")], |k| k.iter().map(Pattern::new).collect()),
+            keys: r.keys.as_ref().map_or_else(
+                || vec![Pattern::new("*")],
+                |k| k.iter().map(Pattern::new).collect(),
+            ),
             operations,
             attribute: r.attribute.clone(),
             allow: r.allow.iter().map(Pattern::new).collect(),
@@ -450,5 +607,7 @@ fn key_store(ks: &RawKeyStore, at: &str, base: &Path, c: &mut Collector) -> Opti
 
 fn secret_ok(secret: &SecretString) -> bool {
     let s = secret.expose();
-    (43..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'/' || b == b'+' || b == b'=')
+    (43..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'/' || b == b'+' || b == b'=')
 }

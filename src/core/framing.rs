@@ -46,7 +46,13 @@ pub fn full_aad(
 
 /// The XKS `ciphertextDataIntegrityValue`: SHA-256 over `AAD ‖ metadata ‖ IV ‖ ciphertext ‖ tag`
 /// (raw bytes, no length prefixes; absent fields are empty).
-pub fn cdiv_sha256(aad: &[u8], metadata: &[u8], iv: &[u8], ciphertext: &[u8], tag: &[u8]) -> [u8; 32] {
+pub fn cdiv_sha256(
+    aad: &[u8],
+    metadata: &[u8],
+    iv: &[u8],
+    ciphertext: &[u8],
+    tag: &[u8],
+) -> [u8; 32] {
     let mut h = Sha256::new();
     for part in [aad, metadata, iv, ciphertext, tag] {
         h.update(part);
@@ -61,7 +67,10 @@ mod tests {
 
     #[test]
     fn spec_literal_examples() {
-        assert_eq!(full_aad(AadFraming::SpecLiteral, None, b"").unwrap(), vec![0, 0, 0]);
+        assert_eq!(
+            full_aad(AadFraming::SpecLiteral, None, b"").unwrap(),
+            vec![0, 0, 0]
+        );
         let aad = b"project=nile,department=marketing";
         let got = full_aad(AadFraming::SpecLiteral, Some(aad), b"key_version=1").unwrap();
         assert_eq!(got.len(), 49);
@@ -76,7 +85,10 @@ mod tests {
         let empty = full_aad(AadFraming::AwsSample, Some(b""), b"").unwrap();
         assert_eq!(empty.len(), 2 + 32 + 1);
         assert_eq!(&empty[2..34], Sha256::digest(b"").as_slice());
-        assert_eq!(full_aad(AadFraming::AwsSample, None, b"").unwrap(), vec![0, 0, 0]);
+        assert_eq!(
+            full_aad(AadFraming::AwsSample, None, b"").unwrap(),
+            vec![0, 0, 0]
+        );
         let aad = vec![7u8; 300];
         let got = full_aad(AadFraming::AwsSample, Some(&aad), b"m").unwrap();
         assert_eq!(&got[..2], &300u16.to_be_bytes());
@@ -87,7 +99,10 @@ mod tests {
     #[test]
     fn limits() {
         let big = vec![0u8; 65536];
-        assert_eq!(full_aad(AadFraming::SpecLiteral, Some(&big), b""), Err(FramingError::AadTooLong));
+        assert_eq!(
+            full_aad(AadFraming::SpecLiteral, Some(&big), b""),
+            Err(FramingError::AadTooLong)
+        );
         assert!(full_aad(AadFraming::SpecLiteral, Some(&big[..65535]), b"").is_ok());
         assert_eq!(
             full_aad(AadFraming::SpecLiteral, None, &[0u8; 256]),

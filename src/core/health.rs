@@ -33,7 +33,12 @@ pub struct HealthMonitor<B: Backend> {
 impl<B: Backend> HealthMonitor<B> {
     /// Check with `key` (the dedicated health-check key); reports are reused for `max_age`.
     pub fn new(backend: Arc<B>, key: String, max_age: Duration) -> Self {
-        Self { backend, key, max_age, last: Mutex::new(None) }
+        Self {
+            backend,
+            key,
+            max_age,
+            last: Mutex::new(None),
+        }
     }
 
     /// The latest report, running a check first if the cached one is older than `max_age`.
@@ -59,23 +64,36 @@ impl<B: Backend> HealthMonitor<B> {
         let hsm = self.backend.health().await;
         if hsm.status == HealthStatus::Unavailable {
             let detail = hsm.detail.clone();
-            return HealthReport { status: HealthStatus::Unavailable, hsm, detail };
+            return HealthReport {
+                status: HealthStatus::Unavailable,
+                hsm,
+                detail,
+            };
         }
         match self.round_trip().await {
             Ok(()) => {
                 let detail = hsm.detail.clone();
-                HealthReport { status: hsm.status, hsm, detail }
+                HealthReport {
+                    status: hsm.status,
+                    hsm,
+                    detail,
+                }
             }
             Err(e) => {
                 let status = match e {
-                    CryptoError::HsmUnavailable(_) | CryptoError::HsmTimeout => HealthStatus::Unavailable,
+                    CryptoError::HsmUnavailable(_) | CryptoError::HsmTimeout => {
+                        HealthStatus::Unavailable
+                    }
                     _ => HealthStatus::Degraded,
                 };
                 tracing::warn!(key = %self.key, error = %e, "health check round trip failed");
                 HealthReport {
                     status,
                     hsm,
-                    detail: format!("health-check round trip with key '{}' failed: {e}", self.key),
+                    detail: format!(
+                        "health-check round trip with key '{}' failed: {e}",
+                        self.key
+                    ),
                 }
             }
         }
@@ -94,12 +112,20 @@ impl<B: Backend> HealthMonitor<B> {
             .await?;
         let plain = self
             .backend
-            .aead_decrypt(AeadDecrypt { key: self.key.clone(), iv: sealed.iv, ciphertext: sealed.ciphertext, tag: sealed.tag, aad })
+            .aead_decrypt(AeadDecrypt {
+                key: self.key.clone(),
+                iv: sealed.iv,
+                ciphertext: sealed.ciphertext,
+                tag: sealed.tag,
+                aad,
+            })
             .await?;
         if plain.as_slice() == PROBE {
             Ok(())
         } else {
-            Err(CryptoError::Internal("health probe decrypted to different bytes".into()))
+            Err(CryptoError::Internal(
+                "health probe decrypted to different bytes".into(),
+            ))
         }
     }
 }

@@ -69,7 +69,12 @@ impl<B: Backend> KeyService<B> {
         kill: Arc<KillSwitch>,
         health: HealthMonitor<B>,
     ) -> Self {
-        Self { backend, settings: ArcSwap::from_pointee(settings), kill, health }
+        Self {
+            backend,
+            settings: ArcSwap::from_pointee(settings),
+            kill,
+            health,
+        }
     }
 
     /// Replace the run-time settings (SIGHUP).
@@ -127,7 +132,9 @@ impl<B: Backend> KeyService<B> {
         expect_op(permit, &[Operation::Encrypt, Operation::Wrap])?;
         let info = self.usable_aes_key(permit.key()).await?;
         if !info.usage.encrypt {
-            return Err(CryptoError::InvalidKeyUsage("key does not allow encryption (CKA_ENCRYPT is false)".into()));
+            return Err(CryptoError::InvalidKeyUsage(
+                "key does not allow encryption (CKA_ENCRYPT is false)".into(),
+            ));
         }
         if verify && !info.usage.decrypt {
             return Err(CryptoError::InvalidKeyUsage(
@@ -135,12 +142,23 @@ impl<B: Backend> KeyService<B> {
                     .into(),
             ));
         }
-        self.backend.aead_encrypt(AeadEncrypt { key: permit.key().to_owned(), plaintext, aad }).await
+        self.backend
+            .aead_encrypt(AeadEncrypt {
+                key: permit.key().to_owned(),
+                plaintext,
+                aad,
+            })
+            .await
     }
 
     /// Decrypt `sealed` again and discard the plaintext: the verification step of XKS Appendix C.
     /// Any failure is `Internal` (the proxy just produced this ciphertext).
-    pub async fn verify_sealed(&self, permit: &Permit, sealed: &AeadSealed, aad: Vec<u8>) -> Result<(), CryptoError> {
+    pub async fn verify_sealed(
+        &self,
+        permit: &Permit,
+        sealed: &AeadSealed,
+        aad: Vec<u8>,
+    ) -> Result<(), CryptoError> {
         expect_op(permit, &[Operation::Encrypt, Operation::Wrap])?;
         let req = AeadDecrypt {
             key: permit.key().to_owned(),
@@ -151,8 +169,14 @@ impl<B: Backend> KeyService<B> {
         };
         match self.backend.aead_decrypt(req).await {
             Ok(_plaintext) => Ok(()),
-            Err(e @ (CryptoError::HsmBusy | CryptoError::HsmTimeout | CryptoError::HsmUnavailable(_))) => Err(e),
-            Err(e) => Err(CryptoError::Internal(format!("verification decrypt failed: {e}"))),
+            Err(
+                e @ (CryptoError::HsmBusy
+                | CryptoError::HsmTimeout
+                | CryptoError::HsmUnavailable(_)),
+            ) => Err(e),
+            Err(e) => Err(CryptoError::Internal(format!(
+                "verification decrypt failed: {e}"
+            ))),
         }
     }
 
@@ -168,17 +192,27 @@ impl<B: Backend> KeyService<B> {
         expect_op(permit, &[Operation::Decrypt, Operation::Unwrap])?;
         let info = self.usable_aes_key(permit.key()).await?;
         if !info.usage.decrypt {
-            return Err(CryptoError::InvalidKeyUsage("key does not allow decryption (CKA_DECRYPT is false)".into()));
+            return Err(CryptoError::InvalidKeyUsage(
+                "key does not allow decryption (CKA_DECRYPT is false)".into(),
+            ));
         }
         self.backend
-            .aead_decrypt(AeadDecrypt { key: permit.key().to_owned(), iv, ciphertext, tag, aad })
+            .aead_decrypt(AeadDecrypt {
+                key: permit.key().to_owned(),
+                iv,
+                ciphertext,
+                tag,
+                aad,
+            })
             .await
     }
 
     async fn usable_aes_key(&self, key: &str) -> Result<KeyInfo, CryptoError> {
         // The kill switch is checked before touching the backend at all.
         if self.kill.engaged() {
-            return Err(CryptoError::KeyDisabled("the kill switch is engaged".into()));
+            return Err(CryptoError::KeyDisabled(
+                "the kill switch is engaged".into(),
+            ));
         }
         let info = self.backend.key_info(key).await?;
         if let Some(reason) = self.refusal(&info) {
@@ -210,6 +244,9 @@ fn expect_op(permit: &Permit, allowed: &[Operation]) -> Result<(), CryptoError> 
         Ok(())
     } else {
         // A front end bug, not a caller error: the permit was made for another operation.
-        Err(CryptoError::Internal(format!("permit is for {}, not this operation", permit.operation().as_str())))
+        Err(CryptoError::Internal(format!(
+            "permit is for {}, not this operation",
+            permit.operation().as_str()
+        )))
     }
 }

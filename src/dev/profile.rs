@@ -60,7 +60,10 @@ pub const SOFTHSM_MODULE_PATHS: &[&str] = &[
 
 /// The installed SoftHSMv2 module, if any.
 pub fn find_softhsm() -> Option<PathBuf> {
-    SOFTHSM_MODULE_PATHS.iter().map(PathBuf::from).find(|p| p.is_file())
+    SOFTHSM_MODULE_PATHS
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
 }
 
 /// What `init` did.
@@ -120,7 +123,10 @@ pub fn init(root: &Path, module: Option<PathBuf>) -> Result<DevReport, DevError>
     }
     let config_path = root.join("hsm-config/dev.toml");
     let text = dev_config(&module);
-    std::fs::write(&config_path, text).map_err(|source| DevError::Write { path: config_path.clone(), source })?;
+    std::fs::write(&config_path, text).map_err(|source| DevError::Write {
+        path: config_path.clone(),
+        source,
+    })?;
     lines.push(format!("config: {}", config_path.display()));
     Ok(DevReport { lines })
 }

@@ -26,8 +26,16 @@ pub struct Admin<B: Backend> {
 
 impl<B: Backend> Admin<B> {
     /// Bind `addr`.
-    pub async fn bind(addr: SocketAddr, service: Arc<KeyService<B>>, metrics: Metrics) -> std::io::Result<Self> {
-        Ok(Self { tcp: TcpListener::bind(addr).await?, service, metrics })
+    pub async fn bind(
+        addr: SocketAddr,
+        service: Arc<KeyService<B>>,
+        metrics: Metrics,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            tcp: TcpListener::bind(addr).await?,
+            service,
+            metrics,
+        })
     }
 
     /// The bound address.
@@ -54,7 +62,11 @@ impl<B: Backend> Admin<B> {
             tokio::spawn(async move {
                 let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let this = this2.clone();
-                    async move { Ok::<_, std::convert::Infallible>(this.answer(req.method(), req.uri().path()).await) }
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            this.answer(req.method(), req.uri().path()).await,
+                        )
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -67,7 +79,11 @@ impl<B: Backend> Admin<B> {
 
     async fn answer(&self, method: &http::Method, path: &str) -> http::Response<Full<Bytes>> {
         if method != http::Method::GET {
-            return reply(http::StatusCode::METHOD_NOT_ALLOWED, "text/plain", Bytes::from_static(b"GET only\n"));
+            return reply(
+                http::StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                Bytes::from_static(b"GET only\n"),
+            );
         }
         match path {
             "/metrics" => reply(
@@ -75,7 +91,11 @@ impl<B: Backend> Admin<B> {
                 "text/plain; version=0.0.4",
                 Bytes::from(self.metrics.render()),
             ),
-            "/healthz" | "/ping" => reply(http::StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
+            "/healthz" | "/ping" => reply(
+                http::StatusCode::OK,
+                "text/plain",
+                Bytes::from_static(b"ok\n"),
+            ),
             "/readyz" => {
                 let report = self.service.health_report().await;
                 let kill = self.service.kill_switch().engaged();
@@ -89,17 +109,32 @@ impl<B: Backend> Admin<B> {
                     "sessionsTotal": report.hsm.sessions_total,
                     "detail": report.detail,
                 });
-                let status = if ready { http::StatusCode::OK } else { http::StatusCode::SERVICE_UNAVAILABLE };
+                let status = if ready {
+                    http::StatusCode::OK
+                } else {
+                    http::StatusCode::SERVICE_UNAVAILABLE
+                };
                 reply(status, "application/json", Bytes::from(body.to_string()))
             }
-            _ => reply(http::StatusCode::NOT_FOUND, "text/plain", Bytes::from_static(b"not found\n")),
+            _ => reply(
+                http::StatusCode::NOT_FOUND,
+                "text/plain",
+                Bytes::from_static(b"not found\n"),
+            ),
         }
     }
 }
 
-fn reply(status: http::StatusCode, content_type: &'static str, body: Bytes) -> http::Response<Full<Bytes>> {
+fn reply(
+    status: http::StatusCode,
+    content_type: &'static str,
+    body: Bytes,
+) -> http::Response<Full<Bytes>> {
     let mut resp = http::Response::new(Full::new(body));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
     resp
 }

@@ -30,7 +30,10 @@ pub struct Shutdown {
 impl Default for Shutdown {
     fn default() -> Self {
         let (tx, rx) = watch::channel(false);
-        Self { tx: Arc::new(tx), rx }
+        Self {
+            tx: Arc::new(tx),
+            rx,
+        }
     }
 }
 
@@ -76,7 +79,15 @@ impl<B: Backend> Listener<B> {
         metrics: RequestMetrics,
     ) -> std::io::Result<Self> {
         let tcp = TcpListener::bind(addr).await?;
-        Ok(Self { name: Arc::from(name), tcp, tls, router, settings, connections, metrics })
+        Ok(Self {
+            name: Arc::from(name),
+            tcp,
+            tls,
+            router,
+            settings,
+            connections,
+            metrics,
+        })
     }
 
     /// The bound address (the real port when bound to port 0).
@@ -92,7 +103,10 @@ impl<B: Backend> Listener<B> {
             .timer(TokioTimer::new())
             .header_read_timeout(self.settings.header_read_timeout)
             .keep_alive(true);
-        builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(256);
         if !self.settings.http2 {
             builder = builder.http1_only();
         }
@@ -135,7 +149,8 @@ impl<B: Backend> Listener<B> {
             while tasks.try_join_next().is_some() {}
         }
         let grace = self.settings.shutdown_grace;
-        let drained = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        let drained =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             tracing::warn!(listener = %self.name, remaining = tasks.len(), "shutdown grace elapsed; closing connections");
             tasks.abort_all();
@@ -158,12 +173,19 @@ impl<B: Backend> Connection<B> {
         let _ = stream.set_nodelay(true);
         match self.tls.clone() {
             None => {
-                let info = ConnInfo { listener: self.name.clone(), ..ConnInfo::default() };
+                let info = ConnInfo {
+                    listener: self.name.clone(),
+                    ..ConnInfo::default()
+                };
                 self.http(TokioIo::new(stream), info, shutdown).await;
             }
             Some(config) => {
                 let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                let handshake = tokio::time::timeout(self.settings.tls_handshake_timeout, acceptor.accept(stream)).await;
+                let handshake = tokio::time::timeout(
+                    self.settings.tls_handshake_timeout,
+                    acceptor.accept(stream),
+                )
+                .await;
                 let tls = match handshake {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {

@@ -62,7 +62,10 @@ impl<B: Backend> Router<B> {
                 Err(e) if e.is::<http_body_util::LengthLimitError>() => return xks.too_large(),
                 Err(e) => {
                     tracing::debug!(error = %e, "request body could not be read");
-                    return text(http::StatusCode::BAD_REQUEST, "request body could not be read");
+                    return text(
+                        http::StatusCode::BAD_REQUEST,
+                        "request body could not be read",
+                    );
                 }
             };
             let req = http::Request::from_parts(parts, body);
@@ -81,7 +84,9 @@ impl<B: Backend> Router<B> {
 fn text(status: http::StatusCode, body: &'static str) -> Response {
     let mut resp = http::Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain"),
+    );
     resp
 }

@@ -99,7 +99,10 @@ const MAX_MESSAGE: usize = 511;
 impl XksError {
     /// An error with a message.
     pub fn new(name: XksErrorName, message: impl Into<String>) -> Self {
-        Self { name, message: message.into() }
+        Self {
+            name,
+            message: message.into(),
+        }
     }
 
     /// The wire response.
@@ -110,7 +113,10 @@ impl XksError {
             .map(|c| if (' '..='~').contains(&c) { c } else { '?' })
             .take(MAX_MESSAGE)
             .collect();
-        let body = ErrorBody { error_name: self.name.as_str(), error_message: &message };
+        let body = ErrorBody {
+            error_name: self.name.as_str(),
+            error_message: &message,
+        };
         // Serializing two strings cannot fail; fall back to a fixed body rather than panic.
         let bytes = serde_json::to_vec(&body)
             .unwrap_or_else(|_| br#"{"errorName":"InternalException"}"#.to_vec());
@@ -120,10 +126,14 @@ impl XksError {
     /// The 405 answer for a non-POST request on an API path (the spec defines no errorName for
     /// it; ValidationException is the closest and keeps the body parseable).
     pub fn method_not_allowed() -> Response {
-        let mut resp = XksError::new(XksErrorName::Validation, "method not allowed: XKS APIs accept POST only")
-            .to_response();
+        let mut resp = XksError::new(
+            XksErrorName::Validation,
+            "method not allowed: XKS APIs accept POST only",
+        )
+        .to_response();
         *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-        resp.headers_mut().insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
+        resp.headers_mut()
+            .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
         resp
     }
 }
@@ -142,7 +152,9 @@ pub fn from_crypto(e: &CryptoError) -> XksError {
         ),
         CryptoError::Unsupported(why) => XksError::new(N::UnsupportedOperation, why.clone()),
         CryptoError::HsmBusy => XksError::new(N::Throttling, "the HSM is at capacity; retry"),
-        CryptoError::HsmTimeout => XksError::new(N::DependencyTimeout, "the HSM did not answer in time"),
+        CryptoError::HsmTimeout => {
+            XksError::new(N::DependencyTimeout, "the HSM did not answer in time")
+        }
         CryptoError::HsmUnavailable(_) => XksError::new(N::Internal, "the HSM is unavailable"),
         _ => XksError::new(N::Internal, "internal error"),
     }
@@ -192,17 +204,34 @@ mod tests {
     fn body_is_compact_and_printable() {
         let resp = XksError::new(XksErrorName::Validation, "bad\nfield \u{e9}").to_response();
         let body = body_of(&resp).unwrap();
-        assert_eq!(&body[..], br#"{"errorName":"ValidationException","errorMessage":"bad?field ?"}"#);
+        assert_eq!(
+            &body[..],
+            br#"{"errorName":"ValidationException","errorMessage":"bad?field ?"}"#
+        );
         assert_eq!(resp.headers()["content-type"], "application/json");
     }
 
     #[test]
     fn crypto_mapping() {
-        assert_eq!(from_crypto(&CryptoError::HsmBusy).name, XksErrorName::Throttling);
-        assert_eq!(from_crypto(&CryptoError::HsmTimeout).name, XksErrorName::DependencyTimeout);
-        assert_eq!(from_crypto(&CryptoError::InvalidCiphertext).name, XksErrorName::InvalidCiphertext);
-        let internal = from_crypto(&CryptoError::Internal("CKR_DEVICE_MEMORY secret detail".into()));
+        assert_eq!(
+            from_crypto(&CryptoError::HsmBusy).name,
+            XksErrorName::Throttling
+        );
+        assert_eq!(
+            from_crypto(&CryptoError::HsmTimeout).name,
+            XksErrorName::DependencyTimeout
+        );
+        assert_eq!(
+            from_crypto(&CryptoError::InvalidCiphertext).name,
+            XksErrorName::InvalidCiphertext
+        );
+        let internal = from_crypto(&CryptoError::Internal(
+            "CKR_DEVICE_MEMORY secret detail".into(),
+        ));
         assert_eq!(internal.name, XksErrorName::Internal);
-        assert!(!internal.message.contains("CKR"), "raw detail is never sent");
+        assert!(
+            !internal.message.contains("CKR"),
+            "raw detail is never sent"
+        );
     }
 }

@@ -81,7 +81,11 @@ struct Outcome<'r> {
 
 impl<B: Backend> XksFront<B> {
     /// Build the front from validated settings.
-    pub fn new(settings: &XksSettings, service: Arc<KeyService<B>>, metrics: RequestMetrics) -> Self {
+    pub fn new(
+        settings: &XksSettings,
+        service: Arc<KeyService<B>>,
+        metrics: RequestMetrics,
+    ) -> Self {
         Self {
             state: ArcSwap::from_pointee(build_state(settings)),
             service,
@@ -105,7 +109,11 @@ impl<B: Backend> XksFront<B> {
     /// The answer when the body exceeds the server's limit: the spec's answer to input above the
     /// proxy's own limits.
     pub fn too_large(&self) -> Response {
-        XksError::new(N::UnsupportedOperation, "request body exceeds this proxy's size limit").to_response()
+        XksError::new(
+            N::UnsupportedOperation,
+            "request body exceeds this proxy's size limit",
+        )
+        .to_response()
     }
 
     /// The answer when the request deadline passes.
@@ -125,21 +133,38 @@ impl<B: Backend> XksFront<B> {
         let path = req.uri().path();
         let Some((store, api)) = route(&state, path) else {
             tracing::info!(front = FRONT, path = %path, listener = %conn.listener, "unknown XKS path");
-            self.metrics.observe(FRONT, "unknown", N::InvalidUriPath.as_str(), started.elapsed().as_secs_f64());
+            self.metrics.observe(
+                FRONT,
+                "unknown",
+                N::InvalidUriPath.as_str(),
+                started.elapsed().as_secs_f64(),
+            );
             return Self::unknown_path();
         };
         if req.method() != Method::POST {
-            self.metrics.observe(FRONT, api.name(), "MethodNotAllowed", started.elapsed().as_secs_f64());
+            self.metrics.observe(
+                FRONT,
+                api.name(),
+                "MethodNotAllowed",
+                started.elapsed().as_secs_f64(),
+            );
             return XksError::method_not_allowed();
         }
-        let mut outcome = Outcome { request_id: String::new(), key: "", principal: String::new(), rule: None, audit: false };
+        let mut outcome = Outcome {
+            request_id: String::new(),
+            key: "",
+            principal: String::new(),
+            rule: None,
+            audit: false,
+        };
         let result = self.dispatch(store, api, &req, &mut outcome).await;
         let elapsed = started.elapsed();
         let (response, outcome_name) = match result {
             Ok(resp) => (resp, "ok"),
             Err(e) => (e.to_response(), e.name.as_str()),
         };
-        self.metrics.observe(FRONT, api.name(), outcome_name, elapsed.as_secs_f64());
+        self.metrics
+            .observe(FRONT, api.name(), outcome_name, elapsed.as_secs_f64());
         tracing::info!(
             front = FRONT,
             key_store = %store.settings.name,
@@ -184,7 +209,8 @@ impl<B: Backend> XksFront<B> {
         match api {
             Api::Health => {
                 let parsed: wire::MetadataOnlyRequest<'_> = parse(body)?;
-                let md = required_metadata(parsed.request_metadata, &["kmsRequestId", "kmsOperation"])?;
+                let md =
+                    required_metadata(parsed.request_metadata, &["kmsRequestId", "kmsOperation"])?;
                 outcome.request_id = request_id(&md);
                 self.health(store).await
             }
@@ -197,8 +223,13 @@ impl<B: Backend> XksFront<B> {
                 )?;
                 outcome.request_id = request_id(&md);
                 outcome.audit = true;
-                let permit = self.authorize(store, &principal, key, Operation::KeyMetadata, &md, outcome)?;
-                let (info, status) = self.service.key_metadata(&permit).await.map_err(|e| crypto_error(&e))?;
+                let permit =
+                    self.authorize(store, &principal, key, Operation::KeyMetadata, &md, outcome)?;
+                let (info, status) = self
+                    .service
+                    .key_metadata(&permit)
+                    .await
+                    .map_err(|e| crypto_error(&e))?;
                 let spec = info.key_spec();
                 let (status, reason) = match &status {
                     KeyStatus::Enabled => ("ENABLED", None),
@@ -207,7 +238,11 @@ impl<B: Backend> XksFront<B> {
                 if let Some(why) = reason {
                     tracing::warn!(front = FRONT, key, reason = why, "key reported DISABLED");
                 }
-                let resp = wire::KeyMetadataResponse { key_spec: &spec, key_usage: info.usage.names(), key_status: status };
+                let resp = wire::KeyMetadataResponse {
+                    key_spec: &spec,
+                    key_usage: info.usage.names(),
+                    key_status: status,
+                };
                 Ok(json(&resp))
             }
             Api::Encrypt(key) => {
@@ -215,7 +250,12 @@ impl<B: Backend> XksFront<B> {
                 let parsed: wire::EncryptRequest<'_> = parse(body)?;
                 let md = required_metadata(
                     parsed.request_metadata,
-                    &["awsPrincipalArn", "kmsKeyArn", "kmsOperation", "kmsRequestId"],
+                    &[
+                        "awsPrincipalArn",
+                        "kmsKeyArn",
+                        "kmsOperation",
+                        "kmsRequestId",
+                    ],
                 )?;
                 outcome.request_id = request_id(&md);
                 outcome.audit = true;
@@ -236,8 +276,13 @@ impl<B: Backend> XksFront<B> {
                     parsed.plaintext.as_deref(),
                     limits.max_plaintext,
                 )?);
-                let aad = decode_optional("additionalAuthenticatedData", parsed.additional_authenticated_data.as_deref(), limits.max_aad)?;
-                let permit = self.authorize(store, &principal, key, Operation::Encrypt, &md, outcome)?;
+                let aad = decode_optional(
+                    "additionalAuthenticatedData",
+                    parsed.additional_authenticated_data.as_deref(),
+                    limits.max_aad,
+                )?;
+                let permit =
+                    self.authorize(store, &principal, key, Operation::Encrypt, &md, outcome)?;
                 let metadata = &store.settings.ciphertext_metadata;
                 let full_aad = frame(store.settings.framing, aad.as_deref(), metadata)?;
                 let verify_aad = if cdiv { Some(full_aad.clone()) } else { None };
@@ -278,32 +323,64 @@ impl<B: Backend> XksFront<B> {
                 let parsed: wire::DecryptRequest<'_> = parse(body)?;
                 let md = required_metadata(
                     parsed.request_metadata,
-                    &["awsPrincipalArn", "kmsKeyArn", "kmsOperation", "kmsRequestId"],
+                    &[
+                        "awsPrincipalArn",
+                        "kmsKeyArn",
+                        "kmsOperation",
+                        "kmsRequestId",
+                    ],
                 )?;
                 outcome.request_id = request_id(&md);
                 outcome.audit = true;
                 require_algorithm(parsed.encryption_algorithm.as_deref())?;
                 let limits = store.settings.limits;
-                let ciphertext = decode_field("ciphertext", parsed.ciphertext.as_deref(), limits.max_plaintext)?;
+                let ciphertext = decode_field(
+                    "ciphertext",
+                    parsed.ciphertext.as_deref(),
+                    limits.max_plaintext,
+                )?;
                 // Fixed-size fields: a wrong size, however large, gets the field's own error below;
                 // the server's body limit bounds what is decoded.
-                let iv = decode_field("initializationVector", parsed.initialization_vector.as_deref(), ANY_SIZE)?;
-                let tag = decode_field("authenticationTag", parsed.authentication_tag.as_deref(), ANY_SIZE)?;
-                let aad = decode_optional("additionalAuthenticatedData", parsed.additional_authenticated_data.as_deref(), limits.max_aad)?;
-                let metadata = decode_optional("ciphertextMetadata", parsed.ciphertext_metadata.as_deref(), ANY_SIZE)?
-                    .unwrap_or_default();
+                let iv = decode_field(
+                    "initializationVector",
+                    parsed.initialization_vector.as_deref(),
+                    ANY_SIZE,
+                )?;
+                let tag = decode_field(
+                    "authenticationTag",
+                    parsed.authentication_tag.as_deref(),
+                    ANY_SIZE,
+                )?;
+                let aad = decode_optional(
+                    "additionalAuthenticatedData",
+                    parsed.additional_authenticated_data.as_deref(),
+                    limits.max_aad,
+                )?;
+                let metadata = decode_optional(
+                    "ciphertextMetadata",
+                    parsed.ciphertext_metadata.as_deref(),
+                    ANY_SIZE,
+                )?
+                .unwrap_or_default();
                 if metadata.len() > MAX_METADATA {
-                    return Err(XksError::new(N::Validation, "ciphertextMetadata exceeds 20 bytes"));
+                    return Err(XksError::new(
+                        N::Validation,
+                        "ciphertextMetadata exceeds 20 bytes",
+                    ));
                 }
-                let permit = self.authorize(store, &principal, key, Operation::Decrypt, &md, outcome)?;
+                let permit =
+                    self.authorize(store, &principal, key, Operation::Decrypt, &md, outcome)?;
                 // Wrong IV or tag sizes cannot authenticate: the spec's InvalidCiphertextException
                 // covers "IV or tag invalid", and it is what the HSM itself would conclude.
                 if iv.len() != 12 && iv.len() != 16 {
-                    return Err(XksError::new(N::InvalidCiphertext, "initializationVector must be 12 or 16 bytes"));
+                    return Err(XksError::new(
+                        N::InvalidCiphertext,
+                        "initializationVector must be 12 or 16 bytes",
+                    ));
                 }
-                let tag: [u8; GCM_TAG_LEN] = tag
-                    .try_into()
-                    .map_err(|_| XksError::new(N::InvalidCiphertext, "authenticationTag must be 16 bytes"))?;
+                let tag: [u8; GCM_TAG_LEN] = tag.try_into().map_err(|_| {
+                    XksError::new(N::InvalidCiphertext, "authenticationTag must be 16 bytes")
+                })?;
                 let full_aad = frame(store.settings.framing, aad.as_deref(), &metadata)?;
                 let plaintext = self
                     .service
@@ -312,8 +389,10 @@ impl<B: Backend> XksFront<B> {
                     .map_err(|e| crypto_error(&e))?;
                 let encoded = Zeroizing::new(wire::b64_encode(&plaintext));
                 let body = Zeroizing::new(
-                    serde_json::to_vec(&wire::DecryptResponse { plaintext: &encoded })
-                        .map_err(|_| XksError::new(N::Internal, "internal error"))?,
+                    serde_json::to_vec(&wire::DecryptResponse {
+                        plaintext: &encoded,
+                    })
+                    .map_err(|_| XksError::new(N::Internal, "internal error"))?,
                 );
                 Ok(json_response(StatusCode::OK, body.to_vec()))
             }
@@ -346,7 +425,10 @@ impl<B: Backend> XksFront<B> {
         outcome: &mut Outcome<'_>,
     ) -> Result<Permit, XksError> {
         if !store.settings.enabled {
-            return Err(XksError::new(N::InvalidState, "key store is disabled by the operator"));
+            return Err(XksError::new(
+                N::InvalidState,
+                "key store is disabled by the operator",
+            ));
         }
         if !store.settings.keys.allows(key) {
             return Err(XksError::new(N::KeyNotFound, "external key not found"));
@@ -365,19 +447,37 @@ impl<B: Backend> XksFront<B> {
 
     async fn health(&self, store: &KeyStore) -> Result<Response, XksError> {
         if !store.settings.enabled {
-            return Err(XksError::new(N::InvalidState, "key store is disabled by the operator"));
+            return Err(XksError::new(
+                N::InvalidState,
+                "key store is disabled by the operator",
+            ));
         }
         let state = self.state.load();
         let report = self.service.health_report().await;
-        let id = if report.hsm.serial.is_empty() { &report.hsm.token_label } else { &report.hsm.serial };
-        let model = format!("{} {} ({})", report.hsm.model, report.hsm.versions, report.hsm.token_label);
-        let vendor = if report.hsm.manufacturer.is_empty() { "unknown" } else { &report.hsm.manufacturer };
+        let id = if report.hsm.serial.is_empty() {
+            &report.hsm.token_label
+        } else {
+            &report.hsm.serial
+        };
+        let model = format!(
+            "{} {} ({})",
+            report.hsm.model, report.hsm.versions, report.hsm.token_label
+        );
+        let vendor = if report.hsm.manufacturer.is_empty() {
+            "unknown"
+        } else {
+            &report.hsm.manufacturer
+        };
         let resp = wire::HealthResponse {
             xks_proxy_fleet_size: state.fleet_size,
             xks_proxy_vendor: &state.vendor,
             xks_proxy_model: &self.model,
             ekm_vendor: vendor,
-            ekm_fleet_details: vec![wire::EkmFleetDetail { id, model: &model, health_status: report.status.as_str() }],
+            ekm_fleet_details: vec![wire::EkmFleetDetail {
+                id,
+                model: &model,
+                health_status: report.status.as_str(),
+            }],
         };
         Ok(json(&resp))
     }
@@ -398,13 +498,19 @@ fn build_state(settings: &XksSettings) -> State {
             settings: s.clone(),
         })
         .collect();
-    State { stores, fleet_size: settings.fleet_size.max(1), vendor: settings.vendor.clone() }
+    State {
+        stores,
+        fleet_size: settings.fleet_size.max(1),
+        vendor: settings.vendor.clone(),
+    }
 }
 
 /// Find the key store and API for `path`. Key ids are `[A-Za-z0-9._-]{1,128}` (spec §1).
 fn route<'s, 'p>(state: &'s State, path: &'p str) -> Option<(&'s KeyStore, Api<'p>)> {
     for store in &state.stores {
-        let Some(rest) = path.strip_prefix(store.base.as_str()) else { continue };
+        let Some(rest) = path.strip_prefix(store.base.as_str()) else {
+            continue;
+        };
         if rest == "/health" {
             return Some((store, Api::Health));
         }
@@ -412,7 +518,9 @@ fn route<'s, 'p>(state: &'s State, path: &'p str) -> Option<(&'s KeyStore, Api<'
         let (key, action) = rest.split_once('/')?;
         if key.is_empty()
             || key.len() > 128
-            || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+            || !key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
         {
             return None;
         }
@@ -436,13 +544,19 @@ fn parse<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, XksError> {
     })
 }
 
-fn required_metadata<'a>(md: Option<RequestMetadata<'a>>, required: &[&str]) -> Result<RequestMetadata<'a>, XksError> {
+fn required_metadata<'a>(
+    md: Option<RequestMetadata<'a>>,
+    required: &[&str],
+) -> Result<RequestMetadata<'a>, XksError> {
     let md = md.ok_or_else(|| XksError::new(N::Validation, "requestMetadata is required"))?;
     let attributes = md.attributes();
     for name in required {
         let present = attributes.iter().any(|(n, v)| n == name && v.is_some());
         if !present {
-            return Err(XksError::new(N::Validation, format!("requestMetadata.{name} is required")));
+            return Err(XksError::new(
+                N::Validation,
+                format!("requestMetadata.{name} is required"),
+            ));
         }
     }
     Ok(md)
@@ -451,8 +565,14 @@ fn required_metadata<'a>(md: Option<RequestMetadata<'a>>, required: &[&str]) -> 
 fn require_algorithm(alg: Option<&str>) -> Result<(), XksError> {
     match alg {
         Some("AES_GCM") => Ok(()),
-        Some(_) => Err(XksError::new(N::Validation, "encryptionAlgorithm must be AES_GCM")),
-        None => Err(XksError::new(N::Validation, "encryptionAlgorithm is required")),
+        Some(_) => Err(XksError::new(
+            N::Validation,
+            "encryptionAlgorithm must be AES_GCM",
+        )),
+        None => Err(XksError::new(
+            N::Validation,
+            "encryptionAlgorithm is required",
+        )),
     }
 }
 
@@ -462,29 +582,42 @@ fn decode_field(name: &str, value: Option<&str>, max: usize) -> Result<Vec<u8>, 
     decode_bounded(name, value, max)
 }
 
-fn decode_optional(name: &str, value: Option<&str>, max: usize) -> Result<Option<Vec<u8>>, XksError> {
+fn decode_optional(
+    name: &str,
+    value: Option<&str>,
+    max: usize,
+) -> Result<Option<Vec<u8>>, XksError> {
     value.map(|v| decode_bounded(name, v, max)).transpose()
 }
 
 fn decode_bounded(name: &str, value: &str, max: usize) -> Result<Vec<u8>, XksError> {
     // Padding can make the bound 2 bytes high, so only refuse what is certainly too large.
     if wire::decoded_len_upper_bound(value.len()) > max + 2 {
-        return Err(XksError::new(N::UnsupportedOperation, format!("{name} exceeds this proxy's limit of {max} bytes")));
+        return Err(XksError::new(
+            N::UnsupportedOperation,
+            format!("{name} exceeds this proxy's limit of {max} bytes"),
+        ));
     }
-    let bytes =
-        wire::b64_decode(value).map_err(|_| XksError::new(N::Validation, format!("{name} is not valid base64")))?;
+    let bytes = wire::b64_decode(value)
+        .map_err(|_| XksError::new(N::Validation, format!("{name} is not valid base64")))?;
     if bytes.len() > max {
-        return Err(XksError::new(N::UnsupportedOperation, format!("{name} exceeds this proxy's limit of {max} bytes")));
+        return Err(XksError::new(
+            N::UnsupportedOperation,
+            format!("{name} exceeds this proxy's limit of {max} bytes"),
+        ));
     }
     Ok(bytes)
 }
 
 fn frame(framing: AadFraming, aad: Option<&[u8]>, metadata: &[u8]) -> Result<Vec<u8>, XksError> {
     framing::full_aad(framing, aad, metadata).map_err(|e| match e {
-        framing::FramingError::AadTooLong => {
-            XksError::new(N::UnsupportedOperation, "additionalAuthenticatedData exceeds 65535 bytes")
+        framing::FramingError::AadTooLong => XksError::new(
+            N::UnsupportedOperation,
+            "additionalAuthenticatedData exceeds 65535 bytes",
+        ),
+        framing::FramingError::MetadataTooLong => {
+            XksError::new(N::Validation, "ciphertextMetadata is too long")
         }
-        framing::FramingError::MetadataTooLong => XksError::new(N::Validation, "ciphertextMetadata is too long"),
     })
 }
 

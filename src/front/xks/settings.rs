@@ -55,7 +55,10 @@ pub struct XksLimits {
 
 impl Default for XksLimits {
     fn default() -> Self {
-        Self { max_plaintext: 65536, max_aad: AAD_CEILING }
+        Self {
+            max_plaintext: 65536,
+            max_aad: AAD_CEILING,
+        }
     }
 }
 

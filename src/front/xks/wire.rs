@@ -219,7 +219,10 @@ mod tests {
         assert_eq!(b64_decode("AAEC").unwrap(), vec![0, 1, 2]);
         assert!(b64_decode("AAE").is_err(), "padding required");
         assert!(b64_decode("AA-_").is_err(), "url-safe alphabet refused");
-        assert!(b64_decode("AB==").is_err(), "non-canonical trailing bits refused");
+        assert!(
+            b64_decode("AB==").is_err(),
+            "non-canonical trailing bits refused"
+        );
         assert!(decoded_len_upper_bound(8) >= 6);
     }
 }
