@@ -675,3 +675,56 @@ async fn throughput_report() {
         per_task * tasks
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_key_copies_are_the_same_key_and_survive_recovery() {
+    let token = TestToken::new();
+    let (plain, _pm) = start(token.settings());
+    let mut settings = token.settings();
+    settings.session_key_copies = true;
+    settings.workers = 1;
+    let (copies, m) = start(settings);
+    // Same key material: what one lane seals, the other opens, both ways.
+    let sealed = plain
+        .aead_encrypt(enc(KEY, b"from the token object", b"a"))
+        .await
+        .unwrap();
+    assert_eq!(
+        &copies.aead_decrypt(dec(KEY, &sealed, b"a")).await.unwrap()[..],
+        b"from the token object"
+    );
+    let sealed = copies
+        .aead_encrypt(enc(KEY, b"from the session copy", b"b"))
+        .await
+        .unwrap();
+    assert_eq!(
+        &plain.aead_decrypt(dec(KEY, &sealed, b"b")).await.unwrap()[..],
+        b"from the session copy"
+    );
+    // Usage restrictions travel with the copy.
+    assert!(matches!(
+        copies
+            .aead_encrypt(enc("dev-aes-decrypt-only", b"x", b""))
+            .await,
+        Err(CryptoError::InvalidKeyUsage(_))
+    ));
+    // A bad tag costs no session, and copies die with their session but are made again.
+    let mut bad = sealed.clone();
+    bad.tag[0] ^= 1;
+    let reopens = m.hsm.session_reopens.get();
+    assert_eq!(
+        copies.aead_decrypt(dec(KEY, &bad, b"b")).await.unwrap_err(),
+        CryptoError::InvalidCiphertext
+    );
+    assert_eq!(m.hsm.session_reopens.get(), reopens);
+    assert_eq!(copies.close_all_sessions().await.unwrap(), 1);
+    let again = copies
+        .aead_encrypt(enc(KEY, b"after recovery", b""))
+        .await
+        .unwrap();
+    assert_eq!(
+        &plain.aead_decrypt(dec(KEY, &again, b"")).await.unwrap()[..],
+        b"after recovery"
+    );
+    assert!(m.hsm.session_reopens.get() > reopens);
+}

@@ -122,6 +122,9 @@ pub struct RawHsm {
     pub allow_exportable_keys: bool,
     /// Key cache capacity.
     pub key_cache_capacity: Option<u64>,
+    /// Use per-session key copies (SoftHSM speed-up).
+    #[serde(default)]
+    pub session_key_copies: bool,
 }
 
 /// `[health]`

@@ -287,6 +287,7 @@ fn hsm(raw: &RawConfig, base: &Path, c: &mut Collector) -> Option<HsmSettings> {
         key_cache_capacity: h
             .key_cache_capacity
             .unwrap_or(HsmSettings::DEFAULT_KEY_CACHE_CAPACITY),
+        session_key_copies: h.session_key_copies,
     })
 }
 

@@ -168,6 +168,9 @@ module = "{module}"
 token_label = "{TOKEN_LABEL}"
 user_pin = "{USER_PIN}"
 workers = 2
+# SoftHSMv2's file store re-reads a token key on every operation; per-session copies (still inside
+# the HSM, still sensitive and non-extractable) double its throughput.
+session_key_copies = true
 
 [health]
 key = "{HEALTH_KEY}"

@@ -102,6 +102,7 @@ impl Pkcs11Backend {
             sessions_up: Default::default(),
             login_refused: AtomicBool::new(false),
             reconnect_failing: Default::default(),
+            session_key_copies: settings.session_key_copies,
         });
 
         // Sessions are opened here, sequentially: the first C_Login decides for all of them (later

@@ -48,6 +48,14 @@ pub struct HsmSettings {
     pub allow_exportable_keys: bool,
     /// Maximum number of keys kept in the label → handle cache.
     pub key_cache_capacity: u64,
+    /// Work on per-session copies of the token keys (`C_CopyObject` with `CKA_TOKEN=false`).
+    /// The copy stays inside the HSM with the original's attributes (still sensitive and
+    /// non-extractable); it only spares HSMs whose token objects are slow to reach — SoftHSMv2's
+    /// file store re-reads the key file on every operation, which halves its throughput. Off by
+    /// default. With it on, a key deleted from the token keeps working until the key cache entry
+    /// expires (5 minutes) or the session is reopened: use `disabled_keys` or the kill switch for
+    /// an immediate stop.
+    pub session_key_copies: bool,
 }
 
 impl HsmSettings {
@@ -73,6 +81,7 @@ impl HsmSettings {
             op_timeout: Self::DEFAULT_OP_TIMEOUT,
             allow_exportable_keys: false,
             key_cache_capacity: Self::DEFAULT_KEY_CACHE_CAPACITY,
+            session_key_copies: false,
         }
     }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use cryptoki::error::{Error as CkError, RvError};
-use cryptoki::object::ObjectClass;
+use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::{Slot, TokenInfo};
 use cryptoki::types::AuthPin;
@@ -56,6 +56,54 @@ pub(crate) struct Shared {
     /// Workers whose last reconnect attempt failed (in backoff). With no session up and at least
     /// one of these, the HSM is really unreachable and callers fail fast instead of queueing.
     pub(crate) reconnect_failing: AtomicUsize,
+    /// Use per-session key copies (see `HsmSettings::session_key_copies`).
+    pub(crate) session_key_copies: bool,
+}
+
+/// One worker's session copies of token keys: label → (the cache entry it was copied from, the
+/// copy's handle). Valid only for the key-cache generation it was made in: a reopen or re-login
+/// anywhere bumps the generation and the copies are forgotten (they died with their session).
+#[derive(Default)]
+pub(crate) struct SessionCopies {
+    generation: u64,
+    by_label: std::collections::HashMap<String, (Arc<KeyEntry>, ObjectHandle)>,
+}
+
+impl SessionCopies {
+    /// The handle to use for `entry` on `session`: its session copy, made on first use. A key the
+    /// HSM refuses to copy is used through its token handle (and not tried again).
+    fn handle_for(
+        &mut self,
+        shared: &Shared,
+        session: &Session,
+        entry: &Arc<KeyEntry>,
+    ) -> ObjectHandle {
+        let generation = shared.keys.generation();
+        if generation != self.generation {
+            self.by_label.clear();
+            self.generation = generation;
+        }
+        if let Some((from, copy)) = self.by_label.get(&entry.info.label) {
+            // Same cache entry (not merely the same label or handle number): the copy is of this key.
+            if Arc::ptr_eq(from, entry) {
+                return *copy;
+            }
+            if *copy != from.handle {
+                // Best effort: the old copy is a session object and dies with the session anyway.
+                let _ = session.destroy_object(*copy);
+            }
+        }
+        let copy = match session.copy_object(entry.handle, &[Attribute::Token(false)]) {
+            Ok(copy) => copy,
+            Err(e) => {
+                tracing::warn!(key = %entry.info.label, ckr = %ck_error_name(&e), "HSM refused a session copy of the key; using the token object");
+                entry.handle
+            }
+        };
+        self.by_label
+            .insert(entry.info.label.clone(), (Arc::clone(entry), copy));
+        copy
+    }
 }
 
 /// Latency histograms resolved once, so the hot path does no label lookup.
@@ -283,6 +331,8 @@ pub(crate) struct Worker {
     failing: bool,
     backoff: Duration,
     next_attempt: Instant,
+    /// Session copies of keys, when `Shared::session_key_copies`.
+    copies: SessionCopies,
 }
 
 impl Worker {
@@ -297,6 +347,7 @@ impl Worker {
             failing: false,
             backoff: BACKOFF_INITIAL,
             next_attempt: Instant::now(),
+            copies: SessionCopies::default(),
         };
         worker.mark_up();
         worker
@@ -425,8 +476,8 @@ impl Worker {
                 aad,
                 reply,
             } => {
-                let r = self.with_key(Op::Encrypt, &key, |s, k| {
-                    gcm::encrypt(s, k.handle, &plaintext, &aad)
+                let r = self.with_key(Op::Encrypt, &key, |s, handle| {
+                    gcm::encrypt(s, handle, &plaintext, &aad)
                 });
                 let _ = reply.send(r);
             }
@@ -438,8 +489,8 @@ impl Worker {
                 aad,
                 reply,
             } => {
-                let r = self.with_key(Op::Decrypt, &key, |s, k| {
-                    gcm::decrypt(s, k.handle, &iv, &mut ciphertext, &tag, &aad)
+                let r = self.with_key(Op::Decrypt, &key, |s, handle| {
+                    gcm::decrypt(s, handle, &iv, &mut ciphertext, &tag, &aad)
                 });
                 let _ = reply.send(r);
             }
@@ -504,11 +555,13 @@ impl Worker {
         &mut self,
         op: Op,
         key: &Arc<KeyEntry>,
-        mut f: impl FnMut(&Session, &KeyEntry) -> Result<T, Fault>,
+        mut f: impl FnMut(&Session, ObjectHandle) -> Result<T, Fault>,
     ) -> Result<T, CryptoError> {
         let mut entry = Arc::clone(key);
         let mut force_refresh = false;
-        self.with_recovery(op, |shared, session| {
+        // Taken out of `self` for the duration of the call (the retry loop borrows `self`).
+        let mut copies = std::mem::take(&mut self.copies);
+        let result = self.with_recovery(op, |shared, session| {
             let generation = shared.keys.generation();
             if force_refresh || entry.generation != generation {
                 // Handles from before a reopen/re-login are suspect, and a handle the HSM just
@@ -527,7 +580,12 @@ impl Worker {
             if let Some(why) = &entry.info.custody_violation {
                 return Err(Fault::plain(CryptoError::KeyDisabled(why.clone())));
             }
-            let result = f(session, &entry);
+            let handle = if shared.session_key_copies {
+                copies.handle_for(shared, session, &entry)
+            } else {
+                entry.handle
+            };
+            let result = f(session, handle);
             if matches!(
                 result,
                 Err(Fault {
@@ -538,7 +596,9 @@ impl Worker {
                 force_refresh = true;
             }
             result
-        })
+        });
+        self.copies = copies;
+        result
     }
 
     fn with_session<T>(

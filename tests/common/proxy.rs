@@ -340,9 +340,14 @@ fn hsm_defaults(hsm_keys: &str) -> String {
             .lines()
             .any(|l| l.split('=').next().is_some_and(|k| k.trim() == key))
     };
-    [("workers", "2"), ("op_timeout_ms", "3000")]
-        .iter()
-        .filter(|(key, _)| !set(key))
-        .map(|(key, value)| format!("{key} = {value}\n"))
-        .collect()
+    // As in the dev profile (SoftHSM): keys are used through per-session copies.
+    [
+        ("workers", "2"),
+        ("op_timeout_ms", "3000"),
+        ("session_key_copies", "true"),
+    ]
+    .iter()
+    .filter(|(key, _)| !set(key))
+    .map(|(key, value)| format!("{key} = {value}\n"))
+    .collect()
 }
