@@ -1,8 +1,9 @@
 //! Audit events: one line per cryptographic decision (allowed, denied, failed), on their own
 //! tracing target (`ekm_audit`) so operators can route them to a separate sink.
 //!
-//! A leaf module. Events carry who, which key, which operation, the outcome, the request id and
-//! the rule that denied; never plaintext, key material, tokens or secrets.
+//! A leaf module. Events carry who, which key, which operation, the outcome, the request id, the
+//! rule that denied and the latency; never plaintext, key material, tokens or secrets. For key
+//! operations the audit event is also the request's log line (one line per request, not two).
 
 /// The tracing target of audit events.
 pub const TARGET: &str = "ekm_audit";
@@ -28,6 +29,8 @@ pub struct AuditEvent<'a> {
     pub outcome: &'a str,
     /// The policy rule that denied, if any.
     pub rule: Option<&'a str>,
+    /// Time spent in the proxy, in microseconds.
+    pub latency_us: u64,
 }
 
 /// Emit `event` on the audit target.
@@ -39,10 +42,11 @@ pub fn record(event: &AuditEvent<'_>) {
         op = event.op,
         key = event.key,
         principal = event.principal,
-        request_id = event.request_id,
+        request_id = ?event.request_id,
         decision = event.decision,
         outcome = event.outcome,
         rule = event.rule.unwrap_or(""),
+        latency_us = event.latency_us,
         "audit"
     );
 }

@@ -165,18 +165,10 @@ impl<B: Backend> XksFront<B> {
         };
         self.metrics
             .observe(FRONT, api.name(), outcome_name, elapsed.as_secs_f64());
-        tracing::info!(
-            front = FRONT,
-            key_store = %store.settings.name,
-            op = api.name(),
-            kms_request_id = ?outcome.request_id,
-            key = outcome.key,
-            principal = %outcome.principal,
-            outcome = outcome_name,
-            latency_us = elapsed.as_micros() as u64,
-            "request"
-        );
+        let latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         if outcome.audit {
+            // A key operation's log line is its audit event: it carries every request field
+            // (request id, key store, key, principal, outcome, latency), so one line serves both.
             audit::record(&AuditEvent {
                 front: FRONT,
                 tenant: &store.settings.name,
@@ -191,7 +183,19 @@ impl<B: Backend> XksFront<B> {
                 },
                 outcome: outcome_name,
                 rule: outcome.rule.as_deref(),
+                latency_us,
             });
+        } else {
+            tracing::info!(
+                front = FRONT,
+                key_store = %store.settings.name,
+                op = api.name(),
+                kms_request_id = ?outcome.request_id,
+                principal = %outcome.principal,
+                outcome = outcome_name,
+                latency_us,
+                "request"
+            );
         }
         response
     }
