@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use ekm_proxy::hsm::bootstrap::{self, KeyKind, KeyReport, KeySpec};
+use ekm_proxy::hsm::bootstrap::{self, KeyReport, KeySpec};
 use ekm_proxy::hsm::{HsmSettings, ModuleGuard, TokenSelector};
 use ekm_proxy::secret::SecretString;
 
@@ -22,22 +22,9 @@ pub const SO_PIN: &str = "so-secret-1234";
 /// User PIN of every test token.
 pub const USER_PIN: &str = "user-secret-1234";
 
-/// The standard dev keys: label, encrypt, decrypt (sensitive, non-extractable AES-256).
-pub const DEV_KEYS: &[(&str, bool, bool)] = &[
-    ("dev-aes-1", true, true),
-    ("dev-aes-encrypt-only", true, false),
-    ("dev-aes-decrypt-only", false, true),
-    ("dev-aes-no-usage", false, false),
-    ("ekm-health-check", true, true),
-];
-
-/// Where SoftHSMv2's module lives on common systems (after `SOFTHSM2_MODULE`).
-pub const MODULE_CANDIDATES: &[&str] = &[
-    "/usr/lib/softhsm/libsofthsm2.so",
-    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/local/lib/softhsm/libsofthsm2.so",
-];
+/// Where SoftHSMv2's module lives on common systems (after `SOFTHSM2_MODULE`): the same list
+/// `ekm-proxy dev init` searches.
+pub use ekm_proxy::dev::profile::SOFTHSM_MODULE_PATHS as MODULE_CANDIDATES;
 
 /// A fresh token on SoftHSM with the dev keys, and what a test needs to use it.
 #[derive(Debug, Clone)]
@@ -116,22 +103,9 @@ impl TestToken {
     }
 }
 
-/// Key specs of [`DEV_KEYS`].
-pub fn dev_key_specs() -> Vec<KeySpec> {
-    DEV_KEYS
-        .iter()
-        .map(|(label, encrypt, decrypt)| KeySpec {
-            label: (*label).to_owned(),
-            kind: KeyKind::Aes256,
-            encrypt: *encrypt,
-            decrypt: *decrypt,
-            wrap: false,
-            unwrap: false,
-            extractable: false,
-            sensitive: true,
-        })
-        .collect()
-}
+/// Key specs of the dev keys: the same set `ekm-proxy dev init` creates (sensitive,
+/// non-extractable AES-256).
+pub use ekm_proxy::dev::profile::dev_key_specs;
 
 /// The SoftHSM module: `SOFTHSM2_MODULE` if set, else the first of [`MODULE_CANDIDATES`] that
 /// exists. Panics with install instructions when SoftHSM is missing.

@@ -22,6 +22,13 @@ use crate::metrics::RequestMetrics;
 
 /// The path segment every XKS API lives under, after the key store's prefix.
 const API_ROOT: &str = "/kms/xks/v1";
+/// `requestMetadata` fields Encrypt and Decrypt require.
+const KEY_OP_METADATA: &[&str] = &[
+    "awsPrincipalArn",
+    "kmsKeyArn",
+    "kmsOperation",
+    "kmsRequestId",
+];
 /// Decode bound for fields whose wrong sizes have their own error (IV, tag, metadata).
 const ANY_SIZE: usize = usize::MAX / 2;
 /// Front name in metrics, logs and audit lines.
@@ -211,196 +218,214 @@ impl<B: Backend> XksFront<B> {
         outcome.principal = principal.name().to_owned();
         let body = req.body();
         match api {
-            Api::Health => {
-                let parsed: wire::MetadataOnlyRequest<'_> = parse(body)?;
-                let md =
-                    required_metadata(parsed.request_metadata, &["kmsRequestId", "kmsOperation"])?;
-                outcome.request_id = request_id(&md);
-                self.health(store).await
-            }
+            Api::Health => self.get_health_status(store, body, outcome).await,
             Api::Metadata(key) => {
-                outcome.key = key;
-                let parsed: wire::MetadataOnlyRequest<'_> = parse(body)?;
-                let md = required_metadata(
-                    parsed.request_metadata,
-                    &["awsPrincipalArn", "kmsOperation", "kmsRequestId"],
-                )?;
-                outcome.request_id = request_id(&md);
-                outcome.audit = true;
-                let permit =
-                    self.authorize(store, &principal, key, Operation::KeyMetadata, &md, outcome)?;
-                let (info, status) = self
-                    .service
-                    .key_metadata(&permit)
+                self.get_key_metadata(store, &principal, key, body, outcome)
                     .await
-                    .map_err(|e| crypto_error(&e))?;
-                let spec = info.key_spec();
-                let (status, reason) = match &status {
-                    KeyStatus::Enabled => ("ENABLED", None),
-                    KeyStatus::Disabled(why) => ("DISABLED", Some(why.as_str())),
-                };
-                if let Some(why) = reason {
-                    tracing::warn!(front = FRONT, key, reason = why, "key reported DISABLED");
-                }
-                let resp = wire::KeyMetadataResponse {
-                    key_spec: &spec,
-                    key_usage: info.usage.names(),
-                    key_status: status,
-                };
-                Ok(json(&resp))
             }
-            Api::Encrypt(key) => {
-                outcome.key = key;
-                let parsed: wire::EncryptRequest<'_> = parse(body)?;
-                let md = required_metadata(
-                    parsed.request_metadata,
-                    &[
-                        "awsPrincipalArn",
-                        "kmsKeyArn",
-                        "kmsOperation",
-                        "kmsRequestId",
-                    ],
-                )?;
-                outcome.request_id = request_id(&md);
-                outcome.audit = true;
-                require_algorithm(parsed.encryption_algorithm.as_deref())?;
-                let cdiv = match parsed.ciphertext_data_integrity_value_algorithm.as_deref() {
-                    None => false,
-                    Some("SHA_256") => true,
-                    Some(_) => {
-                        return Err(XksError::new(
-                            N::Validation,
-                            "ciphertextDataIntegrityValueAlgorithm must be SHA_256",
-                        ));
-                    }
-                };
-                let limits = store.settings.limits;
-                let plaintext = Zeroizing::new(decode_field(
-                    "plaintext",
-                    parsed.plaintext.as_deref(),
-                    limits.max_plaintext,
-                )?);
-                let aad = decode_optional(
-                    "additionalAuthenticatedData",
-                    parsed.additional_authenticated_data.as_deref(),
-                    limits.max_aad,
-                )?;
-                let permit =
-                    self.authorize(store, &principal, key, Operation::Encrypt, &md, outcome)?;
-                let metadata = &store.settings.ciphertext_metadata;
-                let full_aad = frame(store.settings.framing, aad.as_deref(), metadata)?;
-                let verify_aad = if cdiv { Some(full_aad.clone()) } else { None };
-                let sealed = self
-                    .service
-                    .encrypt(&permit, plaintext, full_aad, cdiv)
-                    .await
-                    .map_err(|e| crypto_error(&e))?;
-                let cdiv_value = match verify_aad {
-                    Some(verify_aad) => {
-                        // Appendix C: compute the integrity value first, then prove the output decrypts.
-                        let value = framing::cdiv_sha256(
-                            aad.as_deref().unwrap_or_default(),
-                            metadata,
-                            &sealed.iv,
-                            &sealed.ciphertext,
-                            &sealed.tag,
-                        );
-                        self.service
-                            .verify_sealed(&permit, &sealed, verify_aad)
-                            .await
-                            .map_err(|e| crypto_error(&e))?;
-                        Some(wire::b64_encode(&value))
-                    }
-                    None => None,
-                };
-                let resp = wire::EncryptResponse {
-                    ciphertext: wire::b64_encode(&sealed.ciphertext),
-                    ciphertext_metadata: (!metadata.is_empty()).then(|| wire::b64_encode(metadata)),
-                    initialization_vector: wire::b64_encode(&sealed.iv),
-                    authentication_tag: wire::b64_encode(&sealed.tag),
-                    ciphertext_data_integrity_value: cdiv_value,
-                };
-                Ok(json(&resp))
-            }
-            Api::Decrypt(key) => {
-                outcome.key = key;
-                let parsed: wire::DecryptRequest<'_> = parse(body)?;
-                let md = required_metadata(
-                    parsed.request_metadata,
-                    &[
-                        "awsPrincipalArn",
-                        "kmsKeyArn",
-                        "kmsOperation",
-                        "kmsRequestId",
-                    ],
-                )?;
-                outcome.request_id = request_id(&md);
-                outcome.audit = true;
-                require_algorithm(parsed.encryption_algorithm.as_deref())?;
-                let limits = store.settings.limits;
-                let ciphertext = decode_field(
-                    "ciphertext",
-                    parsed.ciphertext.as_deref(),
-                    limits.max_plaintext,
-                )?;
-                // Fixed-size fields: a wrong size, however large, gets the field's own error below;
-                // the server's body limit bounds what is decoded.
-                let iv = decode_field(
-                    "initializationVector",
-                    parsed.initialization_vector.as_deref(),
-                    ANY_SIZE,
-                )?;
-                let tag = decode_field(
-                    "authenticationTag",
-                    parsed.authentication_tag.as_deref(),
-                    ANY_SIZE,
-                )?;
-                let aad = decode_optional(
-                    "additionalAuthenticatedData",
-                    parsed.additional_authenticated_data.as_deref(),
-                    limits.max_aad,
-                )?;
-                let metadata = decode_optional(
-                    "ciphertextMetadata",
-                    parsed.ciphertext_metadata.as_deref(),
-                    ANY_SIZE,
-                )?
-                .unwrap_or_default();
-                if metadata.len() > MAX_METADATA {
-                    return Err(XksError::new(
-                        N::Validation,
-                        "ciphertextMetadata exceeds 20 bytes",
-                    ));
-                }
-                let permit =
-                    self.authorize(store, &principal, key, Operation::Decrypt, &md, outcome)?;
-                // Wrong IV or tag sizes cannot authenticate: the spec's InvalidCiphertextException
-                // covers "IV or tag invalid", and it is what the HSM itself would conclude.
-                if iv.len() != 12 && iv.len() != 16 {
-                    return Err(XksError::new(
-                        N::InvalidCiphertext,
-                        "initializationVector must be 12 or 16 bytes",
-                    ));
-                }
-                let tag: [u8; GCM_TAG_LEN] = tag.try_into().map_err(|_| {
-                    XksError::new(N::InvalidCiphertext, "authenticationTag must be 16 bytes")
-                })?;
-                let full_aad = frame(store.settings.framing, aad.as_deref(), &metadata)?;
-                let plaintext = self
-                    .service
-                    .decrypt(&permit, iv, ciphertext, tag, full_aad)
-                    .await
-                    .map_err(|e| crypto_error(&e))?;
-                let encoded = Zeroizing::new(wire::b64_encode(&plaintext));
-                let body = Zeroizing::new(
-                    serde_json::to_vec(&wire::DecryptResponse {
-                        plaintext: &encoded,
-                    })
-                    .map_err(|_| XksError::new(N::Internal, "internal error"))?,
-                );
-                Ok(json_response(StatusCode::OK, body.to_vec()))
-            }
+            Api::Encrypt(key) => self.encrypt(store, &principal, key, body, outcome).await,
+            Api::Decrypt(key) => self.decrypt(store, &principal, key, body, outcome).await,
         }
+    }
+
+    /// GetHealthStatus: exempt from secondary authorization, but `kmsRequestId` and
+    /// `kmsOperation` are still required (clients in the field test it).
+    async fn get_health_status(
+        &self,
+        store: &KeyStore,
+        body: &[u8],
+        outcome: &mut Outcome<'_>,
+    ) -> Result<Response, XksError> {
+        let parsed: wire::MetadataOnlyRequest<'_> = parse(body)?;
+        let md = required_metadata(parsed.request_metadata, &["kmsRequestId", "kmsOperation"])?;
+        outcome.request_id = request_id(&md);
+        self.health(store).await
+    }
+
+    /// GetKeyMetadata: the real key spec and usage read from the HSM.
+    async fn get_key_metadata<'r>(
+        &self,
+        store: &KeyStore,
+        principal: &Principal,
+        key: &'r str,
+        body: &'r [u8],
+        outcome: &mut Outcome<'r>,
+    ) -> Result<Response, XksError> {
+        outcome.key = key;
+        let parsed: wire::MetadataOnlyRequest<'_> = parse(body)?;
+        let md = required_metadata(
+            parsed.request_metadata,
+            &["awsPrincipalArn", "kmsOperation", "kmsRequestId"],
+        )?;
+        outcome.request_id = request_id(&md);
+        outcome.audit = true;
+        let permit = self.authorize(store, principal, key, Operation::KeyMetadata, &md, outcome)?;
+        let (info, status) = self
+            .service
+            .key_metadata(&permit)
+            .await
+            .map_err(|e| crypto_error(&e))?;
+        let spec = info.key_spec();
+        let (status, reason) = match &status {
+            KeyStatus::Enabled => ("ENABLED", None),
+            KeyStatus::Disabled(why) => ("DISABLED", Some(why.as_str())),
+        };
+        if let Some(why) = reason {
+            tracing::warn!(front = FRONT, key, reason = why, "key reported DISABLED");
+        }
+        let resp = wire::KeyMetadataResponse {
+            key_spec: &spec,
+            key_usage: info.usage.names(),
+            key_status: status,
+        };
+        Ok(json(&resp))
+    }
+
+    /// Encrypt, with the CDIV and its verification decrypt when asked for.
+    async fn encrypt<'r>(
+        &self,
+        store: &KeyStore,
+        principal: &Principal,
+        key: &'r str,
+        body: &'r [u8],
+        outcome: &mut Outcome<'r>,
+    ) -> Result<Response, XksError> {
+        outcome.key = key;
+        let parsed: wire::EncryptRequest<'_> = parse(body)?;
+        let md = required_metadata(parsed.request_metadata, KEY_OP_METADATA)?;
+        outcome.request_id = request_id(&md);
+        outcome.audit = true;
+        require_algorithm(parsed.encryption_algorithm.as_deref())?;
+        let cdiv = match parsed.ciphertext_data_integrity_value_algorithm.as_deref() {
+            None => false,
+            Some("SHA_256") => true,
+            Some(_) => {
+                return Err(XksError::new(
+                    N::Validation,
+                    "ciphertextDataIntegrityValueAlgorithm must be SHA_256",
+                ));
+            }
+        };
+        let limits = store.settings.limits;
+        let plaintext = Zeroizing::new(decode_field(
+            "plaintext",
+            parsed.plaintext.as_deref(),
+            limits.max_plaintext,
+        )?);
+        let aad = decode_optional(
+            "additionalAuthenticatedData",
+            parsed.additional_authenticated_data.as_deref(),
+            limits.max_aad,
+        )?;
+        let permit = self.authorize(store, principal, key, Operation::Encrypt, &md, outcome)?;
+        let metadata = &store.settings.ciphertext_metadata;
+        let full_aad = frame(store.settings.framing, aad.as_deref(), metadata)?;
+        let verify_aad = if cdiv { Some(full_aad.clone()) } else { None };
+        let sealed = self
+            .service
+            .encrypt(&permit, plaintext, full_aad, cdiv)
+            .await
+            .map_err(|e| crypto_error(&e))?;
+        let cdiv_value = match verify_aad {
+            Some(verify_aad) => {
+                // Appendix C: compute the integrity value first, then prove the output decrypts.
+                let value = framing::cdiv_sha256(
+                    aad.as_deref().unwrap_or_default(),
+                    metadata,
+                    &sealed.iv,
+                    &sealed.ciphertext,
+                    &sealed.tag,
+                );
+                self.service
+                    .verify_sealed(&permit, &sealed, verify_aad)
+                    .await
+                    .map_err(|e| crypto_error(&e))?;
+                Some(wire::b64_encode(&value))
+            }
+            None => None,
+        };
+        let resp = wire::EncryptResponse {
+            ciphertext: wire::b64_encode(&sealed.ciphertext),
+            ciphertext_metadata: (!metadata.is_empty()).then(|| wire::b64_encode(metadata)),
+            initialization_vector: wire::b64_encode(&sealed.iv),
+            authentication_tag: wire::b64_encode(&sealed.tag),
+            ciphertext_data_integrity_value: cdiv_value,
+        };
+        Ok(json(&resp))
+    }
+
+    /// Decrypt.
+    async fn decrypt<'r>(
+        &self,
+        store: &KeyStore,
+        principal: &Principal,
+        key: &'r str,
+        body: &'r [u8],
+        outcome: &mut Outcome<'r>,
+    ) -> Result<Response, XksError> {
+        outcome.key = key;
+        let parsed: wire::DecryptRequest<'_> = parse(body)?;
+        let md = required_metadata(parsed.request_metadata, KEY_OP_METADATA)?;
+        outcome.request_id = request_id(&md);
+        outcome.audit = true;
+        require_algorithm(parsed.encryption_algorithm.as_deref())?;
+        let limits = store.settings.limits;
+        let ciphertext = decode_field(
+            "ciphertext",
+            parsed.ciphertext.as_deref(),
+            limits.max_plaintext,
+        )?;
+        // Fixed-size fields: a wrong size, however large, gets the field's own error below;
+        // the server's body limit bounds what is decoded.
+        let iv = decode_field(
+            "initializationVector",
+            parsed.initialization_vector.as_deref(),
+            ANY_SIZE,
+        )?;
+        let tag = decode_field(
+            "authenticationTag",
+            parsed.authentication_tag.as_deref(),
+            ANY_SIZE,
+        )?;
+        let aad = decode_optional(
+            "additionalAuthenticatedData",
+            parsed.additional_authenticated_data.as_deref(),
+            limits.max_aad,
+        )?;
+        let metadata = decode_optional(
+            "ciphertextMetadata",
+            parsed.ciphertext_metadata.as_deref(),
+            ANY_SIZE,
+        )?
+        .unwrap_or_default();
+        if metadata.len() > MAX_METADATA {
+            return Err(XksError::new(
+                N::Validation,
+                "ciphertextMetadata exceeds 20 bytes",
+            ));
+        }
+        let permit = self.authorize(store, principal, key, Operation::Decrypt, &md, outcome)?;
+        // Wrong IV or tag sizes cannot authenticate: the spec's InvalidCiphertextException
+        // covers "IV or tag invalid", and it is what the HSM itself would conclude.
+        if iv.len() != 12 && iv.len() != 16 {
+            return Err(XksError::new(
+                N::InvalidCiphertext,
+                "initializationVector must be 12 or 16 bytes",
+            ));
+        }
+        let tag: [u8; GCM_TAG_LEN] = tag.try_into().map_err(|_| {
+            XksError::new(N::InvalidCiphertext, "authenticationTag must be 16 bytes")
+        })?;
+        let full_aad = frame(store.settings.framing, aad.as_deref(), &metadata)?;
+        let plaintext = self
+            .service
+            .decrypt(&permit, iv, ciphertext, tag, full_aad)
+            .await
+            .map_err(|e| crypto_error(&e))?;
+        let encoded = Zeroizing::new(wire::b64_encode(&plaintext));
+        Ok(json(&wire::DecryptResponse {
+            plaintext: &encoded,
+        }))
     }
 
     fn authenticate(&self, store: &KeyStore, req: &Request) -> Result<Principal, XksError> {
