@@ -9,7 +9,7 @@
 //! - [`authz`]: decides whether a principal may do an operation on a key; only it makes a
 //!   [`authz::Permit`].
 //! - [`core`]: protocol-neutral key operations, key state and framing over the [`core::Backend`] seam.
-//! - [`hsm`]: the PKCS#11 backend; the only module that imports `cryptoki`.
+//! - [`hsm`]: the PKCS#11 backend; the only module that imports the PKCS#11 bindings.
 //! - [`config`], [`app`]: configuration parsing/validation and the composition root.
 //! - [`metrics`], [`audit`]: leaves every module may use.
 //! - [`dev`], [`client`], [`bench`]: the dev profile, an XKS client, and the benchmark.
@@ -17,7 +17,7 @@
 //! Dependency rules (arrows point inward; a test greps for violations):
 //! `main → app → server → front::* → {auth, authz, core}`; `app → hsm → core`; `app → config`;
 //! any module → `metrics`, `audit`. Never `front → hsm`; never HTTP or wire-JSON types in `core`
-//! or `hsm`; never `cryptoki` outside `hsm`.
+//! or `hsm`; never the PKCS#11 bindings outside `hsm`.
 
 #![forbid(unsafe_code)]
 

@@ -1,7 +1,7 @@
 //! The protocol-neutral core: key operations, key state, AAD framing and the `Backend` seam.
 //!
 //! Everything here is plain Rust data. It must not depend on HTTP (`hyper`, `http`), wire JSON
-//! (`serde_json`), PKCS#11 (`cryptoki`) or any front end: front ends translate their wire format
+//! (`serde_json`), the PKCS#11 bindings or any front end: front ends translate their wire format
 //! into these types, and `hsm` implements [`Backend`].
 
 pub mod backend;
