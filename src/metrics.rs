@@ -154,9 +154,9 @@ impl Metrics {
 
     /// A fresh set on its own registry (tests, tools).
     pub fn standalone() -> Self {
-        // invariant: registering fresh families with distinct names into a new registry cannot fail.
+        // Registering fresh families with distinct names into a new registry cannot fail.
         #[allow(clippy::expect_used)]
-        Self::new(Registry::new()).expect("fresh registry")
+        Self::new(Registry::new()).expect("fresh registry") // invariant: see above
     }
 
     /// Prometheus text exposition of every registered family.

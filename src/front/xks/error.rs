@@ -4,7 +4,6 @@
 //! Bodies are compact JSON `{"errorName":…,"errorMessage":…}`; messages are short printable
 //! ASCII and never contain key material, plaintext or secrets.
 
-use bytes::Bytes;
 use http::StatusCode;
 use serde::Serialize;
 
@@ -160,23 +159,23 @@ pub fn from_crypto(e: &CryptoError) -> XksError {
     }
 }
 
-/// Body bytes of an error, for tests and tools.
-pub fn body_of(resp: &Response) -> Option<Bytes> {
-    use hyper::body::Body as _;
-    use std::pin::pin;
-    use std::task::{Context, Poll, Waker};
-    // `Full` is ready immediately; poll once without a runtime.
-    let mut body = pin!(resp.body().clone());
-    let mut cx = Context::from_waker(Waker::noop());
-    match body.as_mut().poll_frame(&mut cx) {
-        Poll::Ready(Some(Ok(frame))) => frame.into_data().ok(),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Body bytes of an error, for tests and tools.
+    fn body_of(resp: &Response) -> Option<bytes::Bytes> {
+        use hyper::body::Body as _;
+        use std::pin::pin;
+        use std::task::{Context, Poll, Waker};
+        // `Full` is ready immediately; poll once without a runtime.
+        let mut body = pin!(resp.body().clone());
+        let mut cx = Context::from_waker(Waker::noop());
+        match body.as_mut().poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(frame))) => frame.into_data().ok(),
+            _ => None,
+        }
+    }
 
     #[test]
     fn statuses_match_the_spec_table() {
