@@ -4,8 +4,8 @@
 //! only the handle it needs (`HsmMetrics` for `hsm`, `RequestMetrics` for the fronts, ...).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets in seconds: fine resolution below 1 ms (where the proxy lives), coarse above.
@@ -24,6 +24,8 @@ pub struct Metrics {
     pub hsm: HsmMetrics,
     /// Cache metrics, by cache name.
     pub cache: CacheMetrics,
+    /// JWT verification and JWKS metrics.
+    pub jwt: JwtMetrics,
 }
 
 /// `ekm_requests_total`, `ekm_request_duration_seconds`, `ekm_auth_failures_total`.
@@ -58,6 +60,15 @@ pub struct HsmMetrics {
 pub struct CacheMetrics {
     hits: IntCounterVec,
     misses: IntCounterVec,
+}
+
+/// `ekm_jwks_*` families, plus the cache counters for the `jwt` and `jwks` caches.
+#[derive(Clone)]
+pub struct JwtMetrics {
+    fetches: IntCounterVec,
+    keys: IntGaugeVec,
+    refresh_rate_limited: IntCounterVec,
+    cache: CacheMetrics,
 }
 
 impl Metrics {
@@ -130,6 +141,30 @@ impl Metrics {
                 &["cache"],
             )?,
         };
+        let jwt = JwtMetrics {
+            fetches: IntCounterVec::new(
+                Opts::new(
+                    "ekm_jwks_fetches_total",
+                    "JWKS fetches by issuer and outcome (ok, not_modified, error)",
+                ),
+                &["issuer", "outcome"],
+            )?,
+            keys: IntGaugeVec::new(
+                Opts::new(
+                    "ekm_jwks_keys",
+                    "Usable signing keys in the issuer's current key set",
+                ),
+                &["issuer"],
+            )?,
+            refresh_rate_limited: IntCounterVec::new(
+                Opts::new(
+                    "ekm_jwks_refresh_rate_limited_total",
+                    "Unknown-kid key-set refreshes skipped by the per-issuer rate limit",
+                ),
+                &["issuer"],
+            )?,
+            cache: cache.clone(),
+        };
         registry.register(Box::new(requests.total.clone()))?;
         registry.register(Box::new(requests.duration.clone()))?;
         registry.register(Box::new(requests.auth_failures.clone()))?;
@@ -144,11 +179,15 @@ impl Metrics {
         registry.register(Box::new(hsm.queue_rejections.clone()))?;
         registry.register(Box::new(cache.hits.clone()))?;
         registry.register(Box::new(cache.misses.clone()))?;
+        registry.register(Box::new(jwt.fetches.clone()))?;
+        registry.register(Box::new(jwt.keys.clone()))?;
+        registry.register(Box::new(jwt.refresh_rate_limited.clone()))?;
         Ok(Self {
             registry,
             requests,
             hsm,
             cache,
+            jwt,
         })
     }
 
@@ -217,6 +256,30 @@ impl CacheMetrics {
     }
 }
 
+impl JwtMetrics {
+    /// Count one key-set fetch for `issuer` (`ok`, `not_modified`, `error`).
+    pub fn jwks_fetch(&self, issuer: &str, outcome: &str) {
+        self.fetches.with_label_values(&[issuer, outcome]).inc();
+    }
+
+    /// Record how many usable keys `issuer`'s current set holds.
+    pub fn jwks_keys(&self, issuer: &str, keys: usize) {
+        self.keys
+            .with_label_values(&[issuer])
+            .set(i64::try_from(keys).unwrap_or(i64::MAX));
+    }
+
+    /// Count one unknown-kid refresh skipped by the rate limit.
+    pub fn jwks_refresh_rate_limited(&self, issuer: &str) {
+        self.refresh_rate_limited.with_label_values(&[issuer]).inc();
+    }
+
+    /// The cache counters (`cache="jwt"` for verified tokens, `cache="jwks"` for key sets).
+    pub fn cache(&self) -> &CacheMetrics {
+        &self.cache
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,9 +290,17 @@ mod tests {
         m.requests.observe("xks", "encrypt", "ok", 0.0002);
         m.hsm.logins.inc();
         m.cache.hit("key");
+        m.jwt.jwks_fetch("google", "ok");
+        m.jwt.jwks_keys("google", 2);
+        m.jwt.jwks_refresh_rate_limited("google");
+        m.jwt.cache().miss("jwks");
         let text = String::from_utf8(m.render()).unwrap();
         assert!(text.contains("ekm_requests_total{front=\"xks\",op=\"encrypt\",outcome=\"ok\"} 1"));
         assert!(text.contains("ekm_hsm_logins_total 1"));
         assert!(text.contains("ekm_cache_hits_total{cache=\"key\"} 1"));
+        assert!(text.contains("ekm_jwks_fetches_total{issuer=\"google\",outcome=\"ok\"} 1"));
+        assert!(text.contains("ekm_jwks_keys{issuer=\"google\"} 2"));
+        assert!(text.contains("ekm_jwks_refresh_rate_limited_total{issuer=\"google\"} 1"));
+        assert!(text.contains("ekm_cache_misses_total{cache=\"jwks\"} 1"));
     }
 }

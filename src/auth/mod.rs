@@ -1,7 +1,9 @@
 //! Authentication: proves who is calling and yields a [`Principal`].
 //!
-//! Depends on `secret` and `metrics` only; knows nothing of key operations, policy or the HSM.
+//! Depends on `secret` and `metrics` (and the leaf glob type `authz::Pattern`, for the JWT
+//! service-account allow-list); knows nothing of key operations, policy or the HSM.
 
+pub mod jwt;
 pub mod sigv4;
 
 /// Who the caller proved to be. Made only by this module's verifiers.
@@ -14,6 +16,15 @@ pub enum Principal {
         /// The region in the credential scope.
         region: String,
     },
+    /// A bearer token (JWT) verified against a configured issuer.
+    Jwt {
+        /// The configuration name of the issuer that signed it (e.g. `google`).
+        issuer: String,
+        /// The token's `sub` claim.
+        subject: String,
+        /// The token's verified `email` claim (the service account).
+        email: String,
+    },
 }
 
 impl Principal {
@@ -21,6 +32,7 @@ impl Principal {
     pub fn name(&self) -> &str {
         match self {
             Principal::SigV4 { access_key_id, .. } => access_key_id,
+            Principal::Jwt { email, .. } => email,
         }
     }
 }
