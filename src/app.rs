@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 
 use crate::config::Settings;
 use crate::core::{HealthMonitor, KeyService, KillSwitch};
+use crate::front::gcp::GcpFront;
 use crate::front::xks::XksFront;
 use crate::hsm::Pkcs11Backend;
 use crate::metrics::Metrics;
@@ -43,6 +44,9 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The Cloud EKM token verifier cannot be built (e.g. an unreadable JWKS CA file).
+    #[error("gcp: {0}")]
+    Jwt(#[from] crate::auth::jwt::JwtSetupError),
     /// Metric registration failed (a bug).
     #[error("metrics: {0}")]
     Metrics(String),
@@ -59,6 +63,7 @@ pub struct Running {
     tasks: JoinSet<()>,
     service: Arc<KeyService<Pkcs11Backend>>,
     xks: Arc<XksFront<Pkcs11Backend>>,
+    gcp: Option<Arc<GcpFront<Pkcs11Backend>>>,
     tls: HashMap<String, Arc<ArcSwap<rustls::ServerConfig>>>,
     metrics: Metrics,
     alpn: Vec<Vec<u8>>,
@@ -95,8 +100,18 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         service.clone(),
         metrics.requests.clone(),
     ));
+    let gcp = match &settings.gcp {
+        None => None,
+        Some(g) => Some(Arc::new(GcpFront::new(
+            g,
+            service.clone(),
+            metrics.requests.clone(),
+            metrics.jwt.clone(),
+        )?)),
+    };
     let router = Arc::new(Router {
-        xks: Some(xks.clone()),
+        xks: (!settings.xks.key_stores.is_empty()).then(|| xks.clone()),
+        gcp: gcp.clone(),
         metrics: metrics.requests.clone(),
         max_body_bytes: settings.server.max_body_bytes,
         request_timeout: settings.server.request_timeout,
@@ -171,7 +186,10 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         }
     };
 
-    // Background: deep health refresh, kill-switch file watch.
+    // Background: signing-key warm-up, deep health refresh, kill-switch file watch.
+    if let Some(gcp) = gcp.clone() {
+        tasks.spawn(async move { gcp.prefetch().await });
+    }
     {
         let service = service.clone();
         let interval = settings.core.health_interval;
@@ -223,6 +241,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         tasks,
         service,
         xks,
+        gcp,
         tls: tls_configs,
         metrics,
         alpn,
@@ -261,8 +280,9 @@ impl Running {
     }
 
     /// Apply a new configuration without dropping connections: SigV4 credentials, key stores,
-    /// policy, limits, disabled keys and TLS certificates. Listener addresses and HSM settings
-    /// need a restart; a change there is logged and ignored.
+    /// Cloud EKM issuers, keys and grants, policy, limits, disabled keys and TLS certificates.
+    /// Listener addresses, HSM settings and adding or removing a front need a restart; a change
+    /// there is logged and ignored.
     pub fn reload(&self, new: &Settings) -> Result<(), StartError> {
         let mut fresh = Vec::new();
         for l in &new.listeners {
@@ -277,11 +297,23 @@ impl Running {
                 tracing::warn!(listener = %l.name, "new listener ignored until restart");
             }
         }
-        // Only swap once every certificate loaded, so a bad file changes nothing.
+        // Only swap once everything was built, so a bad file changes nothing.
+        match (&self.gcp, &new.gcp) {
+            (Some(front), Some(settings)) => front.reload(settings)?,
+            (None, Some(_)) | (Some(_), None) => {
+                tracing::warn!(
+                    "adding or removing the [gcp] section needs a restart; its change is ignored"
+                );
+            }
+            (None, None) => {}
+        }
         for (slot, cfg) in fresh {
             slot.store(cfg);
         }
         self.xks.reload(&new.xks);
+        if let Some(front) = self.gcp.clone() {
+            tokio::spawn(async move { front.prefetch().await });
+        }
         self.service.reload(new.core.keys.clone());
         tracing::info!("configuration reloaded");
         Ok(())

@@ -29,6 +29,12 @@ pub struct AuditEvent<'a> {
     pub outcome: &'a str,
     /// The policy rule that denied, if any.
     pub rule: Option<&'a str>,
+    /// The grant that allowed, where the front has named grants (Cloud EKM).
+    pub grant: Option<&'a str>,
+    /// The caller's access justification, where the protocol has one (Cloud EKM KAJ reason).
+    pub justification: Option<&'a str>,
+    /// The caller's resource using the key (e.g. a Cloud KMS key version), when given.
+    pub resource: Option<&'a str>,
     /// Time spent in the proxy, in microseconds.
     pub latency_us: u64,
 }
@@ -42,11 +48,44 @@ pub fn record(event: &AuditEvent<'_>) {
         op = event.op,
         key = event.key,
         principal = event.principal,
-        request_id = ?event.request_id,
+        request_id = %LogSafe(event.request_id),
         decision = event.decision,
         outcome = event.outcome,
         rule = event.rule.unwrap_or(""),
+        grant = event.grant,
+        justification = event.justification,
+        resource = event.resource,
         latency_us = event.latency_us,
         "audit"
     );
+}
+
+/// Caller-supplied text for a log field: written as is when it is plain printable ASCII (so the
+/// value matches the id the caller sees), otherwise in escaped form so it cannot forge log lines.
+struct LogSafe<'a>(&'a str);
+
+impl std::fmt::Display for LogSafe<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.bytes().all(|b| b.is_ascii_graphic()) {
+            f.write_str(self.0)
+        } else {
+            write!(f, "{:?}", self.0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogSafe;
+
+    #[test]
+    fn plain_ids_are_written_as_is_and_others_escaped() {
+        assert_eq!(LogSafe("gcp-1a2b-7").to_string(), "gcp-1a2b-7");
+        assert_eq!(
+            LogSafe("x\naudit decision=allow").to_string(),
+            "\"x\\naudit decision=allow\""
+        );
+        assert_eq!(LogSafe("a b").to_string(), "\"a b\"");
+        assert_eq!(LogSafe("id\n").to_string(), "\"id\\n\"");
+    }
 }

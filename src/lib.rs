@@ -5,14 +5,16 @@
 //! - [`server`]: TCP listeners, TLS (rustls), HTTP (hyper 1), routing, the admin listener.
 //! - [`front`]: one module per cloud protocol; parses the wire format into core requests and maps
 //!   [`core::CryptoError`] back to the wire exactly once.
-//! - [`auth`]: proves who is calling (SigV4, client certificate) and yields a [`auth::Principal`].
+//! - [`auth`]: proves who is calling (SigV4, JWT against a JWKS, client certificate) and yields a
+//!   [`auth::Principal`].
 //! - [`authz`]: decides whether a principal may do an operation on a key; only it makes a
 //!   [`authz::Permit`].
 //! - [`core`]: protocol-neutral key operations, key state and framing over the [`core::Backend`] seam.
 //! - [`hsm`]: the PKCS#11 backend; the only module that imports the PKCS#11 bindings.
 //! - [`config`], [`app`]: configuration parsing/validation and the composition root.
 //! - [`metrics`], [`audit`]: leaves every module may use.
-//! - [`dev`], [`client`], [`bench`]: the dev profile, an XKS client, and the benchmark.
+//! - [`dev`], [`client`], [`mod@bench`]: the dev profile (token, keys, certificates, JWT signer),
+//!   XKS and Cloud EKM clients, and the benchmark.
 //!
 //! Dependency rules (arrows point inward; a test greps for violations):
 //! `main → app → server → front::* → {auth, authz, core}`; `app → hsm → core`; `app → config`;

@@ -203,3 +203,190 @@ fn check_config_exit_codes() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
 }
+
+/// A config serving only Cloud EKM, with `gcp_extra` appended to its `[[gcp.key]]`.
+fn gcp_config(issuer_extra: &str, reasons: &str, key_extra: &str) -> String {
+    format!(
+        r#"
+[[listener]]
+name = "plain"
+address = "127.0.0.1:0"
+plain_http = true
+
+[hsm]
+module = "{module}"
+token_label = "t"
+user_pin = "1234"
+
+[gcp]
+path_prefix = "/gcp/v0/keys"
+
+[[gcp.issuer]]
+name = "google"
+issuers = ["https://accounts.google.com"]
+jwks_file = "jwks.json"
+audiences = ["https://ekm.example.com"]
+service_accounts = ["service-*@gcp-sa-ekms.iam.gserviceaccount.com"]
+{issuer_extra}
+
+{reasons}
+
+[[gcp.key]]
+path = "ring/kek-1"
+{key_extra}
+"#,
+        module = module()
+    )
+}
+
+const GOOD_REASONS: &str = r#"
+[gcp.access_reasons]
+allow = ["CUSTOMER_INITIATED_ACCESS", 6]
+allow_absent = true
+"#;
+
+const GOOD_GRANT: &str = r#"
+[[gcp.key.grant]]
+name = "kms"
+service_accounts = ["service-1@gcp-sa-ekms.iam.gserviceaccount.com"]
+"#;
+
+#[test]
+fn a_gcp_only_config_validates_with_its_defaults() {
+    let text = gcp_config("", GOOD_REASONS, GOOD_GRANT);
+    let settings =
+        ekm_proxy::config::from_str(&text, Path::new("t.toml"), Path::new("/etc/ekm")).unwrap();
+    assert!(settings.xks.key_stores.is_empty());
+    let gcp = settings.gcp.expect("gcp section");
+    assert_eq!(gcp.prefix, "/gcp/v0/keys");
+    let issuer = &gcp.jwt.issuers[0];
+    assert_eq!(
+        issuer.algorithms,
+        vec![jsonwebtoken::Algorithm::RS256],
+        "RS256 is the default"
+    );
+    assert!(issuer.require_email_verified);
+    assert!(matches!(
+        &issuer.jwks,
+        ekm_proxy::auth::jwt::JwksSource::File(p) if p == Path::new("/etc/ekm/jwks.json")
+    ));
+    let key = &gcp.keys[0];
+    assert_eq!(
+        key.hsm_key, "ring/kek-1",
+        "the HSM key defaults to the path"
+    );
+    assert!(key.enabled);
+    let reasons = &key.access.reasons;
+    assert_eq!(reasons.allow.len(), 2);
+    assert!(reasons.allow_absent && !reasons.allow_unspecified && !reasons.allow_unknown);
+    assert!(
+        reasons.allow_health_checks,
+        "health checks default to allowed"
+    );
+    assert_eq!(
+        key.access.grants[0].operations,
+        vec![
+            ekm_proxy::core::Operation::Wrap,
+            ekm_proxy::core::Operation::Unwrap
+        ]
+    );
+}
+
+#[test]
+fn gcp_problems_are_all_reported_with_their_paths() {
+    let issuer_extra = r#"
+algorithms = ["HS256", "none", "RS256"]
+jwks_url = "http://issuer.example/certs"
+leeway_secs = 3600
+jwks_refresh_min_interval_secs = 0
+"#;
+    let reasons = r#"
+[gcp.access_reasons]
+allow = ["CUSTOMER_INITIATED_ACCESS", "NOT_A_REASON", 99]
+"#;
+    let key_extra = r#"
+previous_hsm_keys = [""]
+resource_names = []
+[[gcp.key.grant]]
+name = "g"
+service_accounts = []
+operations = ["wrap", "encrypt"]
+[[gcp.key]]
+path = "ring/../escape"
+[[gcp.key]]
+path = "ring/kek-1"
+"#;
+    let err = ekm_proxy::config::from_str(
+        &gcp_config(issuer_extra, reasons, key_extra),
+        Path::new("t.toml"),
+        Path::new("/"),
+    )
+    .unwrap_err();
+    let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+    for expected in [
+        "gcp.issuer[0].algorithms",
+        "gcp.issuer[0].jwks_url",
+        "gcp.issuer[0].leeway_secs",
+        "gcp.issuer[0].jwks_refresh_min_interval_secs",
+        "gcp.access_reasons.allow",
+        "gcp.key[0].previous_hsm_keys[0]",
+        "gcp.key[0].resource_names",
+        "gcp.key[0].grant[0].service_accounts",
+        "gcp.key[0].grant[0].operations",
+        "gcp.key[1].path",
+        "gcp.key[1].grant",
+        "gcp.key[2].path",
+    ] {
+        assert!(
+            paths.contains(&expected),
+            "{expected} missing from {paths:?}"
+        );
+    }
+    let algorithms: Vec<_> = err
+        .problems
+        .iter()
+        .filter(|p| p.path == "gcp.issuer[0].algorithms")
+        .collect();
+    assert_eq!(
+        algorithms.len(),
+        2,
+        "HS256 and none are both refused: {algorithms:?}"
+    );
+    assert_eq!(
+        err.problems
+            .iter()
+            .filter(|p| p.path == "gcp.access_reasons.allow")
+            .count(),
+        2,
+        "the unknown name and the unknown number are both reported"
+    );
+}
+
+#[test]
+fn a_gcp_key_needs_an_explicit_justification_policy() {
+    let err = ekm_proxy::config::from_str(
+        &gcp_config("", "", GOOD_GRANT),
+        Path::new("t.toml"),
+        Path::new("/"),
+    )
+    .unwrap_err();
+    assert!(
+        err.problems.iter().any(|p| p.path == "gcp.access_reasons"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_example_config_uses_only_known_keys_and_a_valid_gcp_section() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+        .unwrap();
+    // Files and environment variables it names do not exist here; everything else must validate.
+    let problems = match ekm_proxy::config::from_str(&text, Path::new("t.toml"), Path::new("/")) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.problems,
+    };
+    for p in &problems {
+        assert_ne!(p.path, "(syntax)", "{p}");
+        assert!(!p.path.starts_with("gcp"), "{p}");
+    }
+}

@@ -91,6 +91,30 @@ fn core_depends_only_inward() {
 }
 
 #[test]
+fn auth_and_authz_know_nothing_of_fronts_servers_or_the_hsm() {
+    for dir in ["auth", "authz"] {
+        let bad = offenders(
+            dir,
+            &[
+                "crate::front",
+                "crate::server",
+                "crate::hsm",
+                "crate::config",
+                "crate::app",
+            ],
+        );
+        assert!(bad.is_empty(), "src/{dir} depends outward: {bad:#?}");
+    }
+}
+
+#[test]
+fn fronts_never_read_configuration() {
+    // Fronts receive their own typed settings from `config`; the arrow never points back.
+    let bad = offenders("front", &["crate::config"]);
+    assert!(bad.is_empty(), "front depends on config: {bad:#?}");
+}
+
+#[test]
 fn the_checker_sees_violations() {
     // Guard against a checker that silently checks nothing: it must see cryptoki in src/hsm.
     assert!(

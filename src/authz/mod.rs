@@ -7,8 +7,14 @@
 //! to it is satisfied; a denial names the first rule that failed and why. An empty policy allows
 //! everything (authentication still applies).
 //!
+//! Fronts whose callers are granted access per key (Google Cloud EKM) use [`grants::KeyAccess`]
+//! instead, with the Key Access Justification policy of [`access_reason`].
+//!
 //! Depends on `auth` (who) and `core::Operation` (what). Knows nothing of HTTP, wire formats or
 //! the HSM.
+
+pub mod access_reason;
+pub mod grants;
 
 use std::fmt;
 

@@ -5,6 +5,7 @@
 //! `front::xks::XksSettings`, ...); nothing else in the crate reads the file or the environment
 //! for configuration.
 
+pub mod gcp;
 pub mod raw;
 pub mod secret_source;
 pub mod validate;
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::core::KeyServiceSettings;
+use crate::front::gcp::GcpSettings;
 use crate::front::xks::XksSettings;
 use crate::hsm::HsmSettings;
 use crate::server::{AdminSettings, ListenerSettings, ServerSettings};
@@ -37,6 +39,8 @@ pub struct Settings {
     pub core: CoreSettings,
     /// The XKS front end.
     pub xks: XksSettings,
+    /// The Google Cloud EKM front end, when configured.
+    pub gcp: Option<GcpSettings>,
     /// Logs and audit.
     pub logging: LoggingSettings,
 }

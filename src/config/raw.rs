@@ -31,6 +31,8 @@ pub struct RawConfig {
     /// `[xks]`
     #[serde(default)]
     pub xks: RawXks,
+    /// `[gcp]`
+    pub gcp: Option<RawGcp>,
 }
 
 /// `[server]`
@@ -230,4 +232,111 @@ pub struct RawRule {
     pub attribute: String,
     /// Allowed values (globs).
     pub allow: Vec<String>,
+}
+
+/// `[gcp]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGcp {
+    /// Path before `/<key path>:wrap` (e.g. `/gcp/v0/keys`).
+    pub path_prefix: String,
+    /// Largest wrap plaintext / unwrap blob (bytes).
+    pub max_plaintext_bytes: Option<usize>,
+    /// Largest additionalAuthenticatedData (bytes).
+    pub max_aad_bytes: Option<usize>,
+    /// Verified-token cache entries; 0 disables the cache.
+    pub token_cache_capacity: Option<u64>,
+    /// `[[gcp.issuer]]`
+    #[serde(default)]
+    pub issuer: Vec<RawIssuer>,
+    /// `[gcp.access_reasons]`: the default Key Access Justifications policy.
+    pub access_reasons: Option<RawAccessReasons>,
+    /// `[[gcp.key]]`
+    #[serde(default)]
+    pub key: Vec<RawGcpKey>,
+}
+
+/// `[[gcp.issuer]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIssuer {
+    /// Name in logs and metrics.
+    pub name: String,
+    /// Accepted `iss` values.
+    pub issuers: Vec<String>,
+    /// HTTPS URL of the JWKS.
+    pub jwks_url: Option<String>,
+    /// Local JWKS file (instead of the URL).
+    pub jwks_file: Option<String>,
+    /// PEM roots for the JWKS URL instead of the system's.
+    pub jwks_ca_file: Option<String>,
+    /// Accepted `aud` values.
+    pub audiences: Vec<String>,
+    /// Accepted signature algorithms (default RS256).
+    pub algorithms: Option<Vec<String>>,
+    /// Clock skew allowed on exp/nbf/iat.
+    pub leeway_secs: Option<u64>,
+    /// Allowed `email` values (globs).
+    pub service_accounts: Vec<String>,
+    /// Require `email_verified = true` (default true).
+    pub require_email_verified: Option<bool>,
+    /// At most one unknown-kid refresh per this many seconds.
+    pub jwks_refresh_min_interval_secs: Option<u64>,
+    /// JWKS lifetime when the response has no cache headers.
+    pub jwks_default_ttl_secs: Option<u64>,
+    /// JWKS fetch timeout.
+    pub jwks_fetch_timeout_ms: Option<u64>,
+}
+
+/// `[gcp.access_reasons]` (also a key's `access_reasons`)
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccessReasons {
+    /// Allowed reasons, by enum name or number.
+    pub allow: Vec<toml::Value>,
+    /// Allow requests without a justification.
+    #[serde(default)]
+    pub allow_absent: bool,
+    /// Allow REASON_UNSPECIFIED.
+    #[serde(default)]
+    pub allow_unspecified: bool,
+    /// Allow codes this build does not know.
+    #[serde(default)]
+    pub allow_unknown: bool,
+    /// Let key health checks through whatever their reason (default true).
+    pub allow_health_checks: Option<bool>,
+}
+
+/// `[[gcp.key]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGcpKey {
+    /// Key path in the key URI.
+    pub path: String,
+    /// HSM key label used for new wraps (default: the path).
+    pub hsm_key: Option<String>,
+    /// HSM key labels still accepted for unwrap.
+    #[serde(default)]
+    pub previous_hsm_keys: Vec<String>,
+    /// Serve (default) or refuse with FAILED_PRECONDITION.
+    pub enabled: Option<bool>,
+    /// Globs the request's relativeResourceName must match.
+    pub resource_names: Option<Vec<String>>,
+    /// Per-key justification policy.
+    pub access_reasons: Option<RawAccessReasons>,
+    /// `[[gcp.key.grant]]`
+    #[serde(default)]
+    pub grant: Vec<RawGrant>,
+}
+
+/// `[[gcp.key.grant]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGrant {
+    /// Name in denials and audit lines.
+    pub name: String,
+    /// Allowed service accounts (globs).
+    pub service_accounts: Vec<String>,
+    /// `wrap`, `unwrap` (default both).
+    pub operations: Option<Vec<String>>,
 }

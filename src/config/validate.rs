@@ -22,12 +22,12 @@ use crate::server::{AdminSettings, ListenerSettings, ServerSettings};
 /// The format-version byte that starts our `ciphertextMetadata` (spec framing, version 1).
 pub const METADATA_FORMAT_V1: u8 = 0x01;
 
-struct Collector {
-    problems: Vec<Problem>,
+pub(super) struct Collector {
+    pub(super) problems: Vec<Problem>,
 }
 
 impl Collector {
-    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.problems.push(Problem {
             path: path.into(),
             message: message.into(),
@@ -58,14 +58,18 @@ pub fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Settings, 
     let hsm = hsm(&raw, base, &mut c);
     let core = core(&raw, base, &mut c);
     let xks = xks(&raw, base, &mut c);
+    let gcp = raw
+        .gcp
+        .as_ref()
+        .and_then(|g| super::gcp::gcp(g, base, &mut c));
     let logging = logging(&raw, base, &mut c);
     if listeners.is_empty() && !c.problems.iter().any(|p| p.path.starts_with("listener")) {
         c.add("listener", "at least one [[listener]] is required");
     }
-    if xks.key_stores.is_empty() {
+    if xks.key_stores.is_empty() && raw.gcp.is_none() {
         c.add(
             "xks.key_store",
-            "at least one [[xks.key_store]] is required",
+            "nothing to serve: configure at least one [[xks.key_store]] or a [gcp] section",
         );
     }
     match (hsm, c.problems.is_empty()) {
@@ -77,6 +81,7 @@ pub fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Settings, 
             hsm,
             core,
             xks,
+            gcp,
             logging,
         }),
         _ => Err(ConfigError {
@@ -119,7 +124,7 @@ fn server(raw: &RawConfig, c: &mut Collector) -> ServerSettings {
     out
 }
 
-fn resolve(base: &Path, p: &str) -> PathBuf {
+pub(super) fn resolve(base: &Path, p: &str) -> PathBuf {
     let path = PathBuf::from(p);
     if path.is_absolute() {
         path

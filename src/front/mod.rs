@@ -4,6 +4,7 @@
 //!
 //! Fronts depend on `auth`, `authz`, `core`, `metrics`, `audit` and HTTP types; never on `hsm`.
 
+pub mod gcp;
 pub mod xks;
 
 use bytes::Bytes;

@@ -11,6 +11,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::core::Backend;
+use crate::front::gcp::GcpFront;
 use crate::front::xks::XksFront;
 use crate::front::{ConnInfo, Response};
 use crate::metrics::RequestMetrics;
@@ -19,6 +20,8 @@ use crate::metrics::RequestMetrics;
 pub struct Router<B: Backend> {
     /// The XKS front, when configured.
     pub xks: Option<Arc<XksFront<B>>>,
+    /// The Cloud EKM front, when configured.
+    pub gcp: Option<Arc<GcpFront<B>>>,
     /// Request metrics (in-flight gauge).
     pub metrics: RequestMetrics,
     /// Largest body accepted.
@@ -42,7 +45,12 @@ impl<B: Backend> Router<B> {
         if path == "/ping" && req.method() == http::Method::GET {
             return text(http::StatusCode::OK, "pong");
         }
-        let Some(xks) = self.xks.as_ref().filter(|x| x.claims(path)) else {
+        let front = if let Some(gcp) = self.gcp.as_ref().filter(|g| g.claims(path)) {
+            Front::Gcp(gcp)
+        } else if let Some(xks) = self.xks.as_ref().filter(|x| x.claims(path)) {
+            Front::Xks(xks)
+        } else {
+            // Neither claims it: answer in XKS form, the protocol of the bare API root.
             return XksFront::<B>::unknown_path();
         };
         let work = async {
@@ -55,11 +63,11 @@ impl<B: Backend> Router<B> {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
             if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
-                return xks.too_large();
+                return front.too_large();
             }
             let body = match Limited::new(body, self.max_body_bytes).collect().await {
                 Ok(collected) => collected.to_bytes(),
-                Err(e) if e.is::<http_body_util::LengthLimitError>() => return xks.too_large(),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => return front.too_large(),
                 Err(e) => {
                     tracing::debug!(error = %e, "request body could not be read");
                     return text(
@@ -69,14 +77,43 @@ impl<B: Backend> Router<B> {
                 }
             };
             let req = http::Request::from_parts(parts, body);
-            xks.handle(req, conn).await
+            front.handle(req, conn).await
         };
         match tokio::time::timeout(self.request_timeout, work).await {
             Ok(resp) => resp,
             Err(_) => {
                 tracing::warn!(listener = %conn.listener, "request deadline exceeded");
-                xks.timed_out()
+                front.timed_out()
             }
+        }
+    }
+}
+
+/// The front end a request was routed to.
+enum Front<'a, B: Backend> {
+    Xks(&'a XksFront<B>),
+    Gcp(&'a GcpFront<B>),
+}
+
+impl<B: Backend> Front<'_, B> {
+    fn too_large(&self) -> Response {
+        match self {
+            Front::Xks(f) => f.too_large(),
+            Front::Gcp(f) => f.too_large(),
+        }
+    }
+
+    fn timed_out(&self) -> Response {
+        match self {
+            Front::Xks(f) => f.timed_out(),
+            Front::Gcp(f) => f.timed_out(),
+        }
+    }
+
+    async fn handle(&self, req: crate::front::Request, conn: &ConnInfo) -> Response {
+        match self {
+            Front::Xks(f) => f.handle(req, conn).await,
+            Front::Gcp(f) => f.handle(req, conn).await,
         }
     }
 }

@@ -190,6 +190,9 @@ impl<B: Backend> XksFront<B> {
                 },
                 outcome: outcome_name,
                 rule: outcome.rule.as_deref(),
+                grant: None,
+                justification: None,
+                resource: None,
                 latency_us,
             });
         } else {
