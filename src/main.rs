@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use ekm_proxy::config::{self, EXIT_CONFIG};
+use ekm_proxy::dev::profile;
 
 #[derive(Parser)]
 #[command(
@@ -68,9 +69,36 @@ enum DevCommand {
         #[arg(long)]
         module: Option<PathBuf>,
     },
+    /// Print a Google-style RS256 token signed by the dev signer (for curl against /gcp/v0/keys).
+    Token(DevTokenArgs),
+}
+
+/// `ekm-proxy dev token`: the claims Cloud KMS's tokens carry, signed by the dev JWT signer.
+#[derive(clap::Args)]
+struct DevTokenArgs {
+    /// `email` claim: the calling service account.
+    #[arg(long, default_value = profile::GCP_SERVICE_ACCOUNT)]
+    email: String,
+    /// `aud` claim.
+    #[arg(long, default_value = profile::GCP_AUDIENCE)]
+    audience: String,
+    /// The RSA signing key (PKCS#8 PEM), created by `ekm-proxy dev init`.
+    #[arg(long, default_value = profile::JWT_SIGNER_PATH)]
+    signer: PathBuf,
+    /// `kid` header: the JWKS key id of the signer.
+    #[arg(long, default_value = profile::JWT_KID)]
+    kid: String,
+    /// Seconds from now until `exp`.
+    #[arg(long, default_value_t = 3600)]
+    lifetime_secs: u64,
+    /// `iss` claim.
+    #[arg(long, default_value = profile::GCP_ISSUER)]
+    issuer: String,
 }
 
 fn main() -> ExitCode {
+    // Before anything can touch jsonwebtoken: its provider is fixed by first use.
+    ekm_proxy::auth::jwt::ring_verify::install();
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Serve { config } => serve(&config),
@@ -81,6 +109,9 @@ fn main() -> ExitCode {
         Command::Dev {
             command: DevCommand::Init { root, module },
         } => dev_init(&root, module),
+        Command::Dev {
+            command: DevCommand::Token(args),
+        } => dev_token(&args),
         Command::Bench(args) => ekm_proxy::bench::main(*args),
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
@@ -125,10 +156,11 @@ fn check_config(path: &std::path::Path) -> i32 {
     match load(path) {
         Ok(s) => {
             println!(
-                "{}: OK ({} listener(s), {} XKS key store(s), token {})",
+                "{}: OK ({} listener(s), {} XKS key store(s), {} Cloud EKM key(s), token {})",
                 path.display(),
                 s.listeners.len(),
                 s.xks.key_stores.len(),
+                s.gcp.as_ref().map_or(0, |g| g.keys.len()),
                 s.hsm.token
             );
             0
@@ -187,6 +219,34 @@ fn dev_init(root: &std::path::Path, module: Option<PathBuf>) -> i32 {
         }
         Err(e) => {
             eprintln!("dev init failed: {e}");
+            1
+        }
+    }
+}
+
+/// Mints one token and prints it alone on stdout, so `TOKEN=$(ekm-proxy dev token)` works.
+fn dev_token(args: &DevTokenArgs) -> i32 {
+    use ekm_proxy::client::gcp::{TokenClaims, TokenSigner};
+    let signer = match TokenSigner::from_pem_file(&args.signer, args.kid.as_str()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e} (create the dev signer with `ekm-proxy dev init`)");
+            return 1;
+        }
+    };
+    let mut claims = TokenClaims::dev(
+        &args.email,
+        &args.audience,
+        std::time::Duration::from_secs(args.lifetime_secs),
+    );
+    claims.iss.clone_from(&args.issuer);
+    match signer.mint(&claims) {
+        Ok(token) => {
+            println!("{token}");
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
             1
         }
     }

@@ -1,29 +1,30 @@
-//! The HTTP lane: N workers, each sending one signed XKS request at a time over keep-alive
-//! connections, for a warm-up and then a measured window.
+//! The HTTP lane: N workers, each sending one request at a time over keep-alive connections, for a
+//! warm-up and then a measured window.
 //!
-//! Cheap per request on purpose (the load generator shares the machine with the server): the
-//! body is a template rendered by one copy plus an in-place `kmsRequestId`, the path, URI and
-//! `Host` value are built once, and the request goes straight to [`XksClient::send_raw`] after a
-//! fresh SigV4 signature made at send time. Sees the proxy only through the wire, via `client`.
+//! Cheap per request on purpose (the load generator shares the machine with the server): the path,
+//! URI and `Host` value are built once, and the request goes straight to
+//! [`Connection::send_raw`]. XKS bodies are a template rendered by one copy plus an in-place
+//! `kmsRequestId`, signed with a fresh SigV4 signature at send time. Cloud EKM bodies are fixed,
+//! with either one cached bearer token or one minted per request (RS256 signing is then most of the
+//! load generator's cost). Sees the proxy only through the wire, via `client`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HOST};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use http::{HeaderMap, HeaderValue, Method, Request};
 use http_body_util::Full;
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinSet;
 
-use super::options::{BenchOptions, Scenario};
+use super::options::{BenchOptions, GcpOptions, Scenario};
 use super::stats::LaneStats;
 use super::{BenchError, RunningLane, Window};
 use crate::auth::sigv4;
-use crate::client::{
-    ClientError, ClientTls, Response, XksClient, XksClientConfig, XksConnector, xks,
-};
+use crate::client::gcp::{self, AdditionalContext, GcpOp, TokenClaims, TokenSigner};
+use crate::client::{ClientError, ClientTls, Connection, Connector, Response, xks};
 use crate::secret::SecretString;
 
 /// SigV4 service name of XKS.
@@ -36,14 +37,23 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(20);
 /// arrive as one handshake storm).
 const CONNECT_PARALLELISM: usize = 32;
 
+/// Lifetime of the Cloud EKM tokens: longer than any run.
+const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
 /// The server as the HTTP lane sees it: where, how to connect, and how to sign.
 pub struct HttpTarget {
-    connector: XksConnector,
+    connector: Connector,
     host: HeaderValue,
     prefix: String,
     access_key_id: String,
     secret: SecretString,
     region: String,
+    gcp: GcpOptions,
+    /// The Cloud EKM token signer, or why it could not be loaded (reported by the gcp scenarios
+    /// only, so an XKS-only run does not need it).
+    signer: Result<TokenSigner, String>,
+    /// The claims of every Cloud EKM token, before `iat`/`exp`/`jti` are set per token.
+    claims: TokenClaims,
 }
 
 impl HttpTarget {
@@ -71,18 +81,16 @@ impl HttpTarget {
         let host = HeaderValue::from_str(&host_header).map_err(|_| {
             BenchError::Options(format!("host {host_header:?} is not a valid Host header"))
         })?;
-        let cfg = XksClientConfig {
-            addr,
-            tls,
-            host: host_header,
-            prefix: opts.target.prefix.clone(),
-            access_key_id: opts.access_key_id.clone(),
-            secret: opts.secret.clone(),
-            region: opts.region.clone(),
-            service: SERVICE.to_owned(),
-        };
         let connector =
-            XksConnector::new(Arc::new(cfg)).map_err(|e| BenchError::Options(e.to_string()))?;
+            Connector::new(addr, tls.as_ref()).map_err(|e| BenchError::Options(e.to_string()))?;
+        let signer = if opts.scenarios.iter().any(|s| s.is_gcp()) {
+            TokenSigner::from_pem_file(&opts.gcp.signer, opts.gcp.kid.as_str())
+                .map_err(|e| e.to_string())
+        } else {
+            Err("no Cloud EKM scenario was selected".to_owned())
+        };
+        let mut claims = TokenClaims::dev(&opts.gcp.email, &opts.gcp.audience, TOKEN_LIFETIME);
+        claims.iss.clone_from(&opts.gcp.issuer);
         Ok(Self {
             connector,
             host,
@@ -90,41 +98,65 @@ impl HttpTarget {
             access_key_id: opts.access_key_id.clone(),
             secret: opts.secret.clone(),
             region: opts.region.clone(),
+            gcp: opts.gcp.clone(),
+            signer,
+            claims,
         })
     }
 
     /// One new keep-alive connection (TLS sessions are resumed across connections).
-    pub async fn connect(&self) -> Result<XksClient, ClientError> {
+    pub async fn connect(&self) -> Result<Connection, ClientError> {
         self.connector.connect().await
     }
 
     /// `GET /ping` on `client`: the status, for the readiness wait.
-    pub async fn ping(&self, client: &mut XksClient) -> Result<u16, ClientError> {
+    pub async fn ping(&self, client: &mut Connection) -> Result<u16, ClientError> {
         let mut req = Request::new(Full::new(Bytes::new()));
         *req.uri_mut() = http::Uri::from_static("/ping");
         req.headers_mut().insert(HOST, self.host.clone());
         Ok(client.send_raw(req).await?.status)
     }
 
-    /// A signed request for `op` with `body`. Signed now: every request carries a fresh
-    /// `x-amz-date` and signature, as KMS sends them.
-    fn request(&self, op: &Operation, body: Bytes) -> Result<Request<Full<Bytes>>, ClientError> {
+    /// The request for `op`, numbered (`nonce`, `worker`, `seq`) to make its `kmsRequestId` or
+    /// token id unique. Signed now: every XKS request carries a fresh `x-amz-date` and signature,
+    /// as KMS sends them; a fresh-token Cloud EKM request a newly minted token.
+    fn request(
+        &self,
+        op: &Operation,
+        nonce: u16,
+        worker: u16,
+        seq: u64,
+    ) -> Result<Request<Full<Bytes>>, ClientError> {
         let mut headers = HeaderMap::with_capacity(4);
         headers.insert(HOST, self.host.clone());
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        sigv4::sign(
-            "POST",
-            &op.path,
-            "",
-            &mut headers,
-            &body,
-            &SIGNED_HEADERS,
-            &self.access_key_id,
-            &self.secret,
-            &self.region,
-            SERVICE,
-            std::time::SystemTime::now(),
-        )?;
+        let body = match &op.body {
+            OpBody::Xks(template) => template.render(nonce, worker, seq),
+            OpBody::Fixed(b) => b.clone(),
+        };
+        match &op.auth {
+            OpAuth::SigV4 => sigv4::sign(
+                "POST",
+                &op.path,
+                "",
+                &mut headers,
+                &body,
+                &SIGNED_HEADERS,
+                &self.access_key_id,
+                &self.secret,
+                &self.region,
+                SERVICE,
+                std::time::SystemTime::now(),
+            )?,
+            OpAuth::Bearer(value) => {
+                headers.insert(AUTHORIZATION, value.clone());
+            }
+            OpAuth::FreshBearer => {
+                let token =
+                    self.mint(Some(format!("{:x}-{nonce:x}-{worker:x}-{seq:x}", op.pid)))?;
+                headers.insert(AUTHORIZATION, bearer(&token)?);
+            }
+        }
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = op.uri.clone();
@@ -132,13 +164,25 @@ impl HttpTarget {
         Ok(req)
     }
 
+    /// A token issued now, with token id `jti`.
+    fn mint(&self, jti: Option<String>) -> Result<String, ClientError> {
+        let signer = self
+            .signer
+            .as_ref()
+            .map_err(|e| ClientError::Token(e.clone()))?;
+        let mut claims = self.claims.clone();
+        claims.reissue_at(std::time::SystemTime::now());
+        claims.jti = jti;
+        signer
+            .mint(&claims)
+            .map_err(|e| ClientError::Token(e.to_string()))
+    }
+
     /// Send `op` once on `client` and check the answer is the expected one; the error text says
     /// what came back instead. Used before measuring, so a misconfiguration is one clear line
     /// rather than a table of errors.
-    pub async fn probe(&self, client: &mut XksClient, op: &Operation) -> Result<Response, String> {
-        let req = self
-            .request(op, op.template.render(0, 0, 0))
-            .map_err(|e| e.to_string())?;
+    pub async fn probe(&self, client: &mut Connection, op: &Operation) -> Result<Response, String> {
+        let req = self.request(op, 0, 0, 0).map_err(|e| e.to_string())?;
         let resp = client.send_raw(req).await.map_err(|e| e.to_string())?;
         if op.expect.accepts(&resp) {
             Ok(resp)
@@ -147,14 +191,18 @@ impl HttpTarget {
         }
     }
 
-    /// The XKS operation for `scenario`. Decrypt scenarios first encrypt one plaintext through the
-    /// server (on `client`) and decrypt that ciphertext (with its tag flipped for bad-tag).
+    /// The operation for `scenario`. Decrypt and unwrap scenarios first encrypt (wrap) one
+    /// plaintext through the server (on `client`) and decrypt (unwrap) that ciphertext, with its
+    /// tag flipped for bad-tag.
     pub async fn operation(
         &self,
-        client: &mut XksClient,
+        client: &mut Connection,
         scenario: Scenario,
         opts: &BenchOptions,
     ) -> Result<Operation, String> {
+        if scenario.is_gcp() {
+            return self.gcp_operation(client, scenario, opts).await;
+        }
         let key = &opts.key;
         let plaintext = pattern(opts.plaintext_size, 0);
         let aad = (opts.aad_size > 0).then(|| pattern(opts.aad_size, 7));
@@ -196,6 +244,7 @@ impl HttpTarget {
                 Expect::Ok,
             )?,
             Scenario::Health => self.op("health", xks::health_body(), Expect::Ok)?,
+            _ => return Err(format!("{} is not an XKS scenario", scenario.as_str())),
         };
         self.probe(client, &op)
             .await
@@ -205,16 +254,79 @@ impl HttpTarget {
 
     fn op(&self, suffix: &str, body: Vec<u8>, expect: Expect) -> Result<Operation, String> {
         let path = format!("{}/kms/xks/v1/{suffix}", self.prefix);
-        let uri: http::Uri = path
-            .parse()
-            .map_err(|e| format!("request path {path:?}: {e}"))?;
-        Ok(Operation {
+        Operation::new(
             path,
-            uri,
-            template: BodyTemplate::new(body)?,
+            OpBody::Xks(BodyTemplate::new(body)?),
+            OpAuth::SigV4,
             expect,
-        })
+        )
     }
+
+    /// A Cloud EKM wrap or unwrap, as Cloud KMS sends it for a customer's request (reason
+    /// `CUSTOMER_INITIATED_ACCESS`). Unwrap scenarios unwrap one blob wrapped through the server.
+    async fn gcp_operation(
+        &self,
+        client: &mut Connection,
+        scenario: Scenario,
+        opts: &BenchOptions,
+    ) -> Result<Operation, String> {
+        if let Err(e) = &self.signer {
+            return Err(format!("token signer: {e}"));
+        }
+        let g = &self.gcp;
+        let plaintext = pattern(opts.plaintext_size, 0);
+        let aad = (opts.aad_size > 0).then(|| pattern(opts.aad_size, 7));
+        let context = AdditionalContext::customer_initiated();
+        // One token per scenario for the cached variants (and for the setup wrap), as a caller
+        // that reuses its token until it expires.
+        let cached =
+            bearer(&self.mint(None).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        let auth = if scenario.fresh_token() {
+            OpAuth::FreshBearer
+        } else {
+            OpAuth::Bearer(cached.clone())
+        };
+        let wrap = |auth| {
+            self.gcp_op(
+                GcpOp::Wrap,
+                gcp::wrap_body(&g.key_path, &plaintext, aad.as_deref(), Some(&context)),
+                auth,
+            )
+        };
+        let op = match scenario {
+            Scenario::GcpWrap | Scenario::GcpWrapFresh => wrap(auth)?,
+            _ => {
+                let resp = self
+                    .probe(client, &wrap(OpAuth::Bearer(cached))?)
+                    .await
+                    .map_err(|e| format!("wrapping the test blob: {e}"))?;
+                let blob = gcp::parse_wrap_response(&resp.body)
+                    .map_err(|e| format!("wrap response: {e}"))?;
+                self.gcp_op(
+                    GcpOp::Unwrap,
+                    gcp::unwrap_body(&g.key_path, &blob, aad.as_deref(), Some(&context)),
+                    auth,
+                )?
+            }
+        };
+        self.probe(client, &op)
+            .await
+            .map_err(|e| format!("probe request: {e}"))?;
+        Ok(op)
+    }
+
+    fn gcp_op(&self, op: GcpOp, body: Vec<u8>, auth: OpAuth) -> Result<Operation, String> {
+        let path = gcp::key_url_path(&self.gcp.prefix, &self.gcp.key_path, op);
+        Operation::new(path, OpBody::Fixed(Bytes::from(body)), auth, Expect::Ok)
+    }
+}
+
+/// `Bearer <token>` as a sensitive header value (never printed by `Debug`).
+fn bearer(token: &str) -> Result<HeaderValue, ClientError> {
+    let mut v = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| ClientError::Token("the token is not a valid header value".into()))?;
+    v.set_sensitive(true);
+    Ok(v)
 }
 
 /// `len` deterministic bytes (content does not matter to AES-GCM's cost).
@@ -224,12 +336,49 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-/// One XKS call, prepared once per scenario.
+/// One call, prepared once per scenario.
 pub struct Operation {
     path: String,
     uri: http::Uri,
-    template: BodyTemplate,
+    body: OpBody,
+    auth: OpAuth,
     expect: Expect,
+    /// This process's id, read once (for fresh token ids).
+    pid: u32,
+}
+
+impl Operation {
+    fn new(path: String, body: OpBody, auth: OpAuth, expect: Expect) -> Result<Self, String> {
+        let uri: http::Uri = path
+            .parse()
+            .map_err(|e| format!("request path {path:?}: {e}"))?;
+        Ok(Self {
+            path,
+            uri,
+            body,
+            auth,
+            expect,
+            pid: std::process::id(),
+        })
+    }
+}
+
+/// The body of each request.
+enum OpBody {
+    /// An XKS body whose `kmsRequestId` is rewritten per request.
+    Xks(BodyTemplate),
+    /// The same bytes every time (Cloud EKM has no request id in the body).
+    Fixed(Bytes),
+}
+
+/// How each request proves who sends it.
+enum OpAuth {
+    /// A SigV4 signature made at send time.
+    SigV4,
+    /// This `Authorization: Bearer` value every time.
+    Bearer(HeaderValue),
+    /// A token minted at send time, with a unique `jti`.
+    FreshBearer,
 }
 
 /// Which answers count as success.
@@ -258,10 +407,16 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// `HTTP <status> <errorName | body start>`, for the first unexpected answer.
+/// `HTTP <status> <errorName | google.rpc.Status | body start>`, for the first unexpected answer.
 fn describe(resp: &Response) -> String {
-    match resp.error_name() {
-        Some(name) => format!("HTTP {} {name}", resp.status),
+    if let Some(name) = resp.error_name() {
+        return format!("HTTP {} {name}", resp.status);
+    }
+    match resp.rpc_status() {
+        Some(s) => match s.reason() {
+            Some(reason) => format!("HTTP {} {} ({reason})", resp.status, s.status),
+            None => format!("HTTP {} {}", resp.status, s.status),
+        },
         None => {
             let body = String::from_utf8_lossy(&resp.body[..resp.body.len().min(160)]).into_owned();
             format!("HTTP {} {body:?}", resp.status)
@@ -344,7 +499,7 @@ fn hex_into(dst: &mut [u8], mut value: u64) {
 enum Conns {
     /// Connections of its own, used in turn (`--connections` ≥ concurrency).
     Own {
-        slots: Vec<Option<XksClient>>,
+        slots: Vec<Option<Connection>>,
         next: usize,
     },
     /// A pool shared with other workers (`--connections` < concurrency).
@@ -353,19 +508,19 @@ enum Conns {
 
 /// FIFO pool of connection slots; `None` is a slot whose connection broke and must be reopened.
 struct Pool {
-    tx: mpsc::UnboundedSender<Option<XksClient>>,
-    rx: Mutex<mpsc::UnboundedReceiver<Option<XksClient>>>,
+    tx: mpsc::UnboundedSender<Option<Connection>>,
+    rx: Mutex<mpsc::UnboundedReceiver<Option<Connection>>>,
 }
 
 impl Conns {
-    async fn take(&mut self) -> Option<XksClient> {
+    async fn take(&mut self) -> Option<Connection> {
         match self {
             Conns::Own { slots, next } => slots.get_mut(*next).and_then(Option::take),
             Conns::Shared(pool) => pool.rx.lock().await.recv().await.flatten(),
         }
     }
 
-    fn give(&mut self, slot: Option<XksClient>) {
+    fn give(&mut self, slot: Option<Connection>) {
         match self {
             Conns::Own { slots, next } => {
                 if let Some(s) = slots.get_mut(*next) {
@@ -389,6 +544,7 @@ pub fn error_kind(e: &ClientError) -> &'static str {
         ClientError::HandshakeIo(_) => "tls-io",
         ClientError::Http(_) => "http",
         ClientError::Sign(_) => "sign",
+        ClientError::Token(_) => "token",
         ClientError::Request(_) => "request",
     }
 }
@@ -398,7 +554,7 @@ pub fn error_kind(e: &ClientError) -> &'static str {
 pub async fn open_connections(
     target: &Arc<HttpTarget>,
     n: usize,
-) -> (Vec<XksClient>, Vec<ClientError>) {
+) -> (Vec<Connection>, Vec<ClientError>) {
     let mut open = Vec::with_capacity(n);
     let mut failed = Vec::new();
     let mut set = JoinSet::new();
@@ -443,7 +599,8 @@ pub async fn start_lane(
     // the hot path); with fewer, workers queue for them.
     let mut per_worker: Vec<Conns> = Vec::with_capacity(concurrency);
     if connections >= concurrency {
-        let mut slots: Vec<Vec<Option<XksClient>>> = (0..concurrency).map(|_| Vec::new()).collect();
+        let mut slots: Vec<Vec<Option<Connection>>> =
+            (0..concurrency).map(|_| Vec::new()).collect();
         for (i, c) in clients.into_iter().enumerate() {
             if let Some(s) = slots.get_mut(i % concurrency) {
                 s.push(Some(c));
@@ -513,7 +670,7 @@ async fn worker(
             },
         };
         seq += 1;
-        let req = match target.request(&op, op.template.render(nonce, id, seq)) {
+        let req = match target.request(&op, nonce, id, seq) {
             Ok(r) => r,
             Err(e) => {
                 // Signing failures do not go away by retrying: stop this worker, say why.
@@ -566,6 +723,8 @@ async fn worker(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::gcp::TokenClaims;
+    use crate::dev::profile;
 
     fn response(status: u16, body: &'static str) -> Response {
         Response {
@@ -628,6 +787,69 @@ mod tests {
             describe(&response(502, "bad gateway")),
             "HTTP 502 \"bad gateway\""
         );
+        assert_eq!(
+            describe(&response(
+                401,
+                r#"{"code":16,"status":"UNAUTHENTICATED","message":"x","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"EXPIRED"}]}"#
+            )),
+            "HTTP 401 UNAUTHENTICATED (EXPIRED)"
+        );
+    }
+
+    #[test]
+    fn fresh_tokens_are_distinct_and_cached_ones_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::dev::jwt::ensure_dev_signer(dir.path()).unwrap();
+        let signer = dir.path().join(crate::dev::jwt::SIGNER_FILE);
+        let opts = BenchOptions::from_cli([
+            "--url",
+            "http://127.0.0.1:1/ks",
+            "--scenario",
+            "gcp-wrap-fresh",
+            "--gcp-signer",
+            signer.to_str().unwrap(),
+        ])
+        .unwrap();
+        let target = HttpTarget::new(&opts, "127.0.0.1:1".parse().unwrap()).unwrap();
+        let auth_of = |op: &Operation, seq| {
+            let req = target.request(op, 1, 2, seq).unwrap();
+            assert_eq!(req.uri().path(), "/gcp/v0/keys/dev-aes-1:wrap");
+            let v = req.headers()[AUTHORIZATION].clone();
+            assert!(v.is_sensitive());
+            v.to_str().unwrap().to_owned()
+        };
+        let fresh = target
+            .gcp_op(GcpOp::Wrap, b"{}".to_vec(), OpAuth::FreshBearer)
+            .unwrap();
+        let (a, b) = (auth_of(&fresh, 1), auth_of(&fresh, 2));
+        assert_ne!(a, b);
+        let claims = |header: &str| -> TokenClaims {
+            let token = header.strip_prefix("Bearer ").unwrap();
+            let payload = token.split('.').nth(1).unwrap();
+            use base64::Engine as _;
+            let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap();
+            serde_json::from_slice(&json).unwrap()
+        };
+        let c = claims(&a);
+        assert_eq!(
+            c.jti.as_deref(),
+            Some(&*format!("{:x}-1-2-1", std::process::id()))
+        );
+        assert_eq!(c.email.as_deref(), Some(profile::GCP_SERVICE_ACCOUNT));
+        assert_eq!(c.aud, profile::GCP_AUDIENCE);
+        assert_eq!(c.iss, profile::GCP_ISSUER);
+
+        let token = target.mint(None).unwrap();
+        let cached = target
+            .gcp_op(
+                GcpOp::Wrap,
+                b"{}".to_vec(),
+                OpAuth::Bearer(bearer(&token).unwrap()),
+            )
+            .unwrap();
+        assert_eq!(auth_of(&cached, 1), auth_of(&cached, 2));
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! `ekm-proxy bench`: the benchmark (DESIGN.md §8, issue 3).
 //!
 //! Drives a running proxy over HTTPS (or HTTP) with keep-alive connections and properly signed XKS
-//! requests, and in the same run measures the **raw HSM lane**: the same AES-GCM operation through
-//! [`crate::hsm::Pkcs11Backend`] with no HTTP. Per scenario × concurrency it reports throughput,
+//! requests or Cloud EKM requests with RS256 bearer tokens, and in the same run measures the **raw
+//! HSM lane**: the same AES-GCM operation through [`crate::hsm::Pkcs11Backend`] with no HTTP. Per scenario × concurrency it reports throughput,
 //! latency percentiles, errors by status, the server's CPU µs per request and RSS (from `/proc`),
 //! and the ratio proxy/raw, which is the only form in which performance is claimed.
 //!
 //! - [`options`]: the command line and the validated [`BenchOptions`].
-//! - `load`: the HTTP lane (signing at send time, a fresh `kmsRequestId` per request).
+//! - `load`: the HTTP lane (signing at send time, a fresh `kmsRequestId` per request; Cloud EKM
+//!   with one cached token or a token minted per request).
 //! - `raw`: the raw HSM lane.
 //! - [`stats`]: per-worker HDR histograms and error counts, merged at the end.
 //! - [`procstat`]: CPU time and RSS of a process from `/proc`.
@@ -32,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
-pub use options::{BenchArgs, BenchOptions, RawLane, Scenario, SpawnOptions, Target};
+pub use options::{BenchArgs, BenchOptions, GcpOptions, RawLane, Scenario, SpawnOptions, Target};
 pub use report::{IdleReport, LaneReport, RawReport, ScenarioReport};
 
 use load::HttpTarget;
@@ -166,7 +167,8 @@ pub async fn run_with(
     let mut server = None;
     if let Some(sp) = &opts.spawn {
         let conf = spawn::softhsm_conf_for_child(sp)?;
-        spawn::ensure_dev_profile(sp, conf.as_deref())?;
+        let needs_gcp = opts.scenarios.iter().any(|s| s.is_gcp());
+        spawn::ensure_dev_profile(sp, conf.as_deref(), needs_gcp)?;
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             return Err(BenchError::Spawn(format!(
                 "something already listens on {addr}; stop it, or drop --spawn to benchmark it"
@@ -395,17 +397,7 @@ const SESSION_REOPENS: &str = "ekm_hsm_session_reopens_total";
 /// window's hot path.
 async fn admin_counter(admin: Option<SocketAddr>, name: &str) -> Option<u64> {
     let addr = admin?;
-    let cfg = crate::client::XksClientConfig {
-        addr,
-        tls: None,
-        host: addr.to_string(),
-        prefix: String::new(),
-        access_key_id: String::new(),
-        secret: crate::secret::SecretString::from(""),
-        region: String::new(),
-        service: String::new(),
-    };
-    let mut client = crate::client::XksConnector::new(Arc::new(cfg))
+    let mut client = crate::client::Connector::new(addr, None)
         .ok()?
         .connect()
         .await

@@ -28,16 +28,28 @@ pub enum Scenario {
     Metadata,
     /// XKS GetHealthStatus.
     Health,
+    /// Cloud EKM wrap with one cached bearer token (the verifier's token cache hits).
+    GcpWrap,
+    /// Cloud EKM wrap with a freshly minted token per request (the token cache never hits).
+    GcpWrapFresh,
+    /// Cloud EKM unwrap of one blob wrapped before measuring, with one cached bearer token.
+    GcpUnwrap,
+    /// Cloud EKM unwrap with a freshly minted token per request.
+    GcpUnwrapFresh,
 }
 
 impl Scenario {
     /// Every scenario, in the order a default run measures them.
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Encrypt,
         Scenario::Decrypt,
         Scenario::DecryptBadTag,
         Scenario::Metadata,
         Scenario::Health,
+        Scenario::GcpWrap,
+        Scenario::GcpWrapFresh,
+        Scenario::GcpUnwrap,
+        Scenario::GcpUnwrapFresh,
     ];
 
     /// The name used on the command line, in the table and in JSON.
@@ -48,16 +60,33 @@ impl Scenario {
             Scenario::DecryptBadTag => "decrypt-bad-tag",
             Scenario::Metadata => "metadata",
             Scenario::Health => "health",
+            Scenario::GcpWrap => "gcp-wrap",
+            Scenario::GcpWrapFresh => "gcp-wrap-fresh",
+            Scenario::GcpUnwrap => "gcp-unwrap",
+            Scenario::GcpUnwrapFresh => "gcp-unwrap-fresh",
         }
+    }
+
+    /// Whether this is a Google Cloud EKM scenario (bearer token, `--gcp-*` options).
+    pub fn is_gcp(self) -> bool {
+        matches!(
+            self,
+            Scenario::GcpWrap
+                | Scenario::GcpWrapFresh
+                | Scenario::GcpUnwrap
+                | Scenario::GcpUnwrapFresh
+        )
+    }
+
+    /// Whether every request carries a newly minted token.
+    pub fn fresh_token(self) -> bool {
+        matches!(self, Scenario::GcpWrapFresh | Scenario::GcpUnwrapFresh)
     }
 
     /// Whether the raw HSM lane has an equivalent operation (metadata and health are answered
     /// from caches, so a "raw" number would measure nothing).
     pub fn has_raw_lane(self) -> bool {
-        matches!(
-            self,
-            Scenario::Encrypt | Scenario::Decrypt | Scenario::DecryptBadTag
-        )
+        !matches!(self, Scenario::Metadata | Scenario::Health)
     }
 }
 
@@ -67,8 +96,8 @@ impl serde::Serialize for Scenario {
     }
 }
 
-/// `ekm-proxy bench`: drive an XKS proxy over HTTPS with signed requests, measure the raw HSM lane
-/// in the same run, and print both with their ratio.
+/// `ekm-proxy bench`: drive a proxy over HTTPS with signed XKS requests and Cloud EKM requests
+/// with bearer tokens, measure the raw HSM lane in the same run, and print both with their ratio.
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Target: scheme, host:port and key store path prefix.
@@ -95,6 +124,30 @@ pub struct BenchArgs {
     /// External key id (token label) used by every key operation.
     #[arg(long, default_value = "dev-aes-1")]
     pub key: String,
+    /// Cloud EKM key URI path prefix (gcp-* scenarios).
+    #[arg(long, default_value = profile::GCP_PREFIX)]
+    pub gcp_prefix: String,
+    /// Cloud EKM key path (gcp-* scenarios).
+    #[arg(long, default_value = profile::GCP_KEY_PATH)]
+    pub gcp_key: String,
+    /// HSM key label behind --gcp-key, for the raw lane; default: the key path.
+    #[arg(long)]
+    pub gcp_hsm_key: Option<String>,
+    /// RSA private key (PEM) the gcp-* scenarios sign their RS256 tokens with.
+    #[arg(long, default_value = profile::JWT_SIGNER_PATH)]
+    pub gcp_signer: PathBuf,
+    /// `kid` of the tokens (the JWKS key id of --gcp-signer).
+    #[arg(long, default_value = profile::JWT_KID)]
+    pub gcp_kid: String,
+    /// `email` of the tokens: the calling service account.
+    #[arg(long, default_value = profile::GCP_SERVICE_ACCOUNT)]
+    pub gcp_email: String,
+    /// `aud` of the tokens.
+    #[arg(long, default_value = profile::GCP_AUDIENCE)]
+    pub gcp_audience: String,
+    /// `iss` of the tokens.
+    #[arg(long, default_value = profile::GCP_ISSUER)]
+    pub gcp_issuer: String,
     /// Scenarios to run (repeatable or comma-separated); default: all.
     #[arg(long = "scenario", value_enum, value_delimiter = ',')]
     pub scenarios: Vec<Scenario>,
@@ -218,6 +271,27 @@ pub enum RawLane {
     Settings(Box<HsmSettings>),
 }
 
+/// What the Cloud EKM scenarios send, and as whom.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GcpOptions {
+    /// Key URI path prefix without a trailing slash, e.g. `/gcp/v0/keys`.
+    pub prefix: String,
+    /// Key path.
+    pub key_path: String,
+    /// HSM key label behind it (the raw lane's key).
+    pub hsm_key: String,
+    /// Token signing key (PEM).
+    pub signer: PathBuf,
+    /// Token `kid`.
+    pub kid: String,
+    /// Token `email`.
+    pub email: String,
+    /// Token `aud`.
+    pub audience: String,
+    /// Token `iss`.
+    pub issuer: String,
+}
+
 /// How to start the dev-profile server as a child.
 #[derive(Clone, Debug)]
 pub struct SpawnOptions {
@@ -250,6 +324,8 @@ pub struct BenchOptions {
     pub region: String,
     /// Key label.
     pub key: String,
+    /// The Cloud EKM scenarios' key and token.
+    pub gcp: GcpOptions,
     /// Scenarios, in run order.
     pub scenarios: Vec<Scenario>,
     /// Concurrency levels, in run order.
@@ -364,6 +440,15 @@ impl BenchOptions {
                 "--admin {admin} is not a loopback address; add --allow-remote"
             ));
         }
+        if !a.gcp_prefix.starts_with('/') || a.gcp_prefix.contains(['?', '#', ' ']) {
+            return opt(format!(
+                "--gcp-prefix {:?} must be a URL path starting with /",
+                a.gcp_prefix
+            ));
+        }
+        if a.gcp_key.is_empty() || a.gcp_key.contains(['?', '#', ' ', ':']) {
+            return opt(format!("--gcp-key {:?} is not a key path", a.gcp_key));
+        }
         let mut scenarios = if a.scenarios.is_empty() {
             Scenario::ALL.to_vec()
         } else {
@@ -398,6 +483,16 @@ impl BenchOptions {
             secret: SecretString::from(a.secret.as_str()),
             region: a.region.clone(),
             key: a.key.clone(),
+            gcp: GcpOptions {
+                prefix: a.gcp_prefix.trim_end_matches('/').to_owned(),
+                key_path: a.gcp_key.clone(),
+                hsm_key: a.gcp_hsm_key.clone().unwrap_or_else(|| a.gcp_key.clone()),
+                signer: a.gcp_signer.clone(),
+                kid: a.gcp_kid.clone(),
+                email: a.gcp_email.clone(),
+                audience: a.gcp_audience.clone(),
+                issuer: a.gcp_issuer.clone(),
+            },
             scenarios,
             concurrency,
             connections: a.connections,
@@ -515,6 +610,68 @@ mod tests {
         assert_eq!((o.plaintext_size, o.aad_size), (32, 64));
         assert!(matches!(o.raw, RawLane::Config(_)));
         assert!(o.spawn.is_none() && o.connections.is_none());
+        assert_eq!(o.gcp.prefix, profile::GCP_PREFIX);
+        assert_eq!(o.gcp.key_path, profile::GCP_KEY_PATH);
+        assert_eq!(o.gcp.hsm_key, profile::GCP_KEY_PATH);
+        assert_eq!(o.gcp.kid, profile::JWT_KID);
+        assert_eq!(o.gcp.email, profile::GCP_SERVICE_ACCOUNT);
+        assert_eq!(o.gcp.audience, profile::GCP_AUDIENCE);
+        assert_eq!(o.gcp.issuer, profile::GCP_ISSUER);
+        assert_eq!(
+            o.gcp.signer,
+            std::path::PathBuf::from(profile::JWT_SIGNER_PATH)
+        );
+    }
+
+    #[test]
+    fn gcp_scenarios() {
+        let o = BenchOptions::from_cli([
+            "--scenario",
+            "gcp-wrap,gcp-unwrap-fresh",
+            "--gcp-prefix",
+            "/ekm/",
+            "--gcp-key",
+            "a/b",
+            "--gcp-hsm-key",
+            "label-1",
+        ])
+        .unwrap();
+        assert_eq!(
+            o.scenarios,
+            vec![Scenario::GcpWrap, Scenario::GcpUnwrapFresh]
+        );
+        assert_eq!(
+            (
+                o.gcp.prefix.as_str(),
+                o.gcp.key_path.as_str(),
+                o.gcp.hsm_key.as_str()
+            ),
+            ("/ekm", "a/b", "label-1")
+        );
+        assert!(Scenario::GcpWrapFresh.fresh_token() && !Scenario::GcpWrap.fresh_token());
+        assert!(
+            Scenario::ALL
+                .iter()
+                .filter(|s| s.is_gcp())
+                .all(|s| s.has_raw_lane())
+        );
+        assert!(!Scenario::Encrypt.is_gcp());
+        for s in Scenario::ALL {
+            assert_eq!(
+                clap::ValueEnum::to_possible_value(&s).unwrap().get_name(),
+                s.as_str()
+            );
+        }
+        for bad in [
+            vec!["--gcp-prefix", "gcp"],
+            vec!["--gcp-key", "k:wrap"],
+            vec!["--gcp-key", ""],
+        ] {
+            assert!(
+                BenchOptions::from_cli(bad.clone()).is_err(),
+                "{bad:?} accepted"
+            );
+        }
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! The raw HSM lane: the same AES-GCM operation as the HTTP lane, straight through
-//! [`Pkcs11Backend`] in this process (no HTTP, TLS, SigV4 or JSON), at the same concurrency.
+//! [`Pkcs11Backend`] in this process (no HTTP, TLS, SigV4, JWT or JSON), at the same concurrency.
+//! Cloud EKM wrap is an encrypt and unwrap a decrypt, under the key behind the key path, with the
+//! AAD the front end binds a blob with ([`crate::front::gcp::blob::aad`]), so the HSM processes the
+//! same bytes in both lanes.
 //!
 //! It goes through the backend's queue and worker threads on purpose: that is the floor the proxy
 //! adds its front end to, so `proxy rps / raw rps` is what the front end costs. The backend opens
@@ -17,6 +20,7 @@ use super::stats::LaneStats;
 use super::{BenchError, RunningLane, Window};
 use crate::core::framing::{AadFraming, full_aad};
 use crate::core::{AeadDecrypt, AeadEncrypt, Backend, CryptoError, GCM_TAG_LEN};
+use crate::front::gcp::blob;
 use crate::hsm::{HsmSettings, Pkcs11Backend};
 
 /// The backend of the raw lane, started once per run.
@@ -58,15 +62,31 @@ impl RawHsm {
         let aad_field = (opts.aad_size > 0).then(|| super::load::pattern(opts.aad_size, 7));
         // The server frames the caller's AAD before the HSM sees it; frame it the same way so the
         // HSM processes the same number of bytes in both lanes.
-        let aad = full_aad(AadFraming::SpecLiteral, aad_field.as_deref(), &[])
-            .map_err(|e| format!("AAD: {e:?}"))?;
+        let (key, aad) = if scenario.is_gcp() {
+            let g = &opts.gcp;
+            let aad = blob::aad(
+                &g.key_path,
+                0,
+                &g.hsm_key,
+                aad_field.as_deref().unwrap_or_default(),
+            );
+            (g.hsm_key.clone(), aad)
+        } else {
+            let aad = full_aad(AadFraming::SpecLiteral, aad_field.as_deref(), &[])
+                .map_err(|e| format!("AAD: {e:?}"))?;
+            (opts.key.clone(), aad)
+        };
         let mut op = RawOp {
-            key: opts.key.clone(),
+            key,
             plaintext,
             aad,
             kind: RawKind::Encrypt,
         };
-        if scenario != Scenario::Encrypt {
+        let encrypts = matches!(
+            scenario,
+            Scenario::Encrypt | Scenario::GcpWrap | Scenario::GcpWrapFresh
+        );
+        if !encrypts {
             let sealed = self
                 .backend
                 .aead_encrypt(op.encrypt_request())

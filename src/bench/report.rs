@@ -134,7 +134,7 @@ impl ScenarioReport {
 
 /// Column layout: header text and width. Numbers are right-aligned.
 const COLUMNS: &[(&str, usize)] = &[
-    ("scenario", 15),
+    ("scenario", 16),
     ("c", 4),
     ("conn", 5),
     ("rps", 9),

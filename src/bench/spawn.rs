@@ -55,32 +55,45 @@ pub fn ensure_softhsm_conf(path: &Path) -> Result<PathBuf, BenchError> {
     Ok(path)
 }
 
-/// Run `dev init` when the configuration is the dev profile's and does not exist yet.
+/// Run `dev init` when the configuration is the dev profile's and does not exist yet, or (when
+/// `needs_gcp`) predates its Cloud EKM section or lacks the JWT signer: `dev init` is idempotent
+/// and rewrites only the generated `dev.toml`, keeping the token, keys and certificates.
 pub fn ensure_dev_profile(
     opts: &SpawnOptions,
     softhsm_conf: Option<&Path>,
+    needs_gcp: bool,
 ) -> Result<(), BenchError> {
-    if opts.config.is_file() {
-        return Ok(());
-    }
     let parent = opts.config.parent();
     let is_dev_default = opts.config.file_name().is_some_and(|n| n == "dev.toml")
         && parent
             .and_then(Path::file_name)
             .is_some_and(|n| n == "hsm-config");
-    let Some(root) = parent.and_then(Path::parent).filter(|_| is_dev_default) else {
+    let root = parent.and_then(Path::parent).filter(|_| is_dev_default);
+    let root = root.map(|r| {
+        if r.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            r
+        }
+    });
+    let why = if !opts.config.is_file() {
+        "is missing"
+    } else if needs_gcp
+        && let Some(root) = root
+        && !has_gcp_profile(&opts.config, root)
+    {
+        "has no Cloud EKM section or JWT signer (it predates them)"
+    } else {
+        return Ok(());
+    };
+    let Some(root) = root else {
         return Err(BenchError::Spawn(format!(
             "{} does not exist (only the dev profile's hsm-config/dev.toml is created automatically)",
             opts.config.display()
         )));
     };
-    let root = if root.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        root
-    };
     eprintln!(
-        "bench: {} is missing; running `ekm-proxy dev init --root {}`",
+        "bench: {} {why}; running `ekm-proxy dev init --root {}`",
         opts.config.display(),
         root.display()
     );
@@ -100,6 +113,13 @@ pub fn ensure_dev_profile(
         )));
     }
     Ok(())
+}
+
+/// Whether the dev configuration has the `[gcp]` section and the dev signer exists.
+fn has_gcp_profile(config: &Path, root: &Path) -> bool {
+    let text = std::fs::read_to_string(config).unwrap_or_default();
+    text.lines().any(|l| l.trim() == "[gcp]")
+        && root.join(crate::dev::profile::JWT_SIGNER_PATH).is_file()
 }
 
 /// The server child. Dropping it kills the child.
@@ -314,7 +334,30 @@ mod tests {
             log: None,
             ready_timeout: Duration::from_secs(1),
         };
-        let err = ensure_dev_profile(&opts, None).unwrap_err().to_string();
+        let err = ensure_dev_profile(&opts, None, true)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("only the dev profile"), "{err}");
+        // An existing non-dev config is used as it is, gcp or not.
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prod.toml");
+        std::fs::write(&config, "").unwrap();
+        let opts = SpawnOptions { config, ..opts };
+        ensure_dev_profile(&opts, None, true).unwrap();
+    }
+
+    #[test]
+    fn a_dev_profile_without_gcp_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("hsm-config/dev.toml");
+        std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+        std::fs::write(&config, "[hsm]\n").unwrap();
+        assert!(!has_gcp_profile(&config, dir.path()));
+        std::fs::write(&config, "[hsm]\n[gcp]\npath_prefix = \"/g\"\n").unwrap();
+        assert!(!has_gcp_profile(&config, dir.path()), "no signer yet");
+        let signer = dir.path().join(crate::dev::profile::JWT_SIGNER_PATH);
+        std::fs::create_dir_all(signer.parent().unwrap()).unwrap();
+        std::fs::write(&signer, "").unwrap();
+        assert!(has_gcp_profile(&config, dir.path()));
     }
 }

@@ -1,13 +1,20 @@
-//! An XKS client: one keep-alive HTTP/1.1 connection (over TLS or plain TCP) that sends
-//! SigV4-signed XKS requests the way KMS does. Used by the integration tests and the benchmark.
+//! Clients of the proxy's wire protocols, used by the integration tests and the benchmark: one
+//! keep-alive HTTP/1.1 connection (over TLS or plain TCP) that sends requests the way the cloud
+//! does.
 //!
-//! [`XksConnector`] holds what all connections share (config, the rustls config and its session
-//! cache); [`XksClient`] is one connection and sends one request at a time. [`xks`] builds request
-//! bodies and reads responses.
+//! - [`Connector`] / [`Connection`]: protocol-neutral. The connector holds what all connections
+//!   share (address, the rustls config and its session cache); a connection sends one request at a
+//!   time, exactly as given.
+//! - [`XksConnector`] / [`XksClient`]: SigV4-signed XKS requests, as KMS sends them; [`xks`]
+//!   builds their bodies and reads their responses.
+//! - [`gcp`]: Google Cloud EKM wrap/unwrap with `Authorization: Bearer` JWTs, and the RS256 token
+//!   minting the dev profile, the tests and the benchmark sign with.
 //!
-//! Depends on `auth::sigv4` (the signer), `secret`, hyper, rustls and tokio. It must not depend on
-//! `server`, `front`, `core` or `hsm`: it sees the proxy only through the wire, like KMS does.
+//! Depends on `auth::sigv4` (the signer), `secret`, jsonwebtoken, hyper, rustls and tokio. It must
+//! not depend on `server`, `front`, `core` or `hsm`: it sees the proxy only through the wire, like
+//! the clouds do.
 
+pub mod gcp;
 mod tls;
 pub mod xks;
 
@@ -128,6 +135,9 @@ pub enum ClientError {
     /// Signing failed.
     #[error("signing: {0}")]
     Sign(#[from] SigV4Error),
+    /// A bearer token could not be minted (Google Cloud EKM client).
+    #[error("token: {0}")]
+    Token(String),
     /// The request could not be built (e.g. an invalid path).
     #[error("request: {0}")]
     Request(#[from] http::Error),
@@ -143,54 +153,47 @@ impl ClientError {
     }
 }
 
-/// Opens connections for one [`XksClientConfig`]; builds the rustls config once, so all its
-/// connections share it (and its TLS session cache). Cheap to clone.
+/// Opens keep-alive HTTP/1.1 connections to one server, over TLS or plain TCP. Builds the rustls
+/// config once, so all its connections share it (and its TLS session cache). Cheap to clone.
 #[derive(Clone)]
-pub struct XksConnector {
-    cfg: Arc<XksClientConfig>,
-    signer: Arc<SigV4Signer>,
+pub struct Connector {
+    addr: SocketAddr,
     tls: Option<(
         tokio_rustls::TlsConnector,
         rustls::pki_types::ServerName<'static>,
     )>,
 }
 
-impl std::fmt::Debug for XksConnector {
+impl std::fmt::Debug for Connector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("XksConnector")
-            .field("addr", &self.cfg.addr)
+        f.debug_struct("Connector")
+            .field("addr", &self.addr)
             .field("tls", &self.tls.is_some())
-            .finish_non_exhaustive()
+            .finish()
     }
 }
 
-impl XksConnector {
-    /// Parses the TLS material of `cfg` once.
-    pub fn new(cfg: Arc<XksClientConfig>) -> Result<Self, ClientError> {
-        let tls = match &cfg.tls {
+impl Connector {
+    /// Parses the TLS material once; `tls: None` means plain HTTP.
+    pub fn new(addr: SocketAddr, tls: Option<&ClientTls>) -> Result<Self, ClientError> {
+        let tls = match tls {
             None => None,
             Some(t) => Some((
                 tokio_rustls::TlsConnector::from(t.to_rustls()?),
                 t.server_name()?,
             )),
         };
-        let signer = Arc::new(SigV4Signer::new(
-            &cfg.access_key_id,
-            cfg.secret.clone(),
-            &cfg.region,
-            &cfg.service,
-        ));
-        Ok(Self { cfg, signer, tls })
+        Ok(Self { addr, tls })
     }
 
-    /// The config this connector was built from.
-    pub fn config(&self) -> &Arc<XksClientConfig> {
-        &self.cfg
+    /// The server address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// Opens one connection: TCP (`TCP_NODELAY`), TLS handshake if configured, HTTP/1.1.
-    pub async fn connect(&self) -> Result<XksClient, ClientError> {
-        let tcp = TcpStream::connect(self.cfg.addr)
+    pub async fn connect(&self) -> Result<Connection, ClientError> {
+        let tcp = TcpStream::connect(self.addr)
             .await
             .map_err(ClientError::Connect)?;
         // Requests are small and latency-bound; Nagle would add delay to every one.
@@ -208,9 +211,8 @@ impl XksConnector {
                 spawn_connection(TokioIo::new(stream)).await?
             }
         };
-        Ok(XksClient {
-            cfg: Arc::clone(&self.cfg),
-            signer: Arc::clone(&self.signer),
+        Ok(Connection {
+            addr: self.addr,
             sender,
             conn_error: Some(conn_error),
         })
@@ -242,20 +244,132 @@ where
     Ok((sender, rx))
 }
 
+/// One keep-alive HTTP/1.1 connection; sends one request at a time, exactly as given.
+pub struct Connection {
+    addr: SocketAddr,
+    sender: http1::SendRequest<Full<Bytes>>,
+    conn_error: Option<oneshot::Receiver<hyper::Error>>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("addr", &self.addr)
+            .field("closed", &self.sender.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// Whether the connection is known to be closed.
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
+    /// Sends `req` exactly as given (no `Host`, no credentials added) and reads the whole response.
+    pub async fn send_raw(&mut self, req: Request<Full<Bytes>>) -> Result<Response, ClientError> {
+        if let Err(e) = self.sender.ready().await {
+            return Err(self.http_error(e).await);
+        }
+        let resp = match self.sender.send_request(req).await {
+            Ok(r) => r,
+            Err(e) => return Err(self.http_error(e).await),
+        };
+        let (parts, body) = resp.into_parts();
+        let body = match body.collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return Err(self.http_error(e).await),
+        };
+        Ok(Response {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    /// Classifies a hyper error, preferring a TLS cause (from the error itself, or from the
+    /// connection task when the failure happened while no request was waiting).
+    async fn http_error(&mut self, e: hyper::Error) -> ClientError {
+        if let Some(tls) = rustls_error_in_chain(&e) {
+            return ClientError::Tls(tls);
+        }
+        // The task ends right after the failure; a short wait is enough and bounds the delay
+        // when the connection is in fact still alive.
+        if !e.is_user()
+            && let Some(rx) = self.conn_error.take()
+            && let Ok(Ok(conn_error)) = tokio::time::timeout(Duration::from_millis(200), rx).await
+        {
+            return match rustls_error_in_chain(&conn_error) {
+                Some(tls) => ClientError::Tls(tls),
+                None => ClientError::Http(conn_error),
+            };
+        }
+        ClientError::Http(e)
+    }
+}
+
+/// Opens connections for one [`XksClientConfig`]; builds the rustls config once, so all its
+/// connections share it (and its TLS session cache). Cheap to clone.
+#[derive(Clone)]
+pub struct XksConnector {
+    cfg: Arc<XksClientConfig>,
+    signer: Arc<SigV4Signer>,
+    connector: Connector,
+}
+
+impl std::fmt::Debug for XksConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XksConnector")
+            .field("connector", &self.connector)
+            .finish_non_exhaustive()
+    }
+}
+
+impl XksConnector {
+    /// Parses the TLS material of `cfg` once.
+    pub fn new(cfg: Arc<XksClientConfig>) -> Result<Self, ClientError> {
+        let connector = Connector::new(cfg.addr, cfg.tls.as_ref())?;
+        let signer = Arc::new(SigV4Signer::new(
+            &cfg.access_key_id,
+            cfg.secret.clone(),
+            &cfg.region,
+            &cfg.service,
+        ));
+        Ok(Self {
+            cfg,
+            signer,
+            connector,
+        })
+    }
+
+    /// The config this connector was built from.
+    pub fn config(&self) -> &Arc<XksClientConfig> {
+        &self.cfg
+    }
+
+    /// Opens one connection: TCP (`TCP_NODELAY`), TLS handshake if configured, HTTP/1.1.
+    pub async fn connect(&self) -> Result<XksClient, ClientError> {
+        Ok(XksClient {
+            cfg: Arc::clone(&self.cfg),
+            signer: Arc::clone(&self.signer),
+            conn: self.connector.connect().await?,
+        })
+    }
+}
+
 /// One keep-alive connection to an XKS proxy.
 pub struct XksClient {
     cfg: Arc<XksClientConfig>,
     /// Signs with the configured credential, keeping the derived key (shared per connector).
     signer: Arc<SigV4Signer>,
-    sender: http1::SendRequest<Full<Bytes>>,
-    conn_error: Option<oneshot::Receiver<hyper::Error>>,
+    conn: Connection,
 }
 
 impl std::fmt::Debug for XksClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("XksClient")
             .field("addr", &self.cfg.addr)
-            .field("closed", &self.sender.is_closed())
+            .field("closed", &self.conn.is_closed())
             .finish_non_exhaustive()
     }
 }
@@ -269,7 +383,7 @@ impl XksClient {
 
     /// Whether the connection is known to be closed.
     pub fn is_closed(&self) -> bool {
-        self.sender.is_closed()
+        self.conn.is_closed()
     }
 
     /// `POST <prefix>/kms/xks/v1/<suffix>`, signed now with `host;x-amz-date`.
@@ -349,43 +463,7 @@ impl XksClient {
 
     /// Sends `req` exactly as given (no `Host`, no signature added) and reads the whole response.
     pub async fn send_raw(&mut self, req: Request<Full<Bytes>>) -> Result<Response, ClientError> {
-        if let Err(e) = self.sender.ready().await {
-            return Err(self.http_error(e).await);
-        }
-        let resp = match self.sender.send_request(req).await {
-            Ok(r) => r,
-            Err(e) => return Err(self.http_error(e).await),
-        };
-        let (parts, body) = resp.into_parts();
-        let body = match body.collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => return Err(self.http_error(e).await),
-        };
-        Ok(Response {
-            status: parts.status.as_u16(),
-            headers: parts.headers,
-            body,
-        })
-    }
-
-    /// Classifies a hyper error, preferring a TLS cause (from the error itself, or from the
-    /// connection task when the failure happened while no request was waiting).
-    async fn http_error(&mut self, e: hyper::Error) -> ClientError {
-        if let Some(tls) = rustls_error_in_chain(&e) {
-            return ClientError::Tls(tls);
-        }
-        // The task ends right after the failure; a short wait is enough and bounds the delay
-        // when the connection is in fact still alive.
-        if !e.is_user()
-            && let Some(rx) = self.conn_error.take()
-            && let Ok(Ok(conn_error)) = tokio::time::timeout(Duration::from_millis(200), rx).await
-        {
-            return match rustls_error_in_chain(&conn_error) {
-                Some(tls) => ClientError::Tls(tls),
-                None => ClientError::Http(conn_error),
-            };
-        }
-        ClientError::Http(e)
+        self.conn.send_raw(req).await
     }
 }
 

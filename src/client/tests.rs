@@ -78,6 +78,8 @@ async fn handle(
                 "contentLength": parts.headers.get("content-length").and_then(|v| v.to_str().ok()),
             }),
         ),
+        // A SigV4 verifier only ever yields SigV4 principals.
+        Ok(_) => reply(StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({})),
         Err(e) => reply(
             StatusCode::UNAUTHORIZED,
             serde_json::json!({"errorName": "AuthenticationFailedException", "errorMessage": e.reason()}),

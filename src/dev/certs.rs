@@ -613,7 +613,7 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn read_optional(path: &Path) -> Result<Option<String>, CertError> {
+pub(super) fn read_optional(path: &Path) -> Result<Option<String>, CertError> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(Some(text)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -627,7 +627,7 @@ fn read_optional(path: &Path) -> Result<Option<String>, CertError> {
     }
 }
 
-fn create_dir(dir: &Path) -> Result<(), CertError> {
+pub(super) fn create_dir(dir: &Path) -> Result<(), CertError> {
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
@@ -644,7 +644,7 @@ fn create_dir(dir: &Path) -> Result<(), CertError> {
 
 /// Writes via a temporary file and a rename, so an interrupted run never leaves a truncated
 /// file; secret files are created 0600 from the start (never briefly world-readable).
-fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), CertError> {
+pub(super) fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), CertError> {
     let io_err = |action| {
         move |source| CertError::Io {
             action,
@@ -652,7 +652,9 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), CertError
             source,
         }
     };
-    let tmp = path.with_extension("pem.tmp");
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -671,7 +673,7 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), CertError
 }
 
 /// Keeps a reused key file private even if someone loosened its mode.
-fn restrict(path: &Path) -> Result<(), CertError> {
+pub(super) fn restrict(path: &Path) -> Result<(), CertError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
