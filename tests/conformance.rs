@@ -1,7 +1,13 @@
-//! Runs the independent XKS conformance client (`tests/conformance/xks-conformance.sh`: bash,
-//! curl `--aws-sigv4`, openssl) against the real proxy, started in-process with the dev profile on
-//! a fresh SoftHSM token, on both its TLS listener and its mTLS listener (including the
-//! rejected-client-certificate cases). Fails, never skips, when curl/openssl/bash are missing.
+//! Runs the independent conformance clients against the real proxy, started in-process on a fresh
+//! SoftHSM token. Fails, never skips, when curl/openssl/bash are missing.
+//!
+//! - XKS (`tests/conformance/xks-conformance.sh`: bash, curl `--aws-sigv4`, openssl) with the dev
+//!   profile, on both its TLS listener and its mTLS listener (including the
+//!   rejected-client-certificate cases).
+//! - Google Cloud EKM (`tests/conformance/gcp-conformance.sh`: bash, curl, openssl signing its own
+//!   RS256 tokens), once with the dev signer exactly as `ekm-proxy dev init` writes it (key and
+//!   JWKS file) and the dev profile's issuer, audience and service account, and once with a test
+//!   signer whose JWKS the proxy fetches over HTTPS.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -11,11 +17,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::proxy::{ACCESS_KEY_ID, PREFIX, ProxyOptions, SECRET, TestProxy};
+use common::jwks::{JwksServer, jwks_of, signer1};
+use common::proxy::{
+    ACCESS_KEY_ID, GCP_PREFIX, GcpJwks, GcpSection, PREFIX, ProxyOptions, SECRET, TestProxy,
+    gcp_key,
+};
+use ekm_proxy::dev::profile;
 
 const SCRIPT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/conformance/xks-conformance.sh"
+);
+const GCP_SCRIPT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/conformance/gcp-conformance.sh"
 );
 
 /// Minimum curl version for `--aws-sigv4`.
@@ -152,7 +167,7 @@ fn assert_passed(run: &Run, must_run: &[&str]) {
         .and_then(|n| n.parse::<u32>().ok());
     assert!(
         run.code == Some(0) && passed.is_some_and(|n| n > 0),
-        "XKS conformance client failed ({}; exit {:?}):\n{}",
+        "conformance client failed ({}; exit {:?}):\n{}",
         run.what,
         run.code,
         run.output
@@ -232,4 +247,183 @@ async fn conformance_client_passes_on_tls_and_mtls_listeners() {
     let mtls_expected: Vec<&str> = CORE_TESTS.iter().chain(MTLS_TESTS).copied().collect();
     assert_passed(&mtls, &mtls_expected);
     proxy.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Google Cloud EKM
+// ---------------------------------------------------------------------------------------------
+
+/// Who the Cloud EKM client signs as, and where it sends.
+struct GcpClient {
+    port: u16,
+    ca_pem: PathBuf,
+    signer: PathBuf,
+    kid: String,
+    audience: String,
+    email: String,
+    key: String,
+}
+
+/// Runs the Cloud EKM script against `https://localhost:<port><GCP_PREFIX>`.
+fn run_gcp_script(c: &GcpClient) -> Run {
+    let url = format!("https://localhost:{}{GCP_PREFIX}", c.port);
+    let mut cmd = Command::new("bash");
+    cmd.arg(GCP_SCRIPT)
+        .env("GCP_URL", &url)
+        .env("GCP_KEY", &c.key)
+        .env("GCP_CA", &c.ca_pem)
+        .env("GCP_SIGNER", &c.signer)
+        .env("GCP_KID", &c.kid)
+        .env("GCP_ISSUER", common::jwks::ISSUER)
+        .env("GCP_AUDIENCE", &c.audience)
+        .env("GCP_EMAIL", &c.email)
+        .env("GCP_REASON", "CUSTOMER_INITIATED_ACCESS")
+        .env("GCP_DENIED_REASON", "THIRD_PARTY_DATA_REQUEST")
+        .env("GCP_HEALTH_CHECKS", "1")
+        .env("GCP_CHECK_REASONS", "1")
+        .env_remove("GCP_CURL_OPTS")
+        .env("GCP_VERBOSE", "0");
+    for var in [
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("NO_PROXY", "*").env("no_proxy", "*");
+    let what = format!(
+        "GCP_URL={url} GCP_SIGNER={} GCP_KID={} bash {GCP_SCRIPT}",
+        c.signer.display(),
+        c.kid
+    );
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {what}: {e}"));
+    Run {
+        what,
+        code: out.status.code(),
+        output: format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// Every Cloud EKM case must run (and pass) with the settings above.
+const GCP_TESTS: &[&str] = &[
+    "round_trip",
+    "round_trip_with_aad",
+    "snake_case_request",
+    "wrong_aad_refused",
+    "tampered_blob_refused",
+    "unknown_key_path",
+    "get_is_refused",
+    "token_missing",
+    "token_forged_with_another_key",
+    "token_signature_altered",
+    "token_claims_altered_after_signing",
+    "token_alg_none",
+    "token_hs256_keyed_with_public_key",
+    "token_expired",
+    "token_not_yet_valid",
+    "token_wrong_audience",
+    "token_wrong_issuer",
+    "token_unknown_kid",
+    "token_missing_kid",
+    "token_missing_email",
+    "token_email_not_verified",
+    "token_wrong_email",
+    "disallowed_reason_refused",
+    "health_check_round_trip",
+    "health_check_cannot_unwrap_real_blob",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gcp_conformance_client_passes_with_the_dev_signer_and_an_https_jwks() {
+    require_tools();
+
+    // 1. The dev signer as `ekm-proxy dev init` writes it, its JWKS file, and the dev profile's
+    //    issuer, audience, service account and key path.
+    let signer_dir = tempfile::tempdir().expect("temp dir");
+    let report = ekm_proxy::dev::jwt::ensure_dev_signer(signer_dir.path()).expect("dev signer");
+    println!("{report}");
+    let mut dev = GcpSection::new(GcpJwks::File(
+        signer_dir.path().join(ekm_proxy::dev::jwt::JWKS_FILE),
+    ));
+    dev.issuers = vec![
+        profile::GCP_ISSUER.to_owned(),
+        "accounts.google.com".to_owned(),
+    ];
+    dev.audiences = vec![profile::GCP_AUDIENCE.to_owned()];
+    dev.service_accounts = vec![profile::GCP_SERVICE_ACCOUNT.to_owned()];
+    dev.keys = gcp_key(
+        profile::GCP_KEY_PATH,
+        profile::GCP_KEY_PATH,
+        "",
+        &[profile::GCP_SERVICE_ACCOUNT],
+    );
+    let dev_proxy = TestProxy::start_with(dev.options()).await;
+    let dev_client = GcpClient {
+        port: dev_proxy.addr("tls").port(),
+        ca_pem: dev_proxy.pki.ca_pem.clone(),
+        signer: signer_dir.path().join(ekm_proxy::dev::jwt::SIGNER_FILE),
+        kid: ekm_proxy::dev::jwt::DEV_KID.to_owned(),
+        audience: profile::GCP_AUDIENCE.to_owned(),
+        email: profile::GCP_SERVICE_ACCOUNT.to_owned(),
+        key: profile::GCP_KEY_PATH.to_owned(),
+    };
+
+    // 2. A test signer whose JWKS the proxy fetches over HTTPS (its own CA).
+    let jwks = JwksServer::start(jwks_of(&[signer1()])).await;
+    let mut https = GcpSection::with_server(&jwks);
+    https.keys = gcp_key(
+        "team-a/key-1",
+        "dev-aes-1",
+        "",
+        &[common::jwks::SERVICE_ACCOUNT],
+    );
+    let https_proxy = TestProxy::start_with(https.options()).await;
+    let https_client = GcpClient {
+        port: https_proxy.addr("tls").port(),
+        ca_pem: https_proxy.pki.ca_pem.clone(),
+        signer: signer1().path.clone(),
+        kid: signer1().kid.to_owned(),
+        audience: common::jwks::AUDIENCE.to_owned(),
+        email: common::jwks::SERVICE_ACCOUNT.to_owned(),
+        key: "team-a/key-1".to_owned(),
+    };
+
+    let (dev_run, https_run) = tokio::time::timeout(Duration::from_secs(600), async {
+        tokio::join!(
+            tokio::task::spawn_blocking(move || run_gcp_script(&dev_client)),
+            tokio::task::spawn_blocking(move || run_gcp_script(&https_client)),
+        )
+    })
+    .await
+    .expect("the Cloud EKM conformance client did not finish within 10 minutes");
+    let (dev_run, https_run) = (
+        dev_run.expect("dev-signer run panicked"),
+        https_run.expect("HTTPS-JWKS run panicked"),
+    );
+    println!(
+        "--- dev signer, JWKS file ({}) ---\n{}",
+        dev_run.what, dev_run.output
+    );
+    println!(
+        "--- test signer, JWKS over HTTPS ({}) ---\n{}",
+        https_run.what, https_run.output
+    );
+    assert_passed(&dev_run, GCP_TESTS);
+    assert_passed(&https_run, GCP_TESTS);
+    assert!(
+        jwks.requests() >= 1,
+        "the proxy fetched the JWKS over HTTPS"
+    );
+    drop(signer_dir);
+    dev_proxy.stop().await;
+    https_proxy.stop().await;
 }

@@ -1,2 +1,3 @@
+pub mod jwks;
 pub mod proxy;
 pub mod softhsm;

@@ -46,6 +46,8 @@ pub struct ProxyOptions {
     pub security_keys: String,
     /// Also start a plain-HTTP listener named `plain`.
     pub plain_http: bool,
+    /// TOML appended last: the `[gcp]` section and its sub-tables (see [`GcpSection`]), or empty.
+    pub gcp: String,
 }
 
 /// Where the test PKI lives.
@@ -318,6 +320,7 @@ access_key_id = "{ACCESS_KEY_ID_2}"
 secret = "{SECRET_2}"
 
 {tables}
+{gcp}
 "#,
         module = token.module.display(),
         label = token.label,
@@ -328,6 +331,7 @@ secret = "{SECRET_2}"
         security = o.security_keys,
         ks = o.key_store_keys,
         tables = o.tables,
+        gcp = o.gcp,
     )
     .unwrap();
     t
@@ -350,4 +354,145 @@ fn hsm_defaults(hsm_keys: &str) -> String {
     .filter(|(key, _)| !set(key))
     .map(|(key, value)| format!("{key} = {value}\n"))
     .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The `[gcp]` section (Google Cloud EKM front end)
+// ---------------------------------------------------------------------------------------------
+
+/// Path prefix of the GCP key URIs on test proxies.
+pub const GCP_PREFIX: &str = "/gcp/v0/keys";
+
+/// Where the test issuer's JWKS comes from.
+#[derive(Clone, Debug)]
+pub enum GcpJwks {
+    /// An HTTPS URL and the CA file that verifies its certificate.
+    Url { url: String, ca_file: PathBuf },
+    /// A JWKS file on disk.
+    File(PathBuf),
+}
+
+/// A `[gcp]` section with one issuer named `test`; every field is TOML text or a value rendered
+/// into it. [`GcpSection::new`] gives the defaults the GCP tests build on.
+#[derive(Clone, Debug)]
+pub struct GcpSection {
+    pub jwks: GcpJwks,
+    /// Accepted `iss` values.
+    pub issuers: Vec<String>,
+    /// Accepted `aud` values.
+    pub audiences: Vec<String>,
+    /// The issuer's allowed `email` globs.
+    pub service_accounts: Vec<String>,
+    /// More lines in `[[gcp.issuer]]` (e.g. `jwks_refresh_min_interval_secs = 1`).
+    pub issuer_keys: String,
+    /// More lines in `[gcp]` (e.g. `max_plaintext_bytes = 64`).
+    pub section_keys: String,
+    /// The lines of `[gcp.access_reasons]`.
+    pub access_reasons: String,
+    /// The `[[gcp.key]]` tables (see [`gcp_key`]).
+    pub keys: String,
+}
+
+/// The default KAJ policy of the tests: the two reasons Google's own operations use, no special
+/// case allowed except health checks.
+pub const GCP_DEFAULT_REASONS: &str = r#"allow = ["CUSTOMER_INITIATED_ACCESS", "GOOGLE_INITIATED_SYSTEM_OPERATION"]
+allow_absent = false
+allow_unspecified = false
+allow_unknown = false
+allow_health_checks = true
+"#;
+
+impl GcpSection {
+    /// Issuer `https://accounts.google.com` with audience [`super::jwks::AUDIENCE`], every
+    /// `service-*@gcp-sa-ekms` agent allowed at the issuer, the default KAJ policy, and key path
+    /// `k1` on HSM key `dev-aes-1` granted (wrap and unwrap) to [`super::jwks::SERVICE_ACCOUNT`].
+    pub fn new(jwks: GcpJwks) -> Self {
+        Self {
+            jwks,
+            issuers: vec![super::jwks::ISSUER.to_owned()],
+            audiences: vec![super::jwks::AUDIENCE.to_owned()],
+            service_accounts: vec!["service-*@gcp-sa-ekms.iam.gserviceaccount.com".to_owned()],
+            issuer_keys: String::new(),
+            section_keys: String::new(),
+            access_reasons: GCP_DEFAULT_REASONS.to_owned(),
+            keys: gcp_key("k1", "dev-aes-1", "", &[super::jwks::SERVICE_ACCOUNT]),
+        }
+    }
+
+    /// Served by a running test JWKS server.
+    pub fn with_server(server: &super::jwks::JwksServer) -> Self {
+        Self::new(GcpJwks::Url {
+            url: server.url.clone(),
+            ca_file: server.ca_pem.clone(),
+        })
+    }
+
+    pub fn render(&self) -> String {
+        let list = |v: &[String]| {
+            let items: Vec<String> = v.iter().map(|s| format!("{s:?}")).collect();
+            format!("[{}]", items.join(", "))
+        };
+        let jwks = match &self.jwks {
+            GcpJwks::Url { url, ca_file } => {
+                format!(
+                    "jwks_url = {url:?}\njwks_ca_file = {:?}",
+                    ca_file.display().to_string()
+                )
+            }
+            GcpJwks::File(path) => format!("jwks_file = {:?}", path.display().to_string()),
+        };
+        format!(
+            r#"
+[gcp]
+path_prefix = "{GCP_PREFIX}"
+{section}
+[[gcp.issuer]]
+name = "test"
+issuers = {issuers}
+{jwks}
+audiences = {audiences}
+algorithms = ["RS256"]
+service_accounts = {sas}
+{issuer}
+[gcp.access_reasons]
+{reasons}
+{keys}
+"#,
+            section = self.section_keys,
+            issuers = list(&self.issuers),
+            audiences = list(&self.audiences),
+            sas = list(&self.service_accounts),
+            issuer = self.issuer_keys,
+            reasons = self.access_reasons,
+            keys = self.keys,
+        )
+    }
+
+    /// Default proxy options with this section.
+    pub fn options(&self) -> ProxyOptions {
+        ProxyOptions {
+            gcp: self.render(),
+            ..Default::default()
+        }
+    }
+}
+
+/// A `[[gcp.key]]` table: `path` on HSM key `hsm_key`, `extra` lines (e.g. `enabled = false`,
+/// `resource_names = [...]`, `previous_hsm_keys = [...]`), one grant named `grant` for
+/// `service_accounts` (wrap and unwrap).
+pub fn gcp_key(path: &str, hsm_key: &str, extra: &str, service_accounts: &[&str]) -> String {
+    let sas: Vec<String> = service_accounts.iter().map(|s| format!("{s:?}")).collect();
+    format!(
+        r#"
+[[gcp.key]]
+path = "{path}"
+hsm_key = "{hsm_key}"
+{extra}
+[[gcp.key.grant]]
+name = "grant"
+service_accounts = [{sas}]
+operations = ["wrap", "unwrap"]
+"#,
+        sas = sas.join(", ")
+    )
 }
