@@ -53,6 +53,16 @@ pub struct HsmMetrics {
     pub logins: IntCounter,
     /// Jobs refused because the queue was full.
     pub queue_rejections: IntCounter,
+    /// Successful recoveries by ladder rung (`session`, `slot`, `module`).
+    recoveries: IntCounterVec,
+    /// Failed token/module recovery attempts (each one is followed by a backoff).
+    pub recovery_failures: IntCounter,
+    /// 1 while the token is lost and the supervisor is recovering it, else 0.
+    pub token_down: IntGauge,
+    /// Workers given up on because one PKCS#11 call outlived `hsm.hung_call_ms`, and replaced.
+    pub workers_replaced: IntCounter,
+    /// Requests refused at once because the token is being recovered.
+    pub fail_fast: IntCounter,
 }
 
 /// `ekm_cache_hits_total{cache}`, `ekm_cache_misses_total{cache}`.
@@ -130,6 +140,29 @@ impl Metrics {
                 "ekm_hsm_queue_rejections_total",
                 "Requests refused because the HSM queue was full",
             )?,
+            recoveries: IntCounterVec::new(
+                Opts::new(
+                    "ekm_hsm_recoveries_total",
+                    "Successful HSM recoveries by rung of the ladder (session, slot, module)",
+                ),
+                &["level"],
+            )?,
+            recovery_failures: IntCounter::new(
+                "ekm_hsm_recovery_failures_total",
+                "Token/module recovery attempts that failed (each followed by a backoff)",
+            )?,
+            token_down: IntGauge::new(
+                "ekm_hsm_token_down",
+                "1 while the HSM token is lost and being recovered",
+            )?,
+            workers_replaced: IntCounter::new(
+                "ekm_hsm_workers_replaced_total",
+                "HSM workers replaced because a PKCS#11 call hung past hsm.hung_call_ms",
+            )?,
+            fail_fast: IntCounter::new(
+                "ekm_hsm_fail_fast_total",
+                "Requests answered at once with a retryable error while the HSM was being recovered",
+            )?,
         };
         let cache = CacheMetrics {
             hits: IntCounterVec::new(
@@ -177,6 +210,11 @@ impl Metrics {
         registry.register(Box::new(hsm.session_reopens.clone()))?;
         registry.register(Box::new(hsm.logins.clone()))?;
         registry.register(Box::new(hsm.queue_rejections.clone()))?;
+        registry.register(Box::new(hsm.recoveries.clone()))?;
+        registry.register(Box::new(hsm.recovery_failures.clone()))?;
+        registry.register(Box::new(hsm.token_down.clone()))?;
+        registry.register(Box::new(hsm.workers_replaced.clone()))?;
+        registry.register(Box::new(hsm.fail_fast.clone()))?;
         registry.register(Box::new(cache.hits.clone()))?;
         registry.register(Box::new(cache.misses.clone()))?;
         registry.register(Box::new(jwt.fetches.clone()))?;
@@ -236,6 +274,11 @@ impl HsmMetrics {
     /// The latency histogram for one operation (`encrypt`, `decrypt`, `find`, ...).
     pub fn op(&self, op: &str) -> Histogram {
         self.op_duration.with_label_values(&[op])
+    }
+
+    /// Count one successful recovery at `level` (`session`, `slot`, `module`).
+    pub fn recovered(&self, level: &str) {
+        self.recoveries.with_label_values(&[level]).inc();
     }
 
     /// Count one failed HSM operation by condition (`CryptoError::kind`).

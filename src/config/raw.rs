@@ -127,6 +127,18 @@ pub struct RawHsm {
     /// Use per-session key copies (SoftHSM speed-up).
     #[serde(default)]
     pub session_key_copies: bool,
+    /// Who generates the AES-GCM IV: `proxy-random`, `hsm-in-params`, `hsm-appended`.
+    pub gcm_iv: Option<String>,
+    /// Key cache entry lifetime.
+    pub key_cache_ttl_secs: Option<u64>,
+    /// Lifetime of an "unknown label" entry.
+    pub negative_cache_ms: Option<u64>,
+    /// First wait after a failed token/module recovery attempt.
+    pub recovery_backoff_initial_ms: Option<u64>,
+    /// Longest wait between recovery attempts.
+    pub recovery_backoff_max_ms: Option<u64>,
+    /// A worker stuck in one call this long is replaced (0 = never).
+    pub hung_call_ms: Option<u64>,
 }
 
 /// `[health]`

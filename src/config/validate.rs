@@ -14,7 +14,7 @@ use crate::core::framing::AadFraming;
 use crate::core::{KeyServiceSettings, Operation};
 use crate::front::xks::settings::{AAD_CEILING, MAX_METADATA, SPEC_MIN_AAD, SPEC_MIN_PLAINTEXT};
 use crate::front::xks::{KeyAllowList, KeyStoreSettings, XksLimits, XksSettings};
-use crate::hsm::{HsmSettings, TokenSelector};
+use crate::hsm::{GcmIvMode, HsmSettings, TokenSelector};
 use crate::secret::SecretString;
 use crate::server::tls::{ClientAuth, TlsSettings};
 use crate::server::{AdminSettings, ListenerSettings, ServerSettings};
@@ -281,6 +281,48 @@ fn hsm(raw: &RawConfig, base: &Path, c: &mut Collector) -> Option<HsmSettings> {
     if op_timeout.is_zero() {
         c.add("hsm.op_timeout_ms", "must be greater than 0");
     }
+    let gcm_iv = match h.gcm_iv.as_deref() {
+        None => GcmIvMode::default(),
+        Some(name) => GcmIvMode::from_name(name).unwrap_or_else(|| {
+            let names: Vec<&str> = GcmIvMode::ALL.iter().map(|(_, n)| *n).collect();
+            c.add(
+                "hsm.gcm_iv",
+                format!("unknown mode \"{name}\"; one of: {}", names.join(", ")),
+            );
+            GcmIvMode::default()
+        }),
+    };
+    let key_cache_ttl = h
+        .key_cache_ttl_secs
+        .map_or(HsmSettings::DEFAULT_KEY_CACHE_TTL, Duration::from_secs);
+    if key_cache_ttl.is_zero() {
+        c.add("hsm.key_cache_ttl_secs", "must be greater than 0");
+    }
+    let negative_cache_ttl = ms(h.negative_cache_ms, HsmSettings::DEFAULT_NEGATIVE_CACHE_TTL);
+    let recovery_backoff_initial = ms(
+        h.recovery_backoff_initial_ms,
+        HsmSettings::DEFAULT_RECOVERY_BACKOFF_INITIAL,
+    );
+    let recovery_backoff_max = ms(
+        h.recovery_backoff_max_ms,
+        HsmSettings::DEFAULT_RECOVERY_BACKOFF_MAX,
+    );
+    if recovery_backoff_initial.is_zero() {
+        c.add("hsm.recovery_backoff_initial_ms", "must be greater than 0");
+    }
+    if recovery_backoff_max < recovery_backoff_initial {
+        c.add(
+            "hsm.recovery_backoff_max_ms",
+            "must be at least recovery_backoff_initial_ms",
+        );
+    }
+    let hung_call_limit = ms(h.hung_call_ms, HsmSettings::DEFAULT_HUNG_CALL_LIMIT);
+    if !hung_call_limit.is_zero() && hung_call_limit < op_timeout {
+        c.add(
+            "hsm.hung_call_ms",
+            "must be 0 (never replace a stuck worker) or at least op_timeout_ms",
+        );
+    }
     Some(HsmSettings {
         module,
         token: token?,
@@ -293,6 +335,12 @@ fn hsm(raw: &RawConfig, base: &Path, c: &mut Collector) -> Option<HsmSettings> {
             .key_cache_capacity
             .unwrap_or(HsmSettings::DEFAULT_KEY_CACHE_CAPACITY),
         session_key_copies: h.session_key_copies,
+        gcm_iv,
+        key_cache_ttl,
+        negative_cache_ttl,
+        recovery_backoff_initial,
+        recovery_backoff_max,
+        hung_call_limit,
     })
 }
 

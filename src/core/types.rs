@@ -195,6 +195,8 @@ pub struct HsmHealth {
     pub sessions_up: usize,
     /// Worker sessions configured.
     pub sessions_total: usize,
+    /// Sessions the token reports open (all applications'), when it says.
+    pub token_sessions: Option<u64>,
     /// Operator-facing detail when not ACTIVE.
     pub detail: String,
 }

@@ -2,27 +2,27 @@
 //!
 //! Async callers never run a PKCS#11 call: they read the key cache (hot path, no queue), then
 //! enqueue a job on the bounded queue and await the worker's reply with a deadline. Full queue →
-//! `HsmBusy`, deadline → `HsmTimeout`, no session up → `HsmUnavailable` at once.
+//! `HsmBusy`, deadline → `HsmTimeout`, token being recovered or no session up → `HsmUnavailable`
+//! at once (the protocols' retryable error, never "key not found").
 //!
 //! Must not depend on HTTP, wire formats or front ends; `app` builds it, `core` uses it through
 //! the `Backend` trait.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use cryptoki::context::Function;
-use cryptoki::error::Error as CkError;
 use tokio::sync::oneshot;
 
 use super::errors::{HsmError, ck_error_name, login_is_fatal};
 use super::keys::{KeyCache, KeyEntry};
 use super::module::Module;
+use super::pool::Pool;
+use super::recovery::TokenState;
 use super::settings::HsmSettings;
 use super::worker::{
-    Control, Job, OpTimers, Reply, Shared, TokenSummary, Work, Worker, open_logged_in,
+    Control, Job, OpTimers, OpenError, Reply, Shared, TokenSummary, Work, open_logged_in,
 };
 use crate::core::{
     AeadDecrypt, AeadEncrypt, AeadSealed, Backend, CryptoError, HealthStatus, HsmHealth, KeyInfo,
@@ -45,17 +45,12 @@ struct Inner {
     jobs: Sender<Job>,
     /// A receiver of our own, to answer jobs still queued once every worker has stopped.
     leftovers: Receiver<Job>,
-    workers: Mutex<Vec<WorkerHandle>>,
+    pool: Arc<Pool>,
     sessions_total: usize,
     closed: AtomicBool,
     op_timeout: Duration,
     /// Token identity read at start, for health reports when no worker can answer.
     identity: TokenSummary,
-}
-
-struct WorkerHandle {
-    control: Sender<Control>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Pkcs11Backend {
@@ -86,14 +81,19 @@ impl Pkcs11Backend {
         }
         let module = Module::acquire(&settings.module)?;
         let (slot, token_info) = module.find_token(&settings.token)?;
-        let identity = TokenSummary::from(&token_info);
+        let mut identity = TokenSummary::from(&token_info);
+        // A count from start-up would be stale in later health reports.
+        identity.session_count = None;
         let shared = Arc::new(Shared {
             module,
-            slot,
+            token: TokenState::new(slot),
+            selector: settings.token.clone(),
             token_label: identity.label.clone(),
             user_pin: settings.user_pin,
             keys: KeyCache::new(
                 settings.key_cache_capacity,
+                settings.key_cache_ttl,
+                settings.negative_cache_ttl,
                 cache_metrics,
                 settings.allow_exportable_keys,
             ),
@@ -101,24 +101,30 @@ impl Pkcs11Backend {
             metrics,
             sessions_up: Default::default(),
             login_refused: AtomicBool::new(false),
-            reconnect_failing: Default::default(),
             session_key_copies: settings.session_key_copies,
+            gcm_iv: settings.gcm_iv,
+            recovery_backoff_initial: settings.recovery_backoff_initial,
+            recovery_backoff_max: settings.recovery_backoff_max,
+            hung_call_limit: settings.hung_call_limit,
+            clock_base: Instant::now(),
         });
 
         // Sessions are opened here, sequentially: the first C_Login decides for all of them (later
         // sessions inherit the login), so a wrong PIN costs exactly one attempt.
         let mut sessions = Vec::with_capacity(settings.workers);
         for _ in 0..settings.workers {
-            let session = open_logged_in(&shared).map_err(|e| {
-                if login_is_fatal(&e) || matches!(e, CkError::Pkcs11(_, Function::Login)) {
-                    HsmError::Login {
-                        user: "user",
-                        token: identity.label.clone(),
-                        ckr: ck_error_name(&e).into_owned(),
-                    }
-                } else {
-                    HsmError::pkcs11("opening a worker session", &e)
-                }
+            let session = open_logged_in(&shared).map_err(|e| match e {
+                OpenError::LoginRefused(e) => HsmError::Login {
+                    user: "user",
+                    token: identity.label.clone(),
+                    ckr: ck_error_name(&e).into_owned(),
+                },
+                OpenError::Pkcs11(e) if login_is_fatal(&e) => HsmError::Login {
+                    user: "user",
+                    token: identity.label.clone(),
+                    ckr: ck_error_name(&e).into_owned(),
+                },
+                OpenError::Pkcs11(e) => HsmError::pkcs11("opening a worker session", &e),
             })?;
             sessions.push(session);
         }
@@ -131,30 +137,13 @@ impl Pkcs11Backend {
         };
 
         let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(settings.queue_capacity);
-        let mut workers = Vec::with_capacity(settings.workers);
-        for (index, session) in sessions.into_iter().enumerate() {
-            let (control_tx, control_rx) = crossbeam_channel::unbounded::<Control>();
-            let worker = Worker::new(index, session, Arc::clone(&shared));
-            let jobs = jobs_rx.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("hsm-worker-{index}"))
-                .spawn(move || worker.run(jobs, control_rx));
-            match spawned {
-                Ok(thread) => workers.push(WorkerHandle {
-                    control: control_tx,
-                    thread: Some(thread),
-                }),
-                Err(e) => {
-                    stop_workers(workers);
-                    return Err(HsmError::Thread(e.to_string()));
-                }
-            }
-        }
+        let pool = Pool::start(&shared, sessions, jobs_rx.clone())?;
         tracing::info!(
             module = %shared.module.path().display(),
             token = %identity.label,
             serial = %identity.serial,
             workers = settings.workers,
+            gcm_iv = settings.gcm_iv.as_str(),
             keys_cached = warmed,
             "HSM backend started"
         );
@@ -164,7 +153,7 @@ impl Pkcs11Backend {
                 jobs: jobs_tx,
                 leftovers: jobs_rx,
                 sessions_total: settings.workers,
-                workers: Mutex::new(workers),
+                pool,
                 closed: AtomicBool::new(false),
                 op_timeout: settings.op_timeout,
                 identity,
@@ -240,16 +229,18 @@ impl Pkcs11Backend {
     }
 
     fn controls(&self) -> Vec<Sender<Control>> {
-        lock(&self.inner.workers)
-            .iter()
-            .map(|w| w.control.clone())
-            .collect()
+        self.inner.pool.controls()
     }
 
-    /// The cached entry for `label`, or one `C_FindObjects` on a worker.
+    /// The cached entry for `label`, or one `C_FindObjects` on a worker. A label that a recent
+    /// search on a healthy token did not find is answered from the negative cache.
     async fn entry(&self, label: &str) -> Result<Arc<KeyEntry>, CryptoError> {
-        if let Some(entry) = self.inner.shared.keys.get(label) {
+        let shared = &self.inner.shared;
+        if let Some(entry) = shared.keys.get(label) {
             return Ok(entry);
+        }
+        if !shared.token.is_down() && shared.keys.known_unknown(label) {
+            return Err(CryptoError::KeyNotFound);
         }
         let label = label.to_owned();
         self.call(|reply| Work::Lookup { label, reply }).await
@@ -264,6 +255,7 @@ impl Pkcs11Backend {
             ));
         }
         if inner.hsm_down() {
+            inner.shared.metrics.fail_fast.inc();
             return Err(CryptoError::HsmUnavailable(inner.down_detail()));
         }
         let (tx, rx) = oneshot::channel();
@@ -302,19 +294,21 @@ impl Pkcs11Backend {
 }
 
 impl Inner {
-    /// No session is up and the workers are known to be failing (reconnects failed, or the PIN
-    /// was refused): fail fast. Right after a loss, while the first reconnect is under way, jobs
-    /// are queued instead and served as soon as a worker is back.
+    /// The token is being recovered, or the PIN was refused and no session is up: fail fast.
+    /// Right after a single session loss, while its worker reopens, jobs are queued instead and
+    /// served by the other workers or as soon as it is back.
     fn hsm_down(&self) -> bool {
         let shared = &self.shared;
-        shared.sessions_up.load(Ordering::Acquire) == 0
-            && (shared.login_refused.load(Ordering::Acquire)
-                || shared.reconnect_failing.load(Ordering::Acquire) > 0)
+        shared.token.is_down()
+            || (shared.sessions_up.load(Ordering::Acquire) == 0
+                && shared.login_refused.load(Ordering::Acquire))
     }
 
     fn down_detail(&self) -> String {
         if self.shared.login_refused.load(Ordering::Acquire) {
             "the HSM refused the user PIN; fix hsm.user_pin and restart".to_owned()
+        } else if self.shared.token.is_down() {
+            "the HSM token is unavailable; recovering".to_owned()
         } else {
             "no HSM session is logged in; reconnecting".to_owned()
         }
@@ -324,8 +318,7 @@ impl Inner {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        let workers = std::mem::take(&mut *lock(&self.workers));
-        stop_workers(workers);
+        self.pool.stop(&self.shared);
         // Jobs enqueued after the workers drained: dropping them answers their callers.
         while let Ok(job) = self.leftovers.try_recv() {
             self.shared.metrics.queue_depth.dec();
@@ -339,23 +332,6 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-fn stop_workers(mut workers: Vec<WorkerHandle>) {
-    for w in &workers {
-        let _ = w.control.send(Control::Stop);
-    }
-    for w in &mut workers {
-        if let Some(thread) = w.thread.take()
-            && thread.join().is_err()
-        {
-            tracing::error!("an HSM worker thread panicked");
-        }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Backend for Pkcs11Backend {
@@ -421,6 +397,7 @@ impl Backend for Pkcs11Backend {
             versions: token.versions.clone(),
             sessions_up: inner.shared.sessions_up.load(Ordering::Acquire),
             sessions_total: inner.sessions_total,
+            token_sessions: token.session_count,
             detail,
         };
         if inner.closed.load(Ordering::Acquire) {
@@ -430,7 +407,7 @@ impl Backend for Pkcs11Backend {
                 "HSM backend is shut down".to_owned(),
             );
         }
-        if inner.shared.sessions_up.load(Ordering::Acquire) == 0 {
+        if inner.hsm_down() || inner.shared.sessions_up.load(Ordering::Acquire) == 0 {
             // Nothing could answer a token-info job: say so now rather than wait for the deadline.
             return from(
                 HealthStatus::Unavailable,

@@ -153,8 +153,34 @@ pub(crate) enum Recovery {
     RefreshKey,
     /// An operation is still active on the session: terminate it and retry once.
     ResetOperation,
-    /// The session (or the device, or the login) is gone: reopen, log in, retry once.
+    /// The session or the login is gone: reopen, log in, retry once. A `CKR_GENERAL_ERROR`
+    /// also starts here and climbs to [`Recovery::RecoverToken`] when it survives the reopen.
     ReopenSession,
+    /// The token, the device or the module is gone: the supervisor finds the slot again and, if
+    /// sessions still cannot be opened, re-initialises the module. Callers fail fast meanwhile.
+    RecoverToken,
+}
+
+/// The rungs of the recovery ladder, as counted in `ekm_hsm_recoveries_total{level}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RecoveryLevel {
+    /// A worker reopened its session (or logged in again).
+    Session,
+    /// The token was found again (maybe in another slot) and sessions opened.
+    Slot,
+    /// The module was finalized and initialized again.
+    Module,
+}
+
+impl RecoveryLevel {
+    /// Metric label and log field.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            RecoveryLevel::Session => "session",
+            RecoveryLevel::Slot => "slot",
+            RecoveryLevel::Module => "module",
+        }
+    }
 }
 
 /// A failed HSM call: what to tell the caller and what the worker must do.
@@ -234,17 +260,23 @@ fn classify(op: Op, rv: RvError) -> Fault {
     let internal =
         || CryptoError::Internal(format!("PKCS#11 {} failed: {}", op.as_str(), ckr_name(rv)));
     match rv {
-        // Lost session, login or device: the worker reopens and retries once.
-        R::SessionHandleInvalid
-        | R::SessionClosed
-        | R::UserNotLoggedIn
-        | R::DeviceRemoved
+        // Lost session or login: the worker reopens (or logs in again) and retries once.
+        R::SessionHandleInvalid | R::SessionClosed | R::UserNotLoggedIn => Fault {
+            error: unavailable(),
+            recovery: Recovery::ReopenSession,
+        },
+
+        // Lost token, device or module: no session can help; the supervisor climbs the ladder.
+        R::DeviceRemoved
         | R::DeviceError
         | R::TokenNotPresent
         | R::TokenNotRecognized
+        | R::SlotIdInvalid
         | R::CryptokiNotInitialized => Fault {
-            error: unavailable(),
-            recovery: Recovery::ReopenSession,
+            error: CryptoError::HsmUnavailable(
+                "the HSM token is unavailable; recovering".to_owned(),
+            ),
+            recovery: Recovery::RecoverToken,
         },
 
         // A cached handle went stale (key deleted and recreated, token logged out, ...).
@@ -297,6 +329,15 @@ fn classify(op: Op, rv: RvError) -> Fault {
         R::DeviceMemory | R::HostMemory | R::SessionCount => Fault::plain(
             CryptoError::HsmUnavailable("the HSM is out of resources".to_owned()),
         ),
+
+        // Says nothing about the cause. Modules use it for a lost connection or a vanished token
+        // store (SoftHSM does when its token directory disappears), so it is treated as a lost
+        // session first and escalates to the token when it survives a reopen. Never the caller's
+        // fault, so never "key not found" or "invalid ciphertext" (except on decrypt, above).
+        R::GeneralError => Fault {
+            error: unavailable(),
+            recovery: Recovery::ReopenSession,
+        },
 
         _ => Fault::plain(internal()),
     }
@@ -381,9 +422,12 @@ mod tests {
             let f = map_ckr(Op::Decrypt, &ck(rv));
             assert_eq!(f, Fault::plain(CryptoError::InvalidCiphertext), "{rv:?}");
         }
-        // The same codes on encrypt are not the caller's fault.
+        // The same codes on encrypt are not the caller's fault: a general error is retryable.
+        let f = map_ckr(Op::Encrypt, &ck(RvError::GeneralError));
+        assert!(matches!(f.error, CryptoError::HsmUnavailable(_)), "{f:?}");
+        assert_eq!(f.recovery, Recovery::ReopenSession);
         assert!(matches!(
-            map_ckr(Op::Encrypt, &ck(RvError::GeneralError)).error,
+            map_ckr(Op::Encrypt, &ck(RvError::FunctionFailed)).error,
             CryptoError::Internal(_)
         ));
     }
@@ -394,14 +438,56 @@ mod tests {
             RvError::SessionHandleInvalid,
             RvError::SessionClosed,
             RvError::UserNotLoggedIn,
-            RvError::DeviceRemoved,
-            RvError::DeviceError,
-            RvError::TokenNotPresent,
-            RvError::CryptokiNotInitialized,
+            RvError::GeneralError,
         ] {
             let f = map_ckr(Op::Encrypt, &ck(rv));
             assert_eq!(f.recovery, Recovery::ReopenSession, "{rv:?}");
             assert!(matches!(f.error, CryptoError::HsmUnavailable(_)));
+        }
+    }
+
+    #[test]
+    fn lost_tokens_and_modules_climb_to_the_supervisor() {
+        for op in [
+            Op::Encrypt,
+            Op::Decrypt,
+            Op::FindKey,
+            Op::TokenInfo,
+            Op::OpenSession,
+        ] {
+            for rv in [
+                RvError::DeviceRemoved,
+                RvError::DeviceError,
+                RvError::TokenNotPresent,
+                RvError::TokenNotRecognized,
+                RvError::SlotIdInvalid,
+                RvError::CryptokiNotInitialized,
+            ] {
+                let f = map_ckr(op, &ck(rv));
+                assert_eq!(f.recovery, Recovery::RecoverToken, "{op:?} {rv:?}");
+                // Retryable on every wire, never "not found".
+                assert!(
+                    matches!(f.error, CryptoError::HsmUnavailable(_)),
+                    "{op:?} {rv:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn caller_faults_touch_nothing() {
+        for (op, rv) in [
+            (Op::Decrypt, RvError::EncryptedDataInvalid),
+            (Op::Decrypt, RvError::GeneralError),
+            (Op::Encrypt, RvError::DataLenRange),
+            (Op::Encrypt, RvError::KeyFunctionNotPermitted),
+            (Op::Encrypt, RvError::MechanismParamInvalid),
+        ] {
+            assert_eq!(
+                map_ckr(op, &ck(rv)).recovery,
+                Recovery::None,
+                "{op:?} {rv:?}"
+            );
         }
     }
 

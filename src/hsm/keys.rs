@@ -19,10 +19,8 @@ use crate::metrics::CacheMetrics;
 /// Cache name in `ekm_cache_{hits,misses}_total{cache}`.
 pub(crate) const CACHE_NAME: &str = "hsm_key";
 
-/// How long a cached key is trusted. The HSM stays the authority on every operation (a revoked
-/// usage fails there at once); this bounds how long `key_info` may report attributes an
-/// operator has since changed, at the cost of one lookup per key per period.
-const ENTRY_TTL: Duration = Duration::from_secs(300);
+/// Cache name of the "no such label" entries.
+pub(crate) const NEGATIVE_CACHE_NAME: &str = "hsm_key_unknown";
 
 /// A resolved key: its handle (valid for every session of this process while logged in) and what
 /// the HSM says about it.
@@ -36,7 +34,14 @@ pub(crate) struct KeyEntry {
 
 /// Label → [`KeyEntry`], shared by the async side and the workers.
 pub(crate) struct KeyCache {
+    /// Entries live `key_cache_ttl`: the HSM stays the authority on every operation (a revoked
+    /// usage fails there at once); the lifetime bounds how long `key_info` may report attributes
+    /// an operator has since changed, and how long a deleted key keeps working through a session
+    /// copy, at the cost of one lookup per key per period.
     entries: moka::sync::Cache<String, Arc<KeyEntry>>,
+    /// Labels a search on a healthy token did not find, for `negative_cache_ttl` (None when 0):
+    /// a flood of made-up key ids costs one `C_FindObjects` per label per period.
+    unknown: Option<moka::sync::Cache<String, ()>>,
     metrics: CacheMetrics,
     /// Bumped whenever a worker had to open a new session or log in again after the first time.
     /// Some HSMs hand out new object handles after a re-login (and may reuse old numbers for other
@@ -46,12 +51,24 @@ pub(crate) struct KeyCache {
 }
 
 impl KeyCache {
-    pub(crate) fn new(capacity: u64, metrics: CacheMetrics, allow_exportable_keys: bool) -> Self {
+    pub(crate) fn new(
+        capacity: u64,
+        ttl: Duration,
+        negative_ttl: Duration,
+        metrics: CacheMetrics,
+        allow_exportable_keys: bool,
+    ) -> Self {
         Self {
             entries: moka::sync::Cache::builder()
                 .max_capacity(capacity)
-                .time_to_live(ENTRY_TTL)
+                .time_to_live(ttl)
                 .build(),
+            unknown: (!negative_ttl.is_zero()).then(|| {
+                moka::sync::Cache::builder()
+                    .max_capacity(capacity)
+                    .time_to_live(negative_ttl)
+                    .build()
+            }),
             metrics,
             generation: AtomicU64::new(0),
             allow_exportable_keys,
@@ -83,6 +100,37 @@ impl KeyCache {
 
     pub(crate) fn invalidate(&self, label: &str) {
         self.entries.invalidate(label);
+    }
+
+    /// Whether a recent search on a healthy token found no key `label` (counted as a hit or miss
+    /// of the negative cache).
+    pub(crate) fn known_unknown(&self, label: &str) -> bool {
+        let Some(unknown) = &self.unknown else {
+            return false;
+        };
+        let known = unknown.contains_key(label);
+        if known {
+            self.metrics.hit(NEGATIVE_CACHE_NAME);
+        }
+        known
+    }
+
+    /// Remember that the token holds no key `label` (for the negative cache's lifetime).
+    pub(crate) fn remember_unknown(&self, label: &str) {
+        if let Some(unknown) = &self.unknown {
+            self.metrics.miss(NEGATIVE_CACHE_NAME);
+            unknown.insert(label.to_owned(), ());
+        }
+    }
+
+    /// Forget everything (after the token or module was recovered: handles may have changed,
+    /// keys may have come or gone) and mark every handle in flight as suspect.
+    pub(crate) fn reset(&self) {
+        self.entries.invalidate_all();
+        if let Some(unknown) = &self.unknown {
+            unknown.invalidate_all();
+        }
+        self.bump_generation();
     }
 
     pub(crate) fn generation(&self) -> u64 {

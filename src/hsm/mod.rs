@@ -3,10 +3,14 @@
 //! - [`settings`]: [`HsmSettings`] and [`TokenSelector`] (plain data from `config`).
 //! - `module`: the process-wide registry of initialized PKCS#11 modules (one per path; the one
 //!   justified global, because `C_Initialize`/`C_Finalize` are process-wide) and token selection.
-//! - `worker`: OS threads, each owning one logged-in session; jobs, recovery and backoff.
+//! - `worker`: OS threads, each owning one logged-in session; jobs and the session-level rungs of
+//!   the recovery ladder.
+//! - `pool`: the worker threads, the supervisor thread, and the replacement of hung workers.
+//! - `recovery`: the token state and the supervisor, which climbs the token- and module-level
+//!   rungs (find the slot again, `C_Finalize` + `C_Initialize`) with backoff and jitter.
 //! - `keys`: label → handle lookup (exactly one match), attributes → `core::KeyInfo`, the custody
 //!   check, and the moka cache warmed at start.
-//! - `gcm`: `CKM_AES_GCM` with an HSM-generated IV.
+//! - `gcm`: `CKM_AES_GCM` with the vendor's IV convention ([`GcmIvMode`]).
 //! - `errors`: [`HsmError`] and the single `CKR_*` → `CryptoError` mapping.
 //! - [`backend`]: [`Pkcs11Backend`], the async handle implementing `core::Backend`.
 //! - [`bootstrap`]: idempotent token and key creation (dev setup, tests, `keys create`).
@@ -19,6 +23,8 @@ mod errors;
 mod gcm;
 mod keys;
 mod module;
+mod pool;
+mod recovery;
 pub mod settings;
 mod worker;
 
@@ -28,4 +34,4 @@ pub use bootstrap::{
 };
 pub use errors::HsmError;
 pub use module::ModuleGuard;
-pub use settings::{HsmSettings, TokenSelector};
+pub use settings::{GcmIvMode, HsmSettings, TokenSelector};

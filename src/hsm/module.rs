@@ -127,6 +127,35 @@ impl Module {
         &self.path
     }
 
+    /// `C_Finalize` then `C_Initialize`: the last rung of the recovery ladder, for client
+    /// libraries that lost their HSM and recover only when re-initialised. Every session of every
+    /// user of this module in the process dies: the caller must have stopped its own calls and
+    /// must forget (never close) its old session handles.
+    pub(crate) fn reinitialize(&self) -> Result<(), HsmError> {
+        let _admin = self.admin_lock();
+        match self.ctx.clone().finalize() {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiNotInitialized, _)) => {}
+            Err(e) => {
+                // Initialising again is still worth a try: some modules report errors here for
+                // sessions that were already dead.
+                tracing::debug!(module = %self.path.display(), ckr = %ck_error_name(&e), "C_Finalize failed");
+            }
+        }
+        match self
+            .ctx
+            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
+                tracing::info!(module = %self.path.display(), "PKCS#11 module re-initialised");
+                Ok(())
+            }
+            Err(e) => Err(HsmError::Initialize {
+                path: self.path.clone(),
+                ckr: ck_error_name(&e).into_owned(),
+            }),
+        }
+    }
+
     /// Hold this while creating tokens.
     pub(crate) fn admin_lock(&self) -> MutexGuard<'_, ()> {
         lock(&self.admin)

@@ -28,6 +28,44 @@ impl fmt::Display for TokenSelector {
     }
 }
 
+/// Who makes the AES-GCM IV on encryption, and where the HSM puts it. Decryption is the same in
+/// every mode (the caller's IV is passed in).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GcmIvMode {
+    /// The proxy draws 12 bytes from the HSM's RNG (`C_GenerateRandom`) and passes them in
+    /// (SoftHSMv2, and HSMs outside FIPS mode).
+    #[default]
+    ProxyRandom,
+    /// The proxy passes a zero IV; the HSM generates one and writes it into the GCM parameter
+    /// buffer (AWS CloudHSM, Entrust nShield).
+    HsmInParams,
+    /// The proxy passes a zero IV; the HSM generates one and returns it after the tag:
+    /// `ciphertext ‖ tag ‖ IV` (Thales Luna in FIPS mode).
+    HsmAppended,
+}
+
+impl GcmIvMode {
+    /// Every mode with its configuration name.
+    pub const ALL: [(GcmIvMode, &'static str); 3] = [
+        (GcmIvMode::ProxyRandom, "proxy-random"),
+        (GcmIvMode::HsmInParams, "hsm-in-params"),
+        (GcmIvMode::HsmAppended, "hsm-appended"),
+    ];
+
+    /// The configuration name (`hsm.gcm_iv`).
+    pub fn as_str(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(m, _)| *m == self)
+            .map_or("proxy-random", |(_, name)| name)
+    }
+
+    /// The mode a configuration name stands for.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().find(|(_, n)| *n == name).map(|(m, _)| *m)
+    }
+}
+
 /// Everything `Pkcs11Backend::start` needs. `Debug` never shows the PIN.
 #[derive(Debug, Clone)]
 pub struct HsmSettings {
@@ -56,6 +94,24 @@ pub struct HsmSettings {
     /// expires (5 minutes) or the session is reopened: use `disabled_keys` or the kill switch for
     /// an immediate stop.
     pub session_key_copies: bool,
+    /// Who generates the AES-GCM IV (see [`GcmIvMode`]).
+    pub gcm_iv: GcmIvMode,
+    /// How long a resolved key (label → handle and attributes) is trusted before it is looked up
+    /// again. Bounds how long a key deleted from the token keeps working with
+    /// `session_key_copies`, and how long `key_info` may report stale attributes.
+    pub key_cache_ttl: Duration,
+    /// How long a label the token does not hold is remembered as unknown, so a flood of made-up
+    /// key ids costs one `C_FindObjects` per label per period. A key added to the token is found
+    /// at most this long after its creation.
+    pub negative_cache_ttl: Duration,
+    /// Token- and module-level recovery: first wait after a failed attempt (doubles, with jitter,
+    /// up to `recovery_backoff_max`).
+    pub recovery_backoff_initial: Duration,
+    /// Longest wait between two recovery attempts.
+    pub recovery_backoff_max: Duration,
+    /// A worker stuck in one PKCS#11 call this long is given up on and replaced by a fresh one
+    /// (the stuck thread exits when the call returns). Zero disables replacement.
+    pub hung_call_limit: Duration,
 }
 
 impl HsmSettings {
@@ -69,6 +125,16 @@ impl HsmSettings {
     pub const MAX_OP_TIMEOUT: Duration = Duration::from_secs(300);
     /// Default key cache capacity.
     pub const DEFAULT_KEY_CACHE_CAPACITY: u64 = 10_000;
+    /// Default key cache entry lifetime.
+    pub const DEFAULT_KEY_CACHE_TTL: Duration = Duration::from_secs(300);
+    /// Default lifetime of an "unknown label" entry.
+    pub const DEFAULT_NEGATIVE_CACHE_TTL: Duration = Duration::from_secs(5);
+    /// Default first recovery backoff.
+    pub const DEFAULT_RECOVERY_BACKOFF_INITIAL: Duration = Duration::from_millis(200);
+    /// Default longest recovery backoff.
+    pub const DEFAULT_RECOVERY_BACKOFF_MAX: Duration = Duration::from_secs(10);
+    /// Default hung-call limit.
+    pub const DEFAULT_HUNG_CALL_LIMIT: Duration = Duration::from_secs(10);
 
     /// Settings with the defaults above and the custody check on.
     pub fn new(module: impl Into<PathBuf>, token: TokenSelector, user_pin: SecretString) -> Self {
@@ -82,6 +148,12 @@ impl HsmSettings {
             allow_exportable_keys: false,
             key_cache_capacity: Self::DEFAULT_KEY_CACHE_CAPACITY,
             session_key_copies: false,
+            gcm_iv: GcmIvMode::ProxyRandom,
+            key_cache_ttl: Self::DEFAULT_KEY_CACHE_TTL,
+            negative_cache_ttl: Self::DEFAULT_NEGATIVE_CACHE_TTL,
+            recovery_backoff_initial: Self::DEFAULT_RECOVERY_BACKOFF_INITIAL,
+            recovery_backoff_max: Self::DEFAULT_RECOVERY_BACKOFF_MAX,
+            hung_call_limit: Self::DEFAULT_HUNG_CALL_LIMIT,
         }
     }
 
@@ -111,6 +183,21 @@ impl HsmSettings {
         }
         if self.key_cache_capacity == 0 {
             out.push("key_cache_capacity must be at least 1".to_owned());
+        }
+        if self.key_cache_ttl.is_zero() {
+            out.push("key_cache_ttl must be greater than zero".to_owned());
+        }
+        if self.recovery_backoff_initial.is_zero()
+            || self.recovery_backoff_max < self.recovery_backoff_initial
+        {
+            out.push("recovery backoff: initial must be > 0 and at most the maximum".to_owned());
+        }
+        if !self.hung_call_limit.is_zero() && self.hung_call_limit < self.op_timeout {
+            out.push(format!(
+                "hung_call_limit ({} ms) must be 0 (off) or at least op_timeout ({} ms)",
+                self.hung_call_limit.as_millis(),
+                self.op_timeout.as_millis()
+            ));
         }
         if self.user_pin.is_empty() {
             out.push("user_pin is empty".to_owned());

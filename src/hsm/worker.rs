@@ -3,8 +3,11 @@
 //! A `cryptoki::Session` is `Send` but not `Sync`, and PKCS#11 sessions are not meant for
 //! concurrent use, so each lives on exactly one OS thread for its whole life. Async callers never
 //! touch a session: they enqueue a [`Job`] and await its oneshot reply (see `backend`). This file
-//! also owns session recovery: reopen and log in again with backoff after a lost session, retry the
-//! job once, never retry a refused PIN.
+//! also owns the bottom rungs of the recovery ladder: refresh a stale handle, end a stuck
+//! operation, log in again, reopen the session, and retry the job; never retry a refused PIN.
+//! When that is not enough (the session cannot be reopened, a general error survives the reopen,
+//! the device reports a loss) the worker marks the token down and waits for the supervisor
+//! (`recovery`), which alone probes the HSM until it is back.
 //!
 //! Must not depend on tokio's runtime (only its oneshot channel), HTTP or any front end.
 
@@ -22,17 +25,21 @@ use cryptoki::types::AuthPin;
 use prometheus::Histogram;
 use tokio::sync::oneshot;
 
-use super::errors::{Fault, Op, Recovery, ck_error_name, login_is_fatal, map_ckr, rv_of};
+use super::errors::{
+    Fault, Op, Recovery, RecoveryLevel, ck_error_name, login_is_fatal, map_ckr, rv_of,
+};
 use super::gcm;
 use super::keys::{self, KeyCache, KeyEntry};
 use super::module::Module;
+use super::pool::WorkerState;
+use super::recovery::TokenState;
+use super::settings::{GcmIvMode, TokenSelector};
 use crate::core::{AeadSealed, CryptoError, GCM_TAG_LEN, KeyInfo, Plaintext};
 use crate::metrics::HsmMetrics;
 use crate::secret::SecretString;
 
-/// First wait before reconnecting after a failed reopen; doubles up to [`BACKOFF_MAX`].
-const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How often a worker without a session looks for the token's return (or a control message).
+const DOWN_POLL: Duration = Duration::from_millis(50);
 /// How long a worker waits for its peers to close their sessions during a `close_all_sessions`
 /// drill before reconnecting anyway.
 const RESUME_WAIT: Duration = Duration::from_secs(10);
@@ -43,7 +50,10 @@ pub(crate) type Reply<T> = oneshot::Sender<Result<T, CryptoError>>;
 /// State shared by the backend handle and every worker.
 pub(crate) struct Shared {
     pub(crate) module: Arc<Module>,
-    pub(crate) slot: Slot,
+    /// Slot, epoch and down state of the token (see `recovery`).
+    pub(crate) token: TokenState,
+    /// How to find the token again after a loss.
+    pub(crate) selector: TokenSelector,
     pub(crate) token_label: String,
     pub(crate) user_pin: SecretString,
     pub(crate) keys: KeyCache,
@@ -53,11 +63,17 @@ pub(crate) struct Shared {
     pub(crate) sessions_up: AtomicUsize,
     /// Set when the HSM refused the PIN: workers stop trying (a retried wrong PIN locks the token).
     pub(crate) login_refused: AtomicBool,
-    /// Workers whose last reconnect attempt failed (in backoff). With no session up and at least
-    /// one of these, the HSM is really unreachable and callers fail fast instead of queueing.
-    pub(crate) reconnect_failing: AtomicUsize,
     /// Use per-session key copies (see `HsmSettings::session_key_copies`).
     pub(crate) session_key_copies: bool,
+    /// Who makes the GCM IV.
+    pub(crate) gcm_iv: GcmIvMode,
+    /// Token/module recovery backoff (see `HsmSettings`).
+    pub(crate) recovery_backoff_initial: Duration,
+    pub(crate) recovery_backoff_max: Duration,
+    /// A call running longer than this costs its worker (0 = never).
+    pub(crate) hung_call_limit: Duration,
+    /// Origin of the workers' busy timestamps.
+    pub(crate) clock_base: Instant,
 }
 
 /// One worker's session copies of token keys: label → (the cache entry it was copied from, the
@@ -155,6 +171,8 @@ pub(crate) struct TokenSummary {
     pub(crate) serial: String,
     pub(crate) versions: String,
     pub(crate) user_pin_locked: bool,
+    /// Sessions the token reports open (every application's), when it says.
+    pub(crate) session_count: Option<u64>,
 }
 
 impl From<&TokenInfo> for TokenSummary {
@@ -173,6 +191,7 @@ impl From<&TokenInfo> for TokenSummary {
                 fw.minor()
             ),
             user_pin_locked: info.user_pin_locked(),
+            session_count: info.session_count(),
         }
     }
 }
@@ -218,6 +237,18 @@ pub(crate) enum Work {
 }
 
 impl Work {
+    /// Answer the job with `error` without running it.
+    fn fail(self, error: CryptoError) {
+        match self {
+            Work::Encrypt { reply, .. } => drop(reply.send(Err(error))),
+            Work::Decrypt { reply, .. } => drop(reply.send(Err(error))),
+            Work::Random { reply, .. } => drop(reply.send(Err(error))),
+            Work::Lookup { reply, .. } => drop(reply.send(Err(error))),
+            Work::TokenInfo { reply } => drop(reply.send(Err(error))),
+            Work::ListKeys { reply } => drop(reply.send(Err(error))),
+        }
+    }
+
     fn op(&self) -> Op {
         match self {
             Work::Encrypt { .. } => Op::Encrypt,
@@ -279,21 +310,52 @@ impl Drop for OwnedSession {
     }
 }
 
-/// Open a read-only session on the token and make sure it is logged in as user. Counts
-/// `C_Login` calls; a session that is already in a user state (another session of this process is
-/// logged in) needs none.
-pub(crate) fn open_logged_in(shared: &Shared) -> Result<OwnedSession, CkError> {
+/// Why a logged-in session could not be opened.
+pub(crate) enum OpenError {
+    /// `C_OpenSession` or the session check failed.
+    Pkcs11(CkError),
+    /// `C_Login` failed (the PIN may be wrong: never retried automatically when fatal).
+    LoginRefused(CkError),
+}
+
+impl OpenError {
+    pub(crate) fn into_inner(self) -> CkError {
+        match self {
+            OpenError::Pkcs11(e) | OpenError::LoginRefused(e) => e,
+        }
+    }
+}
+
+/// Open a read-only session on the token's current slot and log it in (see [`open_logged_in_on`]).
+pub(crate) fn open_logged_in(shared: &Shared) -> Result<OwnedSession, OpenError> {
+    open_logged_in_on(shared, shared.token.slot())
+}
+
+/// Open a read-only session on `slot` and make sure it is logged in as user. Counts `C_Login`
+/// calls; a session that is already in a user state (another session of this process is logged
+/// in) needs none.
+pub(crate) fn open_logged_in_on(shared: &Shared, slot: Slot) -> Result<OwnedSession, OpenError> {
     let timer = Instant::now();
     // RO is enough for encrypt/decrypt/find/attributes: least privilege.
     let session = OwnedSession(Some(
-        shared.module.ctx().open_ro_session_no_drop(shared.slot)?,
+        shared
+            .module
+            .ctx()
+            .open_ro_session_no_drop(slot)
+            .map_err(OpenError::Pkcs11)?,
     ));
     shared
         .timers
         .get(Op::OpenSession)
         .observe(timer.elapsed().as_secs_f64());
     if let Some(s) = session.session() {
-        login_if_needed(shared, s)?;
+        match login_if_needed(shared, s) {
+            Ok(_) => {}
+            Err(e @ CkError::Pkcs11(_, cryptoki::context::Function::Login)) => {
+                return Err(OpenError::LoginRefused(e));
+            }
+            Err(e) => return Err(OpenError::Pkcs11(e)),
+        }
     }
     Ok(session)
 }
@@ -324,39 +386,48 @@ pub(crate) struct Worker {
     /// Declared first: a session must be closed before `shared` (and with it, possibly, the
     /// module) is dropped.
     session: Option<OwnedSession>,
+    /// The token epoch and module generation the session was opened in.
+    session_epoch: u64,
+    session_module_generation: u64,
     shared: Arc<Shared>,
+    state: Arc<WorkerState>,
     index: usize,
-    up: bool,
-    /// Counted in `Shared::reconnect_failing`.
-    failing: bool,
-    backoff: Duration,
-    next_attempt: Instant,
     /// Session copies of keys, when `Shared::session_key_copies`.
     copies: SessionCopies,
 }
 
 impl Worker {
     /// A worker around an already logged-in session (opened by `start`, so a bad PIN fails
-    /// start-up with a single attempt).
-    pub(crate) fn new(index: usize, session: OwnedSession, shared: Arc<Shared>) -> Self {
-        let mut worker = Worker {
-            session: Some(session),
+    /// start-up with a single attempt), or without one (a replacement opens its own).
+    pub(crate) fn new(
+        index: usize,
+        session: Option<OwnedSession>,
+        shared: Arc<Shared>,
+        state: Arc<WorkerState>,
+    ) -> Self {
+        let has_session = session.is_some();
+        let worker = Worker {
+            session,
+            session_epoch: shared.token.epoch(),
+            session_module_generation: shared.token.module_generation(),
             shared,
+            state,
             index,
-            up: false,
-            failing: false,
-            backoff: BACKOFF_INITIAL,
-            next_attempt: Instant::now(),
             copies: SessionCopies::default(),
         };
-        worker.mark_up();
+        if has_session {
+            worker.state.mark_up(&worker.shared);
+        }
         worker
     }
 
-    /// The thread body: serve jobs until stopped or the queue is gone.
+    /// The thread body: serve jobs until stopped, given up on, or the queue is gone.
     pub(crate) fn run(mut self, jobs: Receiver<Job>, control: Receiver<Control>) {
         tracing::debug!(worker = self.index, "HSM worker started");
         loop {
+            if self.state.is_abandoned() {
+                break;
+            }
             // Control messages are rare; checking first keeps drills and shutdown prompt under load.
             match control.try_recv() {
                 Ok(ctl) => {
@@ -368,6 +439,7 @@ impl Worker {
                 Err(TryRecvError::Disconnected) => break,
                 Err(TryRecvError::Empty) => {}
             }
+            self.drop_stale_session();
             if self.session.is_none() {
                 // Without a session this worker takes no jobs, so healthy peers serve them.
                 if self.reconnect_or_wait(&control, &jobs).is_break() {
@@ -394,7 +466,7 @@ impl Worker {
                 },
             }
         }
-        self.close_session();
+        self.retire_session();
         tracing::debug!(worker = self.index, "HSM worker stopped");
     }
 
@@ -414,7 +486,6 @@ impl Worker {
                 // Wait for the peers: only when no session of ours is left does the token drop the
                 // login, which is what the drill simulates.
                 let _ = resume.recv_timeout(RESUME_WAIT);
-                self.next_attempt = Instant::now();
                 ControlFlow::Continue(())
             }
             Control::Logout { done } => {
@@ -430,31 +501,61 @@ impl Worker {
         }
     }
 
-    /// Without a session: reconnect when the backoff allows, otherwise wait for it (or a control
-    /// message). Never retries a refused PIN.
+    /// Without a session: reopen at once unless the token is down (then the supervisor alone
+    /// probes the HSM, and this worker answers queued jobs with a retryable error while it waits)
+    /// or the PIN was refused (never retried).
     fn reconnect_or_wait(
         &mut self,
         control: &Receiver<Control>,
         jobs: &Receiver<Job>,
     ) -> ControlFlow<()> {
-        let wait = if self.shared.login_refused.load(Ordering::Acquire) {
-            None
-        } else {
-            let now = Instant::now();
-            if now >= self.next_attempt {
-                let _ = self.reopen();
+        let refused = self.shared.login_refused.load(Ordering::Acquire);
+        if !refused && !self.shared.token.is_down() {
+            let _ = self.reopen();
+            if self.session.is_some() {
                 return ControlFlow::Continue(());
             }
-            Some(self.next_attempt - now)
-        };
-        let got = match wait {
-            Some(wait) => control.recv_timeout(wait),
-            None => control.recv().map_err(|_| RecvTimeoutError::Disconnected),
-        };
-        match got {
+        }
+        self.fail_queued(jobs);
+        match control.recv_timeout(DOWN_POLL) {
             Ok(ctl) => self.on_control(ctl, jobs),
             Err(RecvTimeoutError::Timeout) => ControlFlow::Continue(()),
             Err(RecvTimeoutError::Disconnected) => ControlFlow::Break(()),
+        }
+    }
+
+    /// Answer every queued job with a retryable error (the HSM cannot serve it now; waiting for
+    /// the deadline would only make the caller's retry later).
+    fn fail_queued(&self, jobs: &Receiver<Job>) {
+        while let Ok(job) = jobs.try_recv() {
+            self.shared.metrics.queue_depth.dec();
+            self.shared.metrics.fail_fast.inc();
+            job.work.fail(self.unavailable_error());
+        }
+    }
+
+    fn unavailable_error(&self) -> CryptoError {
+        if self.shared.login_refused.load(Ordering::Acquire) {
+            self.login_refused_error()
+        } else {
+            CryptoError::HsmUnavailable("the HSM token is unavailable; recovering".to_owned())
+        }
+    }
+
+    /// A session from before a token recovery is gone: forget it (after a module
+    /// re-initialisation its handle may belong to someone else now) or close it.
+    fn drop_stale_session(&mut self) {
+        let token = &self.shared.token;
+        if self.session.is_none() || self.session_epoch == token.epoch() {
+            return;
+        }
+        if self.session_module_generation != token.module_generation() {
+            if let Some(owned) = self.session.take() {
+                owned.forget();
+            }
+            self.state.mark_down(&self.shared);
+        } else {
+            self.retire_session();
         }
     }
 
@@ -469,15 +570,22 @@ impl Worker {
                 .op_error(op.as_str(), CryptoError::HsmTimeout.kind());
             return;
         }
-        match job.work {
+        self.state.start_job(&self.shared);
+        self.run_job(job.work);
+        self.state.end_job();
+    }
+
+    fn run_job(&mut self, work: Work) {
+        match work {
             Work::Encrypt {
                 key,
                 plaintext,
                 aad,
                 reply,
             } => {
+                let mode = self.shared.gcm_iv;
                 let r = self.with_key(Op::Encrypt, &key, |s, handle| {
-                    gcm::encrypt(s, handle, &plaintext, &aad)
+                    gcm::encrypt(s, handle, &plaintext, &aad, mode)
                 });
                 let _ = reply.send(r);
             }
@@ -509,9 +617,12 @@ impl Worker {
                     if let Some(fresh) = shared.keys.fresh(&label, shared.keys.generation()) {
                         return Ok(fresh);
                     }
+                    if shared.keys.known_unknown(&label) {
+                        return Err(Fault::plain(CryptoError::KeyNotFound));
+                    }
                     // A logged-out session sees no private objects and would report "not found".
                     ensure_user(shared, s)?;
-                    shared.keys.resolve(s, &label)
+                    resolve_confirmed(shared, s, &label)
                 });
                 let _ = reply.send(r);
             }
@@ -531,7 +642,7 @@ impl Worker {
                     let info = shared
                         .module
                         .ctx()
-                        .get_token_info(shared.slot)
+                        .get_token_info(shared.token.slot())
                         .map_err(|e| map_ckr(Op::TokenInfo, &e))?;
                     Ok(TokenSummary::from(&info))
                 });
@@ -550,7 +661,7 @@ impl Worker {
     }
 
     /// Run `f` with this worker's session and the current handle of `key`, with the recovery the
-    /// failure asks for and one retry. Refuses keys that fail the custody check.
+    /// failure asks for and a retry. Refuses keys that fail the custody check.
     fn with_key<T>(
         &mut self,
         op: Op,
@@ -572,7 +683,7 @@ impl Worker {
                     _ => {
                         shared.keys.invalidate(&entry.info.label);
                         let label = entry.info.label.clone();
-                        entry = shared.keys.resolve(session, &label)?;
+                        entry = resolve_confirmed(shared, session, &label)?;
                     }
                 }
                 force_refresh = false;
@@ -609,50 +720,84 @@ impl Worker {
         self.with_recovery(op, f)
     }
 
-    /// The retry loop: at most one recovery and one retry per job.
+    /// The retry loop: each recovery the failure asks for is done at most once per job (so at
+    /// most three attempts), and a lost session that comes back broken climbs to the supervisor.
     fn with_recovery<T>(
         &mut self,
         op: Op,
         mut f: impl FnMut(&Shared, &Session) -> Result<T, Fault>,
     ) -> Result<T, CryptoError> {
-        let mut retried = false;
+        let mut done: Vec<Recovery> = Vec::new();
         loop {
             let shared = Arc::clone(&self.shared);
+            let fail = |e: CryptoError| {
+                shared.metrics.op_error(op.as_str(), e.kind());
+                Err(e)
+            };
+            if shared.token.is_down() {
+                shared.metrics.fail_fast.inc();
+                return fail(self.unavailable_error());
+            }
             let Some(session) = self.session.as_ref().and_then(OwnedSession::session) else {
-                // Only while draining at shutdown: a worker without a session takes no jobs.
-                shared.metrics.op_error(
-                    op.as_str(),
-                    CryptoError::HsmUnavailable(String::new()).kind(),
-                );
-                return Err(reconnecting());
+                return fail(self.unavailable_error());
+            };
+            let Some(guard) = shared.token.enter() else {
+                // The supervisor is re-initialising the module.
+                return fail(self.unavailable_error());
             };
             let timer = Instant::now();
             let result = f(&shared, session);
+            drop(guard);
             shared.timers.get(op).observe(timer.elapsed().as_secs_f64());
             let fault = match result {
                 Ok(v) => return Ok(v),
                 Err(fault) => fault,
             };
-            if retried || fault.recovery == Recovery::None {
-                if retried && fault.recovery == Recovery::ResetOperation {
-                    // Terminating the operation did not help: give later jobs a clean session.
-                    let _ = self.recover_session();
+            match fault.recovery {
+                Recovery::None => return fail(fault.error),
+                Recovery::RecoverToken => {
+                    self.escalate(op, "the device reported the token lost");
+                    return fail(fault.error);
                 }
-                shared.metrics.op_error(op.as_str(), fault.error.kind());
-                return Err(fault.error);
-            }
-            retried = true;
-            if let Err(e) = self.recover(fault.recovery) {
-                shared.metrics.op_error(op.as_str(), e.kind());
-                return Err(e);
+                Recovery::ReopenSession if done.contains(&Recovery::ReopenSession) => {
+                    // The session was reopened and the failure is back: the problem is below the
+                    // session (a vanished token store, a broken connection).
+                    self.escalate(op, "the failure survived a session reopen");
+                    return fail(fault.error);
+                }
+                recovery if done.contains(&recovery) || done.len() >= 2 => {
+                    if recovery == Recovery::ResetOperation {
+                        // Terminating the operation did not help: give later jobs a clean session.
+                        let _ = self.recover_session();
+                    }
+                    return fail(fault.error);
+                }
+                recovery => {
+                    done.push(recovery);
+                    if let Err(e) = self.recover(recovery) {
+                        return fail(e);
+                    }
+                }
             }
         }
+    }
+
+    /// Give up on the session and hand the token to the supervisor.
+    fn escalate(&mut self, op: Op, why: &str) {
+        tracing::debug!(
+            worker = self.index,
+            op = op.as_str(),
+            why,
+            "escalating to token recovery"
+        );
+        self.retire_session();
+        self.shared.token.mark_down(&self.shared, why);
     }
 
     /// Bring the session back into a usable state for a retry.
     fn recover(&mut self, recovery: Recovery) -> Result<(), CryptoError> {
         match recovery {
-            Recovery::None => Ok(()),
+            Recovery::None | Recovery::RecoverToken => Ok(()),
             Recovery::RefreshKey => {
                 // A stale handle after a silent logout (SoftHSM drops private handles on logout):
                 // log in again first, or the re-lookup would find nothing.
@@ -662,6 +807,10 @@ impl Worker {
                         Ok(()) => Ok(()),
                         Err(fault) if fault.recovery == Recovery::ReopenSession => {
                             self.recover_session()
+                        }
+                        Err(fault) if fault.recovery == Recovery::RecoverToken => {
+                            self.escalate(Op::Login, "the device reported the token lost");
+                            Err(fault.error)
                         }
                         Err(fault) => Err(fault.error),
                     },
@@ -683,7 +832,7 @@ impl Worker {
     }
 
     /// After a lost-session class error: log in again if only the login was lost, otherwise
-    /// reopen (one immediate attempt; later ones back off in `run`).
+    /// reopen (one immediate attempt; if it fails the token is handed to the supervisor).
     fn recover_session(&mut self) -> Result<(), CryptoError> {
         let shared = Arc::clone(&self.shared);
         if shared.login_refused.load(Ordering::Acquire) {
@@ -703,6 +852,7 @@ impl Worker {
                     match relogin {
                         Some(Ok(_)) => {
                             shared.keys.bump_generation();
+                            shared.metrics.recovered(RecoveryLevel::Session.as_str());
                             tracing::info!(worker = self.index, "HSM login restored");
                             self.session = Some(owned);
                             return Ok(());
@@ -720,45 +870,49 @@ impl Worker {
                 // The HSM no longer knows this handle: never close it (see OwnedSession).
                 _ => owned.forget(),
             }
-            self.mark_down();
+            self.state.mark_down(&self.shared);
         }
         self.reopen()
     }
 
-    /// Open a new session and log in. Counts a reopen; on failure schedules the next attempt.
+    /// Open a new session and log in. Counts a reopen; on failure hands the token to the
+    /// supervisor (one prober for the whole pool, with backoff: no reopen storms).
     fn reopen(&mut self) -> Result<(), CryptoError> {
         if self.shared.login_refused.load(Ordering::Acquire) {
             return Err(self.login_refused_error());
         }
-        match open_logged_in(&self.shared) {
+        let token = &self.shared.token;
+        let (epoch, generation) = (token.epoch(), token.module_generation());
+        let opened = match token.enter() {
+            Some(_guard) => open_logged_in(&self.shared),
+            None => return Err(self.unavailable_error()),
+        };
+        match opened {
             Ok(session) => {
                 self.shared.metrics.session_reopens.inc();
+                self.shared
+                    .metrics
+                    .recovered(RecoveryLevel::Session.as_str());
                 self.session = Some(session);
+                self.session_epoch = epoch;
+                self.session_module_generation = generation;
                 // New session, maybe a new login: cached handles are suspect.
                 self.shared.keys.bump_generation();
-                self.backoff = BACKOFF_INITIAL;
-                self.set_failing(false);
-                self.mark_up();
-                tracing::info!(worker = self.index, "HSM session reopened");
+                self.state.mark_up(&self.shared);
+                tracing::debug!(worker = self.index, "HSM session reopened");
                 Ok(())
             }
-            Err(e) if login_is_fatal(&e) => {
+            Err(OpenError::LoginRefused(e)) if login_is_fatal(&e) => {
                 self.refuse_login(&e);
                 Err(self.login_refused_error())
             }
             Err(e) => {
-                // Jitter by worker index so a pool does not reconnect in lockstep.
-                let jitter = Duration::from_millis((self.index as u64 % 16) * 7);
-                self.next_attempt = Instant::now() + self.backoff + jitter;
-                tracing::warn!(
-                    worker = self.index,
-                    ckr = %ck_error_name(&e),
-                    retry_in_ms = (self.backoff + jitter).as_millis() as u64,
-                    "HSM session reopen failed"
-                );
-                self.backoff = self.backoff.saturating_mul(2).min(BACKOFF_MAX);
-                self.set_failing(true);
-                Err(reconnecting())
+                let e = e.into_inner();
+                tracing::debug!(worker = self.index, ckr = %ck_error_name(&e), "HSM session reopen failed");
+                self.shared
+                    .token
+                    .mark_down(&self.shared, "a session could not be reopened");
+                Err(self.unavailable_error())
             }
         }
     }
@@ -773,7 +927,7 @@ impl Worker {
         }
         if let Some(owned) = self.session.take() {
             owned.close();
-            self.mark_down();
+            self.state.mark_down(&self.shared);
         }
     }
 
@@ -781,45 +935,64 @@ impl Worker {
         CryptoError::HsmUnavailable("the HSM refused the user PIN".to_owned())
     }
 
+    /// Close the session for real (the handle is known to be ours and valid).
     fn close_session(&mut self) {
         if let Some(owned) = self.session.take() {
             owned.close();
-            self.mark_down();
+            self.state.mark_down(&self.shared);
         }
     }
 
-    fn set_failing(&mut self, failing: bool) {
-        if self.failing != failing {
-            self.failing = failing;
-            if failing {
-                self.shared.reconnect_failing.fetch_add(1, Ordering::AcqRel);
+    /// Let go of a session that may or may not still be valid: close it if the HSM still knows
+    /// it (so nothing leaks on the token), forget it otherwise (never close a handle the HSM has
+    /// dropped: the number may be someone else's now).
+    fn retire_session(&mut self) {
+        if let Some(owned) = self.session.take() {
+            let stale_module =
+                self.session_module_generation != self.shared.token.module_generation();
+            let alive = !stale_module
+                && matches!(owned.session().map(Session::get_session_info), Some(Ok(_)));
+            if alive {
+                owned.close();
             } else {
-                self.shared.reconnect_failing.fetch_sub(1, Ordering::AcqRel);
+                owned.forget();
             }
-        }
-    }
-
-    fn mark_up(&mut self) {
-        if !self.up {
-            self.up = true;
-            self.shared.sessions_up.fetch_add(1, Ordering::AcqRel);
-            self.shared.metrics.sessions.inc();
-        }
-    }
-
-    fn mark_down(&mut self) {
-        if self.up {
-            self.up = false;
-            self.shared.sessions_up.fetch_sub(1, Ordering::AcqRel);
-            self.shared.metrics.sessions.dec();
+            self.state.mark_down(&self.shared);
         }
     }
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        self.set_failing(false);
-        self.close_session();
+        self.retire_session();
+    }
+}
+
+/// Resolve `label` on `session`; a miss is "not found" only when the token itself answers (a
+/// search on a vanished token store finds nothing, which is no proof). A confirmed miss is
+/// remembered for `negative_cache_ttl`.
+fn resolve_confirmed(
+    shared: &Shared,
+    session: &Session,
+    label: &str,
+) -> Result<Arc<KeyEntry>, Fault> {
+    match shared.keys.resolve(session, label) {
+        Err(Fault {
+            error: CryptoError::KeyNotFound,
+            ..
+        }) => {
+            session
+                .get_session_info()
+                .map_err(|e| map_ckr(Op::TokenInfo, &e))?;
+            shared
+                .module
+                .ctx()
+                .get_token_info(shared.token.slot())
+                .map_err(|e| map_ckr(Op::TokenInfo, &e))?;
+            shared.keys.remember_unknown(label);
+            Err(Fault::plain(CryptoError::KeyNotFound))
+        }
+        other => other,
     }
 }
 
@@ -846,10 +1019,6 @@ fn ensure_user(shared: &Shared, session: &Session) -> Result<(), Fault> {
             None => Err(Fault::plain(CryptoError::Internal(format!("login: {e}")))),
         },
     }
-}
-
-fn reconnecting() -> CryptoError {
-    CryptoError::HsmUnavailable("HSM session lost; reconnecting".to_owned())
 }
 
 fn not_logged_in() -> CryptoError {

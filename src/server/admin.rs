@@ -107,6 +107,7 @@ impl<B: Backend> Admin<B> {
                     "token": report.hsm.token_label,
                     "sessionsUp": report.hsm.sessions_up,
                     "sessionsTotal": report.hsm.sessions_total,
+                    "tokenSessions": report.hsm.token_sessions,
                     "detail": report.detail,
                 });
                 let status = if ready {

@@ -38,7 +38,7 @@ pub struct ProxyOptions {
     pub key_store_keys: String,
     /// Tables appended after the default key store (e.g. `[[xks.key_store.rule]]` blocks, more key stores).
     pub tables: String,
-    /// Lines added to `[hsm]`.
+    /// Lines added to `[hsm]` (a `module = ...` line replaces the token's SoftHSM module).
     pub hsm_keys: String,
     /// Lines added to `[server]`.
     pub server_keys: String,
@@ -289,8 +289,7 @@ allowed_subjects = ["{CLIENT_SUBJECT}"]
 address = "127.0.0.1:0"
 
 [hsm]
-module = "{module}"
-token_label = "{label}"
+{module}token_label = "{label}"
 user_pin = "{pin}"
 {hsm_defaults}{hsm}
 
@@ -322,7 +321,11 @@ secret = "{SECRET_2}"
 {tables}
 {gcp}
 "#,
-        module = token.module.display(),
+        module = if hsm_sets(&o.hsm_keys, "module") {
+            String::new()
+        } else {
+            format!("module = \"{}\"\n", token.module.display())
+        },
         label = token.label,
         pin = token.user_pin,
         hsm = o.hsm_keys,
@@ -338,12 +341,15 @@ secret = "{SECRET_2}"
 }
 
 /// `[hsm]` defaults that `hsm_keys` does not set itself (TOML forbids a duplicate key).
+/// Whether the `[hsm]` lines a test gave set `key`.
+fn hsm_sets(hsm_keys: &str, key: &str) -> bool {
+    hsm_keys
+        .lines()
+        .any(|l| l.split('=').next().is_some_and(|k| k.trim() == key))
+}
+
 fn hsm_defaults(hsm_keys: &str) -> String {
-    let set = |key: &str| {
-        hsm_keys
-            .lines()
-            .any(|l| l.split('=').next().is_some_and(|k| k.trim() == key))
-    };
+    let set = |key: &str| hsm_sets(hsm_keys, key);
     // As in the dev profile (SoftHSM): keys are used through per-session copies.
     [
         ("workers", "2"),
