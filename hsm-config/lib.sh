@@ -29,3 +29,10 @@ write_softhsm_conf() {
     printf 'directories.tokendir = %s/tokens\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n' "$dir" >"$conf"
   fi
 }
+
+# Cargo's target directory (CARGO_TARGET_DIR or ./target), as an absolute path.
+cargo_target_dir() {
+  local dir="${CARGO_TARGET_DIR:-target}"
+  case "$dir" in /*) ;; *) dir="$PWD/$dir" ;; esac
+  printf '%s\n' "$dir"
+}

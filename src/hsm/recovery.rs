@@ -34,7 +34,7 @@ use cryptoki::slot::Slot;
 
 use super::errors::{RecoveryLevel, ck_error_name};
 use super::pool::Pool;
-use super::worker::{OpenError, Shared, open_logged_in_on};
+use super::worker::{Control, OpenError, Shared, open_logged_in_on};
 
 /// How long the supervisor waits for workers to leave their PKCS#11 calls before re-initialising
 /// the module. A worker still inside a call after this is presumed hung: re-initialising under it
@@ -237,6 +237,16 @@ impl Supervisor {
     /// One climb of the ladder.
     fn attempt(&mut self) {
         let shared = Arc::clone(&self.shared);
+        // Workers let go of their sessions when they see the token down; wait for that (bounded:
+        // a worker stuck in a call cannot), so no new session is handed the number of a session
+        // a worker still holds.
+        for control in self.pool.controls() {
+            let _ = control.send(Control::Wake);
+        }
+        let started = Instant::now();
+        while shared.sessions_up.load(Ordering::Acquire) > 0 && started.elapsed() < PAUSE_WAIT {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         // Rung 1: find the token again (maybe in another slot) and prove a session can be opened.
         let outcome = match self.probe() {
             Ok(slot) => Ok((slot, RecoveryLevel::Slot)),

@@ -275,6 +275,9 @@ pub(crate) enum Control {
     },
     /// Answer what is queued, close the session, exit.
     Stop,
+    /// Look at the token state now (the supervisor wakes idle workers so they let go of their
+    /// sessions before it probes the HSM).
+    Wake,
 }
 
 /// A session opened without cryptoki's close-on-drop, so this code decides when `C_CloseSession`
@@ -440,6 +443,11 @@ impl Worker {
                 Err(TryRecvError::Empty) => {}
             }
             self.drop_stale_session();
+            if self.session.is_some() && self.shared.token.is_down() {
+                // Let go now, while no new session can have been handed our handle number (the
+                // supervisor opens its probe only once every worker has let go).
+                self.retire_session();
+            }
             if self.session.is_none() {
                 // Without a session this worker takes no jobs, so healthy peers serve them.
                 if self.reconnect_or_wait(&control, &jobs).is_break() {
@@ -488,6 +496,7 @@ impl Worker {
                 let _ = resume.recv_timeout(RESUME_WAIT);
                 ControlFlow::Continue(())
             }
+            Control::Wake => ControlFlow::Continue(()),
             Control::Logout { done } => {
                 let result = match self.session.as_ref().and_then(OwnedSession::session) {
                     Some(s) => s.logout().map_err(|e| map_ckr(Op::Login, &e).error),
@@ -542,20 +551,14 @@ impl Worker {
         }
     }
 
-    /// A session from before a token recovery is gone: forget it (after a module
-    /// re-initialisation its handle may belong to someone else now) or close it.
+    /// A session from before a token recovery is gone, and its handle number may belong to a
+    /// newer session by now (SoftHSM, for one, reuses handle numbers): forget it, never close it.
     fn drop_stale_session(&mut self) {
-        let token = &self.shared.token;
-        if self.session.is_none() || self.session_epoch == token.epoch() {
-            return;
-        }
-        if self.session_module_generation != token.module_generation() {
+        if self.session.is_some() && self.session_epoch != self.shared.token.epoch() {
             if let Some(owned) = self.session.take() {
                 owned.forget();
             }
             self.state.mark_down(&self.shared);
-        } else {
-            self.retire_session();
         }
     }
 
@@ -770,6 +773,13 @@ impl Worker {
                         // Terminating the operation did not help: give later jobs a clean session.
                         let _ = self.recover_session();
                     }
+                    if recovery == Recovery::RefreshKey {
+                        // The key was just found again, yet its handle is refused: the HSM is
+                        // inconsistent, not the key absent. Retryable, never "not found".
+                        return fail(CryptoError::HsmUnavailable(
+                            "the HSM keeps refusing the key's handle".to_owned(),
+                        ));
+                    }
                     return fail(fault.error);
                 }
                 recovery => {
@@ -882,9 +892,15 @@ impl Worker {
             return Err(self.login_refused_error());
         }
         let token = &self.shared.token;
-        let (epoch, generation) = (token.epoch(), token.module_generation());
-        let opened = match token.enter() {
-            Some(_guard) => open_logged_in(&self.shared),
+        // Read the epoch after opening, under the call guard: no re-initialisation can happen
+        // meanwhile (it waits for the guard), and a slot-level recovery that finished while we
+        // were opening does not make this new session stale (reading before would, and the
+        // session would then be forgotten, i.e. leaked).
+        let (opened, epoch, generation) = match token.enter() {
+            Some(_guard) => {
+                let opened = open_logged_in(&self.shared);
+                (opened, token.epoch(), token.module_generation())
+            }
             None => return Err(self.unavailable_error()),
         };
         match opened {
@@ -948,10 +964,11 @@ impl Worker {
     /// dropped: the number may be someone else's now).
     fn retire_session(&mut self) {
         if let Some(owned) = self.session.take() {
-            let stale_module =
-                self.session_module_generation != self.shared.token.module_generation();
-            let alive = !stale_module
-                && matches!(owned.session().map(Session::get_session_info), Some(Ok(_)));
+            let token = &self.shared.token;
+            let current = self.session_epoch == token.epoch()
+                && self.session_module_generation == token.module_generation();
+            let alive =
+                current && matches!(owned.session().map(Session::get_session_info), Some(Ok(_)));
             if alive {
                 owned.close();
             } else {

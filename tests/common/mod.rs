@@ -1,3 +1,4 @@
+pub mod fault;
 pub mod jwks;
 pub mod proxy;
 pub mod softhsm;
