@@ -249,6 +249,40 @@ async fn conformance_client_passes_on_tls_and_mtls_listeners() {
     proxy.stop().await;
 }
 
+/// The XKS conformance client against a proxy whose HSM generates the GCM IV itself, in each
+/// vendor convention, through the fault-injecting module emulating it over SoftHSM (and, for
+/// comparison, the proxy's own IV through the same module).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_client_passes_in_every_gcm_iv_mode() {
+    require_tools();
+    for (proxy_mode, hsm_mode) in [
+        ("proxy-random", "proxy"),
+        ("hsm-in-params", "hsm-in-params"),
+        ("hsm-appended", "hsm-appended"),
+    ] {
+        let token = common::softhsm::TestToken::new();
+        let mut hsm = common::fault::FaultyHsm::new(&token);
+        hsm.set(serde_json::json!({ "gcm_iv": hsm_mode }));
+        let options = ProxyOptions {
+            hsm_keys: hsm.hsm_keys(&format!("gcm_iv = \"{proxy_mode}\"\n")),
+            ..Default::default()
+        };
+        let proxy = TestProxy::start_on(token, options).await;
+        let ca_pem = proxy.pki.ca_pem.clone();
+        let port = proxy.addr("tls").port();
+        let run = tokio::task::spawn_blocking(move || run_script(port, &ca_pem, None))
+            .await
+            .expect("conformance run panicked");
+        println!(
+            "--- gcm_iv = {proxy_mode} ({}) ---\n{}",
+            run.what, run.output
+        );
+        assert_passed(&run, CORE_TESTS);
+        proxy.stop().await;
+        drop(hsm);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Google Cloud EKM
 // ---------------------------------------------------------------------------------------------

@@ -200,8 +200,12 @@ pub(crate) fn find_unique(
     label: &str,
     class: ObjectClass,
 ) -> Result<ObjectHandle, Fault> {
+    // Token objects only: the keys this proxy serves live on the token. Session objects with the
+    // same label (the workers' per-session copies, visible to every session of this process) are
+    // not other keys, and counting them would make every label "ambiguous".
     let template = [
         Attribute::Class(class),
+        Attribute::Token(true),
         Attribute::Label(label.as_bytes().to_vec()),
     ];
     let found = session
@@ -226,7 +230,7 @@ pub(crate) fn list(
     let mut out = Vec::new();
     for class in classes {
         let handles = session
-            .find_objects(&[Attribute::Class(*class)])
+            .find_objects(&[Attribute::Class(*class), Attribute::Token(true)])
             .map_err(|e| map_ckr(Op::ListKeys, &e))?;
         for handle in handles {
             out.push((handle, read_info(session, handle, allow_exportable_keys)?));

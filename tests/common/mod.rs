@@ -1,3 +1,4 @@
+pub mod cloud_ekm;
 pub mod fault;
 pub mod jwks;
 pub mod proxy;
