@@ -36,3 +36,54 @@ cargo_target_dir() {
   case "$dir" in /*) ;; *) dir="$PWD/$dir" ;; esac
   printf '%s\n' "$dir"
 }
+
+# A throwaway dev profile in directory $1 (token, keys, certificates, config) that serves through
+# the fault-injecting PKCS#11 module (crates/p11-fault) on free loopback ports, built in profile $2
+# (release or debug). Exports SOFTHSM2_CONF and P11_FAULT_DIR; sets exe, cfg, control (the
+# module's control file for the dev token), stats (its stats file) and the faults() helper.
+fault_profile() {
+  local work="$1" profile="$2" target lib
+  export SOFTHSM2_CONF="$work/softhsm2.conf"
+  write_softhsm_conf "$SOFTHSM2_CONF"
+  export P11_FAULT_DIR="$work/p11-fault"
+  mkdir -p "$P11_FAULT_DIR" "$work/hsm-config" "$work/certs"
+  if [ "$profile" = release ]; then
+    cargo build --release --workspace --quiet
+  else
+    cargo build --workspace --quiet
+  fi
+  target="$(cargo_target_dir)/$profile"
+  exe="$target/ekm-proxy"
+  lib="$target/libp11_fault.so"
+  "$exe" dev init --root "$work" >"$work/dev-init.log" 2>&1 || { cat "$work/dev-init.log" >&2; return 1; }
+  cfg="$work/hsm-config/dev.toml"
+  sed -i -e "s#^module = .*#module = \"$lib\"#" \
+         -e 's#^address = "127.0.0.1:[0-9]*"#address = "127.0.0.1:0"#' "$cfg"
+  control="$P11_FAULT_DIR/ekm-dev.json"
+  stats="$P11_FAULT_DIR/ekm-dev.stats.json"
+  faults '{}'
+}
+
+# Replace the fault module's control document (temp file + rename: never read half-written).
+faults() { printf '%s\n' "$1" >"$control.tmp" && mv "$control.tmp" "$control"; }
+
+# Start the proxy on $cfg with its log in $1; sets server_pid, tls_port and admin (host:port).
+start_proxy() {
+  local log="$1" tls=""
+  "$exe" serve --config "$cfg" >"$log" 2>&1 &
+  server_pid=$!
+  admin=""
+  for _ in $(seq 1 200); do
+    tls="$(sed -n 's/.*listening listener=tls addr=\([0-9.:]*\).*/\1/p' "$log" | head -n1)"
+    admin="$(sed -n 's/.*admin listening addr=\([0-9.:]*\).*/\1/p' "$log" | head -n1)"
+    [ -n "$tls" ] && [ -n "$admin" ] && break
+    kill -0 "$server_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if [ -z "$tls" ] || [ -z "$admin" ]; then
+    echo "the proxy did not start:" >&2
+    cat "$log" >&2
+    return 1
+  fi
+  tls_port="${tls##*:}"
+}

@@ -390,3 +390,115 @@ fn the_example_config_uses_only_known_keys_and_a_valid_gcp_section() {
         assert!(!p.path.starts_with("gcp"), "{p}");
     }
 }
+
+/// A config around one vendor profile's `[hsm]` section: the module path and PIN replaced by ones
+/// that exist here, one plain listener and one key store with `store_extra` lines.
+fn profile_config(profile: &str, store_extra: &str) -> String {
+    let path = format!(
+        "{}/hsm-config/profiles/{profile}.toml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    let hsm: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("module =") {
+                format!("module = \"{}\"", module())
+            } else if l.starts_with("user_pin =") {
+                "user_pin = \"1234\"".to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    format!(
+        r#"
+[[listener]]
+name = "plain"
+address = "127.0.0.1:0"
+plain_http = true
+
+{hsm}
+
+[[xks.key_store]]
+name = "dev"
+path_prefix = "/dev"
+regions = ["us-east-1"]
+keys = ["*"]
+{store_extra}
+{GOOD_CREDENTIAL}
+"#
+    )
+}
+
+#[test]
+fn vendor_profiles_validate_and_set_their_iv_convention() {
+    use ekm_proxy::hsm::GcmIvMode;
+    for (profile, mode) in [
+        ("softhsm", GcmIvMode::ProxyRandom),
+        ("luna", GcmIvMode::HsmAppended),
+        ("cloudhsm", GcmIvMode::HsmInParams),
+        ("nshield", GcmIvMode::HsmInParams),
+    ] {
+        // CloudHSM's 16 KiB per call: a key store must keep its plaintext limit within it.
+        let store = if profile == "cloudhsm" {
+            "max_plaintext_bytes = 16368"
+        } else {
+            ""
+        };
+        let settings = ekm_proxy::config::from_str(
+            &profile_config(profile, store),
+            Path::new("t.toml"),
+            Path::new("/"),
+        )
+        .unwrap_or_else(|e| panic!("profile {profile}: {e}"));
+        assert_eq!(settings.hsm.gcm_iv, mode, "profile {profile}");
+    }
+    // The CloudHSM limit is enforced against the default key-store limit (64 KiB).
+    let err = ekm_proxy::config::from_str(
+        &profile_config("cloudhsm", ""),
+        Path::new("t.toml"),
+        Path::new("/"),
+    )
+    .unwrap_err();
+    let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(paths, ["xks.key_store[0].max_plaintext_bytes"], "{err}");
+    assert!(err.to_string().contains("at most 16368"), "{err}");
+}
+
+#[test]
+fn hsm_recovery_and_iv_settings_are_checked() {
+    let cfg = good_config().replace(
+        "user_pin = \"1234\"",
+        "user_pin = \"1234\"\ngcm_iv = \"hsm-generated\"\nhung_call_ms = 500\nop_timeout_ms = 2000\n\
+         max_data_bytes = 0\nrecovery_backoff_initial_ms = 5000\nrecovery_backoff_max_ms = 100\n\
+         key_cache_ttl_secs = 0",
+    );
+    let err = ekm_proxy::config::from_str(&cfg, Path::new("t.toml"), Path::new("/")).unwrap_err();
+    let mut paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+    paths.sort_unstable();
+    assert_eq!(
+        paths,
+        [
+            "hsm.gcm_iv",
+            "hsm.hung_call_ms",
+            "hsm.key_cache_ttl_secs",
+            "hsm.max_data_bytes",
+            "hsm.recovery_backoff_max_ms",
+        ],
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("one of: proxy-random, hsm-in-params, hsm-appended"),
+        "{err}"
+    );
+    // The defaults: the proxy's own IV, replacement after 10 s, 5 s negative cache.
+    let settings =
+        ekm_proxy::config::from_str(&good_config(), Path::new("t.toml"), Path::new("/")).unwrap();
+    assert_eq!(settings.hsm.gcm_iv, ekm_proxy::hsm::GcmIvMode::ProxyRandom);
+    assert_eq!(settings.hsm.hung_call_limit.as_secs(), 10);
+    assert_eq!(settings.hsm.negative_cache_ttl.as_secs(), 5);
+    assert_eq!(settings.hsm.max_data_bytes, None);
+}

@@ -656,3 +656,45 @@ async fn unknown_labels_are_negative_cached_and_new_keys_are_found_without_a_res
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_deleted_from_the_token_stops_working_within_the_cache_time() {
+    for copies in [false, true] {
+        let mut env = Env::start(&format!(
+            "session_key_copies = {copies}\nkey_cache_ttl_secs = 1\n"
+        ))
+        .await;
+        let out = env.encrypt_ok(b"before the deletion").await;
+        assert_eq!(env.decrypt_ok(&out).await, b"before the deletion");
+        let token = &env.proxy.token;
+        ekm_proxy::hsm::destroy_key(&token.module, &token.label, &token.pin(), KEY)
+            .expect("destroy the key");
+        // Without copies the next use fails; with copies it may keep working until the cache
+        // entry (1 s here) expires. Either way: "not found" soon, never a retryable error.
+        let started = Instant::now();
+        loop {
+            let r = env.encrypt(b"after the deletion").await;
+            if r.status == 404 {
+                assert_eq!(r.error_name().as_deref(), Some("KeyNotFoundException"));
+                break;
+            }
+            assert_eq!(r.status, 200, "copies={copies}: {}", body_text(&r));
+            assert!(
+                copies,
+                "without session copies the deleted key must stop working at once"
+            );
+            assert!(
+                started.elapsed() < POLL_LIMIT,
+                "copies={copies}: the deleted key still works"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let r = env.wrap(b"after the deletion").await;
+        assert_eq!(
+            (r.status, gcp_status(&r).as_str()),
+            (404, "NOT_FOUND"),
+            "{}",
+            body_text(&r)
+        );
+    }
+}

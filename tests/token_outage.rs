@@ -31,7 +31,7 @@ use common::softhsm::{TestToken, ensure_conf};
 /// A client that waits longer than this for an answer counts the request as hung.
 const ANSWER_LIMIT: Duration = Duration::from_secs(5);
 /// How long the token stays away.
-const OUTAGE: Duration = Duration::from_secs(4);
+const OUTAGE: Duration = Duration::from_secs(10);
 /// Steady 200s must be back this soon after the token returns.
 const RECOVERY_LIMIT: Duration = Duration::from_secs(30);
 

@@ -139,6 +139,8 @@ pub struct RawHsm {
     pub recovery_backoff_max_ms: Option<u64>,
     /// A worker stuck in one call this long is replaced (0 = never).
     pub hung_call_ms: Option<u64>,
+    /// Largest input of one AES-GCM call the HSM accepts.
+    pub max_data_bytes: Option<usize>,
 }
 
 /// `[health]`

@@ -63,6 +63,35 @@ pub fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Settings, 
         .as_ref()
         .and_then(|g| super::gcp::gcp(g, base, &mut c));
     let logging = logging(&raw, base, &mut c);
+    if let Some(limit) = hsm.as_ref().and_then(|h| h.max_data_bytes) {
+        // What a front end lets through must fit into one HSM call: plaintext ‖ 16-byte tag on
+        // decrypt (XKS and Cloud EKM both seal with AES-GCM).
+        let fits = |max_plaintext: usize| max_plaintext.saturating_add(16) <= limit;
+        for (i, ks) in xks.key_stores.iter().enumerate() {
+            if !fits(ks.limits.max_plaintext) {
+                c.add(
+                    format!("xks.key_store[{i}].max_plaintext_bytes"),
+                    format!(
+                        "{} does not fit the HSM's limit (hsm.max_data_bytes = {limit}): at most {}",
+                        ks.limits.max_plaintext,
+                        limit.saturating_sub(16)
+                    ),
+                );
+            }
+        }
+        if let Some(g) = &gcp
+            && !fits(g.limits.max_plaintext)
+        {
+            c.add(
+                "gcp.max_plaintext_bytes",
+                format!(
+                    "{} does not fit the HSM's limit (hsm.max_data_bytes = {limit}): at most {}",
+                    g.limits.max_plaintext,
+                    limit.saturating_sub(16)
+                ),
+            );
+        }
+    }
     if listeners.is_empty() && !c.problems.iter().any(|p| p.path.starts_with("listener")) {
         c.add("listener", "at least one [[listener]] is required");
     }
@@ -341,6 +370,16 @@ fn hsm(raw: &RawConfig, base: &Path, c: &mut Collector) -> Option<HsmSettings> {
         recovery_backoff_initial,
         recovery_backoff_max,
         hung_call_limit,
+        max_data_bytes: match h.max_data_bytes {
+            Some(0) => {
+                c.add(
+                    "hsm.max_data_bytes",
+                    "must be greater than 0 (omit it for no limit)",
+                );
+                None
+            }
+            other => other,
+        },
     })
 }
 

@@ -25,8 +25,8 @@ use super::worker::{
     Control, Job, OpTimers, OpenError, Reply, Shared, TokenSummary, Work, open_logged_in,
 };
 use crate::core::{
-    AeadDecrypt, AeadEncrypt, AeadSealed, Backend, CryptoError, HealthStatus, HsmHealth, KeyInfo,
-    Plaintext,
+    AeadDecrypt, AeadEncrypt, AeadSealed, Backend, CryptoError, GCM_TAG_LEN, HealthStatus,
+    HsmHealth, KeyInfo, Plaintext,
 };
 use crate::metrics::{CacheMetrics, HsmMetrics};
 
@@ -49,6 +49,8 @@ struct Inner {
     sessions_total: usize,
     closed: AtomicBool,
     op_timeout: Duration,
+    /// The HSM's largest AES-GCM input, if it has one.
+    max_data_bytes: Option<usize>,
     /// Token identity read at start, for health reports when no worker can answer.
     identity: TokenSummary,
 }
@@ -156,6 +158,7 @@ impl Pkcs11Backend {
                 pool,
                 closed: AtomicBool::new(false),
                 op_timeout: settings.op_timeout,
+                max_data_bytes: settings.max_data_bytes,
                 identity,
             }),
         })
@@ -334,8 +337,21 @@ impl Drop for Inner {
     }
 }
 
+impl Pkcs11Backend {
+    /// Refuse an AES-GCM input larger than the HSM takes (before it costs a queue slot).
+    fn check_data_len(&self, len: usize) -> Result<(), CryptoError> {
+        match self.inner.max_data_bytes {
+            Some(limit) if len > limit => Err(CryptoError::Unsupported(format!(
+                "input of {len} bytes exceeds the HSM's limit of {limit} bytes per operation"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Backend for Pkcs11Backend {
     async fn aead_encrypt(&self, req: AeadEncrypt) -> Result<AeadSealed, CryptoError> {
+        self.check_data_len(req.plaintext.len())?;
         let key = self.entry(&req.key).await?;
         if let Some(why) = &key.info.custody_violation {
             return Err(CryptoError::KeyDisabled(why.clone()));
@@ -351,6 +367,7 @@ impl Backend for Pkcs11Backend {
     }
 
     async fn aead_decrypt(&self, req: AeadDecrypt) -> Result<Plaintext, CryptoError> {
+        self.check_data_len(req.ciphertext.len().saturating_add(GCM_TAG_LEN))?;
         let key = self.entry(&req.key).await?;
         if let Some(why) = &key.info.custody_violation {
             return Err(CryptoError::KeyDisabled(why.clone()));

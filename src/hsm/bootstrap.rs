@@ -180,6 +180,39 @@ pub fn generate_key(
     })
 }
 
+/// Destroy the secret key labelled `label` on the token (exactly one key must carry the label).
+/// For key ceremonies and tests. A serving proxy stops using the key at once without
+/// `session_key_copies`, and within `hsm.key_cache_ttl_secs` with it.
+pub fn destroy_key(
+    module: &Path,
+    token_label: &str,
+    user_pin: &SecretString,
+    label: &str,
+) -> Result<(), HsmError> {
+    let module = Module::acquire(module)?;
+    let (slot, _) = module.find_token(&TokenSelector::Label(token_label.to_owned()))?;
+    let session = open_rw(&module, slot)?;
+    user_login(&session, token_label, user_pin)?;
+    let handle =
+        find_unique(&session, label, ObjectClass::SECRET_KEY).map_err(|fault| {
+            match fault.error {
+                CryptoError::KeyDisabled(_) => HsmError::KeyAmbiguous {
+                    label: label.to_owned(),
+                    count: count_labelled(&session, label),
+                },
+                other => HsmError::Pkcs11 {
+                    op: "C_FindObjects",
+                    ckr: other.to_string(),
+                },
+            }
+        })?;
+    session
+        .destroy_object(handle)
+        .map_err(|e| HsmError::pkcs11("C_DestroyObject", &e))?;
+    tracing::info!(token = token_label, key = label, "key destroyed");
+    Ok(())
+}
+
 /// Open a user session on the token, run `act`, and report the key it returns.
 fn with_user_session(
     module: &Path,

@@ -30,7 +30,7 @@ mod worker;
 
 pub use backend::Pkcs11Backend;
 pub use bootstrap::{
-    KeyKind, KeyReport, KeySpec, TokenReport, ensure_key, ensure_token, generate_key,
+    KeyKind, KeyReport, KeySpec, TokenReport, destroy_key, ensure_key, ensure_token, generate_key,
 };
 pub use errors::HsmError;
 pub use module::ModuleGuard;

@@ -112,6 +112,10 @@ pub struct HsmSettings {
     /// A worker stuck in one PKCS#11 call this long is given up on and replaced by a fresh one
     /// (the stuck thread exits when the call returns). Zero disables replacement.
     pub hung_call_limit: Duration,
+    /// Largest input the HSM takes in one AES-GCM call (plaintext, or ciphertext ‖ tag), when it
+    /// has a limit (AWS CloudHSM: 16 KiB). Larger inputs are refused as unsupported before they
+    /// reach the HSM; `config` also checks the front ends' size limits against it.
+    pub max_data_bytes: Option<usize>,
 }
 
 impl HsmSettings {
@@ -154,6 +158,7 @@ impl HsmSettings {
             recovery_backoff_initial: Self::DEFAULT_RECOVERY_BACKOFF_INITIAL,
             recovery_backoff_max: Self::DEFAULT_RECOVERY_BACKOFF_MAX,
             hung_call_limit: Self::DEFAULT_HUNG_CALL_LIMIT,
+            max_data_bytes: None,
         }
     }
 

@@ -142,6 +142,11 @@ pub struct Config {
     /// Function name (or `*`) → microseconds to sleep before forwarding.
     #[serde(default)]
     pub latency_us: HashMap<String, u64>,
+    /// Whether `latency_us` also applies to length queries (`C_Encrypt`/`C_Decrypt` with a NULL
+    /// output buffer). Off by default: a GCM output length is a pure function of the input length,
+    /// which network HSM client libraries answer without a round trip. On, every call pays.
+    #[serde(default)]
+    pub latency_on_length_queries: bool,
     /// Error rules, checked in order.
     #[serde(default)]
     pub errors: Vec<ErrorRule>,

@@ -35,13 +35,26 @@ fn dispatch(
     forward: impl FnOnce(&'static Real, Go) -> CK_RV,
     abort: impl FnOnce(&'static Real),
 ) -> CK_RV {
+    dispatch_output(name, attr, false, forward, abort)
+}
+
+/// [`dispatch`] for a call with an output buffer: a length query (`length_query`, a NULL output
+/// pointer) pays the injected latency only when the control file says so.
+fn dispatch_output(
+    name: &'static str,
+    attr: Attr,
+    length_query: bool,
+    forward: impl FnOnce(&'static Real, Go) -> CK_RV,
+    abort: impl FnOnce(&'static Real),
+) -> CK_RV {
     guard(|| {
         let Some(real) = real() else {
             return CKR_GENERAL_ERROR;
         };
         let decision = state().decide(name, attr, real);
-        if !decision.sleep.is_zero() {
-            std::thread::sleep(decision.sleep);
+        let sleep = decision.sleep_for(length_query);
+        if !sleep.is_zero() {
+            std::thread::sleep(sleep);
         }
         match decision.outcome {
             Outcome::Go(go) => forward(real, go),
@@ -89,6 +102,24 @@ fn finish_final(f: CK_C_EncryptFinal, h: CK_SESSION_HANDLE) {
 fn finish_verify(real: &Real, h: CK_SESSION_HANDLE) {
     let mut dummy = [0u8; 1];
     real_call!(real, C_VerifyFinal(h, dummy.as_mut_ptr(), 1));
+}
+
+/// `C_Decrypt`: forwarded like the others, except that a length query (NULL output) skips the
+/// injected latency unless `latency_on_length_queries` is set.
+unsafe extern "C" fn C_Decrypt(
+    h: CK_SESSION_HANDLE,
+    data: *mut CK_BYTE,
+    len: CK_ULONG,
+    out: *mut CK_BYTE,
+    out_len: *mut CK_ULONG,
+) -> CK_RV {
+    dispatch_output(
+        "C_Decrypt",
+        Attr::Session(h),
+        out.is_null(),
+        |real, _go| real_call!(real, C_Decrypt(h, data, len, out, out_len)),
+        |real: &'static Real| finish_single(real.fl.C_Decrypt, h, data, len),
+    )
 }
 
 /// Generate a plain forwarder per entry: `name(args) => attribution [, abort closure];`.
@@ -141,9 +172,6 @@ forward! {
     C_FindObjectsFinal(h: CK_SESSION_HANDLE) => Attr::Session(h);
     C_DecryptInit(h: CK_SESSION_HANDLE, mech: *mut CK_MECHANISM, key: CK_OBJECT_HANDLE)
         => Attr::Session(h);
-    C_Decrypt(h: CK_SESSION_HANDLE, data: *mut CK_BYTE, len: CK_ULONG, out: *mut CK_BYTE,
-        out_len: *mut CK_ULONG) => Attr::Session(h),
-        abort |real: &Real| finish_single(real.fl.C_Decrypt, h, data, len);
     C_DecryptUpdate(h: CK_SESSION_HANDLE, data: *mut CK_BYTE, len: CK_ULONG, out: *mut CK_BYTE,
         out_len: *mut CK_ULONG) => Attr::Session(h),
         abort |real: &Real| finish_final(real.fl.C_DecryptFinal, h);
@@ -535,9 +563,10 @@ unsafe extern "C" fn C_Encrypt(
     out: *mut CK_BYTE,
     out_len: *mut CK_ULONG,
 ) -> CK_RV {
-    dispatch(
+    dispatch_output(
         "C_Encrypt",
         Attr::Session(h),
+        out.is_null(),
         |real, _| {
             let pending = state().gcm_pending.get(&h).copied();
             let Some(iv) = pending else {

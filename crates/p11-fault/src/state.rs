@@ -51,6 +51,11 @@ pub enum Outcome {
 pub struct Decision {
     /// Latency + hang to apply before the outcome.
     pub sleep: Duration,
+    /// The latency part of `sleep`, which a length query does not pay unless
+    /// `latency_on_length_queries` is set.
+    pub latency: Duration,
+    /// `latency_on_length_queries`.
+    pub charge_length_queries: bool,
     /// What to do.
     pub outcome: Outcome,
 }
@@ -59,7 +64,18 @@ impl Decision {
     fn now(outcome: Outcome) -> Self {
         Self {
             sleep: Duration::ZERO,
+            latency: Duration::ZERO,
+            charge_length_queries: false,
             outcome,
+        }
+    }
+
+    /// What to sleep for this call: a length query skips the latency unless told otherwise.
+    pub fn sleep_for(&self, length_query: bool) -> Duration {
+        if length_query && !self.charge_length_queries {
+            self.sleep.saturating_sub(self.latency)
+        } else {
+            self.sleep
         }
     }
 }
@@ -154,12 +170,15 @@ impl ControlFile {
     /// Latency, hang and error rules for one call of `name`.
     fn faults(&mut self, name: &str, rng: &mut Rng) -> Decision {
         let cfg = &self.valid.config;
-        let mut sleep_us = cfg
+        let latency_us = cfg
             .latency_us
             .get(name)
             .or_else(|| cfg.latency_us.get("*"))
             .copied()
             .unwrap_or(0);
+        let latency = Duration::from_micros(latency_us);
+        let charge_length_queries = cfg.latency_on_length_queries;
+        let mut sleep_us = latency_us;
         if let Some(h) = &cfg.hang
             && config::matches(&h.functions, name)
         {
@@ -191,11 +210,15 @@ impl ControlFile {
             }
             return Decision {
                 sleep,
+                latency,
+                charge_length_queries,
                 outcome: Outcome::Inject(e.rv),
             };
         }
         Decision {
             sleep,
+            latency,
+            charge_length_queries,
             outcome: Outcome::Go(Go {
                 removed: false,
                 gcm: cfg.gcm_iv,

@@ -554,9 +554,11 @@ fn jwt_error(e: &JwtError) -> GcpError {
 
 fn crypto_error(e: &CryptoError) -> GcpError {
     match e {
-        CryptoError::Internal(_) | CryptoError::HsmUnavailable(_) => {
+        CryptoError::Internal(_) => {
             tracing::error!(front = FRONT, error = %e, "key operation failed");
         }
+        // An HSM outage is logged once, at its start and end, by the HSM layer; each request's
+        // own line (and audit event) still records its outcome.
         _ => tracing::debug!(front = FRONT, error = %e, "key operation refused"),
     }
     from_crypto(e)

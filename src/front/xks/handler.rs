@@ -655,9 +655,11 @@ fn frame(framing: AadFraming, aad: Option<&[u8]>, metadata: &[u8]) -> Result<Vec
 
 fn crypto_error(e: &CryptoError) -> XksError {
     match e {
-        CryptoError::Internal(_) | CryptoError::HsmUnavailable(_) => {
+        CryptoError::Internal(_) => {
             tracing::error!(front = FRONT, error = %e, "key operation failed");
         }
+        // An HSM outage is logged once, at its start and end, by the HSM layer; each request's
+        // own line (and audit event) still records its outcome.
         _ => tracing::debug!(front = FRONT, error = %e, "key operation refused"),
     }
     from_crypto(e)

@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# Soak: mixed XKS + Cloud EKM load at c=32 (encrypt, decrypt, wrap, unwrap; 8 each) for N minutes
+# against a fresh dev profile served through the fault-injecting PKCS#11 module
+# (crates/p11-fault), which meanwhile injects a token outage, latency spikes, error bursts and
+# hangs, while the proxy is reloaded with SIGHUP every few minutes.
+#
+# Prints a Markdown report (and writes it to --report FILE) and exits non-zero when any request
+# hung (no answer within 10 s), RSS grew by 10 % or more after warm-up, the sessions open on the
+# token at the end differ from the start, or an answer was neither a success nor one of the
+# protocols' retryable errors (XKS 500/503/429, Cloud EKM 503/504/429).
+#
+#   hsm-config/soak.sh                      # the 30-minute soak (release build)
+#   hsm-config/soak.sh --minutes 2 --outage-secs 10 --debug   # the short version CI runs
+#
+# Everything lives in a temp dir (token, config, certificates, control files); the proxy listens
+# on free loopback ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. hsm-config/lib.sh
+
+minutes=30
+outage=30
+report=""
+profile=release
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --minutes) minutes="$2"; shift 2 ;;
+    --outage-secs) outage="$2"; shift 2 ;;
+    --report) report="$2"; shift 2 ;;
+    --debug) profile=debug; shift ;;
+    *) echo "usage: $0 [--minutes N] [--outage-secs S] [--report FILE] [--debug]" >&2; exit 64 ;;
+  esac
+done
+total=$((minutes * 60))
+[ "$total" -ge 60 ] || { echo "soak: --minutes must be at least 1" >&2; exit 64; }
+
+ensure_packages
+work="$(mktemp -d)"
+server_pid=""
+bench_pids=()
+cleanup() {
+  for p in "${bench_pids[@]}" $server_pid; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+fault_profile "$work" "$profile"
+# A hung-call limit the hang bursts reach, and a recovery backoff that keeps outages short.
+sed -i -e 's#^\[hsm\]#[hsm]\nhung_call_ms = 4000\nrecovery_backoff_max_ms = 2000#' "$cfg"
+start_proxy "$work/server.log"
+port="$tls_port"
+
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$server_pid/status" 2>/dev/null || echo 0; }
+open_sessions() { sed -n 's/.*"open_sessions":\([0-9]*\).*/\1/p' "$stats" 2>/dev/null || echo "?"; }
+metric() { curl -s "http://$admin/metrics" | awk -v s="$1" '$1 == s {print $2}'; }
+
+sessions_start="$(open_sessions)"
+rss_start="$(rss_kb)"
+
+run_bench() { # scenario
+  "$exe" bench --url "https://localhost:$port/dev-keystore" --ca "$work/certs/dev/ca.pem" \
+    --gcp-signer "$work/certs/dev/jwt-signer.pem" --scenario "$1" --concurrency 8 \
+    --duration "${total}s" --warmup 0s --request-timeout 10s --no-raw --json \
+    >"$work/bench-$1.json" 2>"$work/bench-$1.log"
+}
+for s in encrypt decrypt gcp-wrap gcp-unwrap; do
+  run_bench "$s" &
+  bench_pids+=($!)
+done
+
+started=$(date +%s)
+at() { # wait until second $1 of the run
+  local now; now=$(( $(date +%s) - started ))
+  [ "$1" -gt "$now" ] && sleep $(( $1 - now ))
+  return 0
+}
+log() { printf '%4ss  %s\n' "$(( $(date +%s) - started ))" "$*" | tee -a "$work/events.txt" >&2; }
+
+# The chaos schedule, as fractions of the run; SIGHUP every sixth.
+hup_every=$(( total / 6 ))
+events() {
+  local t
+  for t in $(seq "$hup_every" "$hup_every" $(( total - hup_every / 2 ))); do echo "$t hup"; done
+  echo "$(( total / 10 )) warm"
+  echo "$(( total * 20 / 100 )) latency"
+  echo "$(( total * 25 / 100 )) clear"
+  echo "$(( total * 35 / 100 )) errors"
+  echo "$(( total * 40 / 100 )) clear"
+  echo "$(( total * 50 / 100 )) outage"
+  echo "$(( total * 50 / 100 + outage )) restore"
+  echo "$(( total * 70 / 100 )) hang"
+  echo "$(( total * 75 / 100 )) clear"
+  echo "$(( total * 80 / 100 )) mixed"
+  echo "$(( total * 85 / 100 )) clear"
+}
+rss_warm=""
+while read -r t what; do
+  at "$t"
+  case "$what" in
+    hup) kill -HUP "$server_pid"; log "SIGHUP (reload)" ;;
+    warm) rss_warm="$(rss_kb)"; log "warm-up over: RSS ${rss_warm} kB" ;;
+    latency) faults '{"latency_us":{"C_Encrypt":20000,"C_Decrypt":20000}}'; log "latency spike: +20 ms on C_Encrypt/C_Decrypt" ;;
+    errors) faults '{"errors":[{"functions":["C_Encrypt","C_Decrypt"],"ckr":"CKR_DEVICE_ERROR","probability":0.02},{"functions":["C_Encrypt"],"ckr":"CKR_GENERAL_ERROR","count":20}]}'; log "error burst: 2 % CKR_DEVICE_ERROR, 20 × CKR_GENERAL_ERROR" ;;
+    outage) faults '{"removed":true,"after_restore":"reinit_required"}'; log "token removed (outage ${outage}s; the module must be re-initialised after)" ;;
+    restore) faults '{"removed":false,"after_restore":"reinit_required"}'; log "token back" ;;
+    hang) faults '{"hang":{"functions":["C_Encrypt","C_Decrypt"],"ms":6000,"count":3}}'; log "hang burst: 3 calls hang 6 s" ;;
+    mixed) faults '{"latency_us":{"*":3000},"errors":[{"functions":["C_Decrypt"],"ckr":"CKR_SESSION_HANDLE_INVALID","probability":0.01}]}'; log "latency +3 ms everywhere, 1 % lost sessions" ;;
+    clear) faults '{}'; log "faults cleared" ;;
+  esac
+done < <(events | sort -n -s -k1,1)
+
+for p in "${bench_pids[@]}"; do wait "$p" || true; done
+bench_pids=()
+sleep 1
+rss_end="$(rss_kb)"
+sessions_end="$(open_sessions)"
+recoveries="$(curl -s "http://$admin/metrics" | grep '^ekm_hsm_recoveries_total' | tr '\n' ' ')"
+replaced="$(metric ekm_hsm_workers_replaced_total)"
+ready="$(curl -s -o /dev/null -w '%{http_code}' "http://$admin/readyz")"
+
+status=0
+python3 - "$work" "$minutes" "$outage" "$rss_start" "${rss_warm:-$rss_start}" "$rss_end" \
+  "$sessions_start" "$sessions_end" "$ready" "$recoveries" "${replaced:-0}" "$profile" >"$work/report.md" <<'PY' || status=$?
+import json, sys, pathlib
+work, minutes, outage, rss0, rssw, rss1, s0, s1, ready, recov, replaced, profile = sys.argv[1:]
+work = pathlib.Path(work)
+retryable = {"xks": {"500", "503", "429"}, "gcp": {"503", "504", "429"}}
+rows, problems = [], []
+tot_sent = tot_ok = tot_hung = 0
+classes = {}
+for s in ["encrypt", "decrypt", "gcp-wrap", "gcp-unwrap"]:
+    text = (work / f"bench-{s}.json").read_text().strip().splitlines()
+    if not text:
+        problems.append(f"{s}: no benchmark output ({(work / f'bench-{s}.log').read_text()[-500:]})")
+        continue
+    r = json.loads(text[-1])
+    lane = r.get("proxy") or {}
+    ok = lane.get("requests", 0)
+    errors = lane.get("errors", {})
+    sent = ok + lane.get("error_total", 0)
+    hung = errors.get("timeout", 0)
+    front = "gcp" if s.startswith("gcp") else "xks"
+    for k, n in errors.items():
+        classes[f"{front} {k}"] = classes.get(f"{front} {k}", 0) + n
+        if k != "timeout" and k not in retryable[front]:
+            problems.append(f"{s}: {n} × {k} (not a retryable answer)")
+    tot_sent += sent; tot_ok += ok; tot_hung += hung
+    rows.append(f"| {s} | {sent} | {sent - hung - errors.get('transport', 0)} | {ok} | {json.dumps(errors, sort_keys=True)} | {hung} | {lane.get('latency_ms', {}).get('p99', '?')} |")
+rss0, rssw, rss1 = int(rss0), int(rssw), int(rss1)
+growth = (rss1 - rssw) / rssw * 100 if rssw else 0.0
+if tot_hung: problems.append(f"{tot_hung} requests hung (no answer within 10 s)")
+if growth >= 10: problems.append(f"RSS grew {growth:.1f} % after warm-up")
+if s0 != s1: problems.append(f"sessions open on the token: {s0} at the start, {s1} at the end")
+if ready != "200": problems.append(f"/readyz answered {ready} at the end")
+print(f"# Soak report: {minutes} min, c=32, outage {outage} s ({profile} build)\n")
+print("| scenario | sent | answered | 200 | errors by class | hung | p99 ms (successes) |")
+print("|---|---:|---:|---:|---|---:|---:|")
+print("\n".join(rows))
+print(f"\nTotal: {tot_sent} sent, {tot_sent - tot_hung} answered, {tot_ok} succeeded, {tot_hung} hung.")
+print(f"Errors by class: {json.dumps(classes, sort_keys=True)}\n")
+print(f"RSS: {rss0/1024:.1f} MiB at start, {rssw/1024:.1f} MiB after warm-up, {rss1/1024:.1f} MiB at the end "
+      f"({growth:+.1f} % after warm-up).")
+print(f"Sessions open on the token: {s0} at the start, {s1} at the end. /readyz at the end: {ready}.")
+print(f"Recoveries: {recov.strip() or 'none'}; workers replaced: {replaced}.\n")
+print("Events:\n")
+print("```\n" + (work / "events.txt").read_text() + "```")
+checks = 5  # hung, RSS, sessions, readiness, retryable answers
+failed = len({p.split(":")[0] if ":" in p else p for p in problems}) if problems else 0
+failed = min(failed, checks)
+if problems:
+    print("\n**FAILED:**\n" + "\n".join(f"- {p}" for p in problems))
+else:
+    print("\n**PASSED**: nothing hung, RSS flat after warm-up, no session leaked, every error retryable.")
+print(f"\nsoak: {checks - failed} passed, {failed} failed")
+sys.exit(1 if problems else 0)
+PY
+cat "$work/report.md"
+[ -z "$report" ] || cp "$work/report.md" "$report"
+exit $status
