@@ -68,24 +68,8 @@ struct Gcp {
 
 impl Gcp {
     async fn new(proxy: &TestProxy) -> Self {
-        let addr = proxy.addr("tls");
-        let cfg = XksClientConfig {
-            addr,
-            tls: Some(ClientTls {
-                ca_pem: proxy.pki.ca.cert_pem().into_bytes(),
-                client_cert_pem: None,
-                client_key_pem: None,
-                server_name: "localhost".into(),
-            }),
-            host: format!("localhost:{}", addr.port()),
-            prefix: String::new(),
-            access_key_id: String::new(),
-            secret: SecretString::from(""),
-            region: String::new(),
-            service: String::new(),
-        };
         Self {
-            cfg: Arc::new(cfg),
+            cfg: Arc::new(common::cloud_ekm::bearer_client_config(proxy)),
             client: None,
         }
     }

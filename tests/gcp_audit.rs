@@ -26,8 +26,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
-use ekm_proxy::client::{ClientTls, Response, XksClient, XksClientConfig};
-use ekm_proxy::secret::SecretString;
+use ekm_proxy::client::{Response, XksClient, XksClientConfig};
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use http_body_util::Full;
 use serde_json::{Value, json};
@@ -324,22 +323,7 @@ operations = ["wrap", "unwrap"]
             })
             .collect();
         let proxy = TestProxy::start_with(section.options()).await;
-        let addr = proxy.addr("tls");
-        let cfg = Arc::new(XksClientConfig {
-            addr,
-            tls: Some(ClientTls {
-                ca_pem: proxy.pki.ca.cert_pem().into_bytes(),
-                client_cert_pem: None,
-                client_key_pem: None,
-                server_name: "localhost".into(),
-            }),
-            host: format!("localhost:{}", addr.port()),
-            prefix: String::new(),
-            access_key_id: String::new(),
-            secret: SecretString::from(""),
-            region: String::new(),
-            service: String::new(),
-        });
+        let cfg = Arc::new(common::cloud_ekm::bearer_client_config(&proxy));
         Self {
             proxy,
             client: None,

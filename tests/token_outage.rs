@@ -159,8 +159,22 @@ async fn drill(session_key_copies: bool) {
             && tally.get("gcp 200").copied().unwrap_or(0) > 0,
         "load ran: {tally:?}"
     );
-    let (status, body) = proxy.admin_get("/readyz").await;
-    assert_eq!(status, 200, "copies={session_key_copies}: /readyz {body}");
+    // Readiness follows (its report is cached for up to a second).
+    loop {
+        let (status, body) = proxy.admin_get("/readyz").await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            back.elapsed() < RECOVERY_LIMIT,
+            "copies={session_key_copies}: /readyz {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let recoveries = proxy
+        .metric("ekm_hsm_recoveries_total{level=\"module\"}")
+        .await;
+    println!("copies={session_key_copies}: module-level recoveries {recoveries}");
     assert!(
         proxy
             .metric("ekm_hsm_recoveries_total{level=\"module\"}")

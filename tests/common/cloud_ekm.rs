@@ -17,6 +17,27 @@ use serde_json::{Value, json};
 use super::jwks::signer1;
 use super::proxy::{GCP_PREFIX, TestProxy};
 
+/// Client settings for the proxy's TLS listener without SigV4 (bearer-token fronts): the test
+/// CA, no client certificate.
+pub fn bearer_client_config(proxy: &TestProxy) -> XksClientConfig {
+    let addr = proxy.addr("tls");
+    XksClientConfig {
+        addr,
+        tls: Some(ClientTls {
+            ca_pem: proxy.pki.ca.cert_pem().into_bytes(),
+            client_cert_pem: None,
+            client_key_pem: None,
+            server_name: "localhost".into(),
+        }),
+        host: format!("localhost:{}", addr.port()),
+        prefix: String::new(),
+        access_key_id: String::new(),
+        secret: SecretString::from(""),
+        region: String::new(),
+        service: String::new(),
+    }
+}
+
 /// Minimal Cloud EKM client: `POST <prefix>/k1:wrap|unwrap` with a fresh bearer token.
 pub struct GcpClient {
     cfg: Arc<XksClientConfig>,
@@ -25,24 +46,8 @@ pub struct GcpClient {
 
 impl GcpClient {
     pub fn new(proxy: &TestProxy) -> Self {
-        let addr = proxy.addr("tls");
-        let cfg = XksClientConfig {
-            addr,
-            tls: Some(ClientTls {
-                ca_pem: proxy.pki.ca.cert_pem().into_bytes(),
-                client_cert_pem: None,
-                client_key_pem: None,
-                server_name: "localhost".into(),
-            }),
-            host: format!("localhost:{}", addr.port()),
-            prefix: String::new(),
-            access_key_id: String::new(),
-            secret: SecretString::from(""),
-            region: String::new(),
-            service: String::new(),
-        };
         Self {
-            cfg: Arc::new(cfg),
+            cfg: Arc::new(bearer_client_config(proxy)),
             client: None,
         }
     }
