@@ -50,10 +50,10 @@ fn token_dir(label: &str) -> PathBuf {
     for entry in std::fs::read_dir(&tokendir).unwrap() {
         let dir = entry.unwrap().path();
         let object = dir.join("token.object");
-        if let Ok(bytes) = std::fs::read(&object) {
-            if bytes.windows(label.len()).any(|w| w == label.as_bytes()) {
-                return dir;
-            }
+        if let Ok(bytes) = std::fs::read(&object)
+            && bytes.windows(label.len()).any(|w| w == label.as_bytes())
+        {
+            return dir;
         }
     }
     panic!("no token directory for {label} in {}", tokendir.display());
