@@ -34,7 +34,7 @@ enum Command {
         #[arg(long, env = "EKM_PROXY_CONFIG")]
         config: PathBuf,
     },
-    /// Inspect the keys on the configured token.
+    /// List, create and import keys on the configured token.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
@@ -56,6 +56,37 @@ enum KeysCommand {
         #[arg(long, env = "EKM_PROXY_CONFIG")]
         config: PathBuf,
     },
+    /// Generate a key inside the HSM (sensitive, non-extractable token object with a unique
+    /// CKA_ID); refuses a label that exists.
+    Create(KeyArgs),
+    /// Import 32 raw bytes (a binary file, or 64 hex digits) as a sensitive, non-extractable
+    /// AES-256 key. For known-answer tests and BYOK ceremonies: weaker than `create`, because the
+    /// key existed outside the HSM. Refuses a label that exists.
+    Import {
+        #[command(flatten)]
+        key: KeyArgs,
+        /// File holding the key: 32 bytes, or 64 hexadecimal digits.
+        #[arg(long)]
+        key_file: PathBuf,
+    },
+}
+
+/// The key a `keys create` or `keys import` makes.
+#[derive(clap::Args)]
+struct KeyArgs {
+    /// Configuration file (its [hsm] section names the module, token and PIN).
+    #[arg(long, env = "EKM_PROXY_CONFIG")]
+    config: PathBuf,
+    /// CKA_LABEL: the key's external id.
+    #[arg(long)]
+    label: String,
+    /// aes256, rsa2048, rsa3072 or rsa4096 (import: aes256 only).
+    #[arg(long = "type", default_value = "aes256")]
+    kind: String,
+    /// Comma-separated usage: encrypt, decrypt, wrap, unwrap (default: encrypt,decrypt for AES;
+    /// all four for RSA).
+    #[arg(long, value_delimiter = ',')]
+    usage: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -106,6 +137,12 @@ fn main() -> ExitCode {
         Command::Keys {
             command: KeysCommand::List { config },
         } => keys_list(&config),
+        Command::Keys {
+            command: KeysCommand::Create(args),
+        } => keys_make(&args, None),
+        Command::Keys {
+            command: KeysCommand::Import { key, key_file },
+        } => keys_make(&key, Some(&key_file)),
         Command::Dev {
             command: DevCommand::Init { root, module },
         } => dev_init(&root, module),
@@ -208,6 +245,83 @@ fn keys_list(path: &std::path::Path) -> i32 {
         backend.shutdown();
         0
     })
+}
+
+/// `keys create` (no key file) or `keys import`: one readable line on success.
+fn keys_make(args: &KeyArgs, key_file: Option<&std::path::Path>) -> i32 {
+    use ekm_proxy::hsm::{KeyKind, KeySpec};
+    let settings = match load(&args.config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    ekm_proxy::logging::init_cli("warn");
+    let Some(kind) = KeyKind::from_name(&args.kind) else {
+        let names: Vec<&str> = KeyKind::ALL.iter().map(|(_, n)| *n).collect();
+        eprintln!(
+            "unknown key type \"{}\"; one of: {}",
+            args.kind,
+            names.join(", ")
+        );
+        return 64;
+    };
+    let mut spec = KeySpec::new(args.label.clone(), kind);
+    if !args.usage.is_empty() {
+        match spec.with_usage(args.usage.iter().map(String::as_str)) {
+            Ok(s) => spec = s,
+            Err(e) => {
+                eprintln!("{e}");
+                return 64;
+            }
+        }
+    }
+    let hsm = &settings.hsm;
+    let made = match key_file {
+        None => ekm_proxy::hsm::create_key(&hsm.module, &hsm.token, &hsm.user_pin, &spec),
+        Some(path) => match read_key_file(path) {
+            Ok(value) => ekm_proxy::hsm::import_aes_key(
+                &hsm.module,
+                &hsm.token,
+                &hsm.user_pin,
+                &spec,
+                &value,
+            ),
+            Err(e) => {
+                eprintln!("{}: {e}", path.display());
+                return 64;
+            }
+        },
+    };
+    match made {
+        Ok(report) => {
+            println!("{report}");
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
+}
+
+/// A key file: exactly 32 bytes, or 64 hex digits (surrounding white space ignored). The bytes
+/// are zeroized when dropped.
+fn read_key_file(path: &std::path::Path) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    let raw = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| e.to_string())?);
+    if raw.len() == 32 {
+        return Ok(raw);
+    }
+    let text = std::str::from_utf8(&raw)
+        .map_err(|_| format!("{} bytes: want 32 bytes or 64 hex digits", raw.len()))?
+        .trim();
+    if text.len() != 64 {
+        return Err(format!(
+            "{} bytes: want 32 bytes or 64 hex digits",
+            raw.len()
+        ));
+    }
+    hex::decode(text)
+        .map(zeroize::Zeroizing::new)
+        .map_err(|_| "not 64 hex digits".to_owned())
 }
 
 fn dev_init(root: &std::path::Path, module: Option<PathBuf>) -> i32 {

@@ -144,10 +144,10 @@ pub fn init(root: &Path, module: Option<PathBuf>) -> Result<DevReport, DevError>
     let so = SecretString::from(SO_PIN);
     let user = SecretString::from(USER_PIN);
     let token = bootstrap::ensure_token(&module, TOKEN_LABEL, &so, &user)?;
-    lines.push(format!("token '{TOKEN_LABEL}': {token:?}"));
+    lines.push(token.to_string());
     for spec in dev_key_specs() {
         let key = bootstrap::ensure_key(&module, TOKEN_LABEL, &user, &spec)?;
-        lines.push(format!("key '{}': {key:?}", spec.label));
+        lines.push(key.to_string());
     }
     let config_path = root.join("hsm-config/dev.toml");
     let text = dev_config(&module);

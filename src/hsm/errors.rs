@@ -82,6 +82,12 @@ pub enum HsmError {
         /// How many objects carry it.
         count: usize,
     },
+    /// A key is to be created under a label a key on the token carries already.
+    #[error("a key labelled \"{label}\" exists already on the token; choose another label")]
+    KeyExists {
+        /// The label.
+        label: String,
+    },
     /// Any other PKCS#11 failure during start-up or administration.
     #[error("PKCS#11 {op} failed: {ckr}")]
     Pkcs11 {

@@ -30,7 +30,8 @@ mod worker;
 
 pub use backend::Pkcs11Backend;
 pub use bootstrap::{
-    KeyKind, KeyReport, KeySpec, TokenReport, destroy_key, ensure_key, ensure_token, generate_key,
+    KeyKind, KeyReport, KeySpec, TokenReport, create_key, destroy_key, ensure_key, ensure_token,
+    generate_key, import_aes_key,
 };
 pub use errors::HsmError;
 pub use module::ModuleGuard;
