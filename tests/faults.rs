@@ -698,3 +698,45 @@ async fn a_key_deleted_from_the_token_stops_working_within_the_cache_time() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_refused_while_recovering_is_never_retried() {
+    let mut env = Env::start("").await;
+    env.encrypt_ok(b"warm").await;
+    env.hsm.set(json!({ "removed": true }));
+    let r = env.encrypt(b"during the outage").await;
+    assert_xks_retryable(&r, "XKS encrypt during the outage");
+    // The token comes back, but refuses the PIN (it was changed on the HSM meanwhile): retrying
+    // would walk the token towards a PIN lockout.
+    env.hsm.set(json!({
+        "removed": false,
+        "errors": [{ "functions": ["C_Login"], "ckr": "CKR_PIN_INCORRECT" }]
+    }));
+    let (_, body) = poll_until(
+        "readiness names the refused PIN",
+        || env.readyz(),
+        |(status, body)| {
+            *status == 503 && body["detail"].as_str().is_some_and(|d| d.contains("PIN"))
+        },
+    )
+    .await;
+    assert_eq!(body["status"], "UNAVAILABLE", "{body}");
+    let logins = env.metric("ekm_hsm_logins_total").await;
+    let failures = env.metric("ekm_hsm_recovery_failures_total").await;
+    // Several backoff periods (at most 500 ms here) later: no further login, no further attempt.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(
+        env.metric("ekm_hsm_logins_total").await,
+        logins,
+        "no login retried"
+    );
+    assert_eq!(
+        env.metric("ekm_hsm_recovery_failures_total").await,
+        failures,
+        "no recovery attempted"
+    );
+    let r = env.encrypt(b"still refused").await;
+    assert_xks_retryable(&r, "XKS encrypt with the PIN refused");
+    let r = env.wrap(b"still refused").await;
+    assert_gcp_retryable(&r, "Cloud EKM wrap with the PIN refused");
+}

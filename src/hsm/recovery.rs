@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use cryptoki::slot::Slot;
 
-use super::errors::{RecoveryLevel, ck_error_name};
+use super::errors::{RecoveryLevel, ck_error_name, login_is_fatal};
 use super::pool::Pool;
 use super::worker::{Control, OpenError, Shared, open_logged_in_on};
 
@@ -227,7 +227,8 @@ impl Supervisor {
                 break;
             }
             self.pool.replace_hung_workers(&self.shared);
-            if token.is_down() && Instant::now() >= self.next_attempt {
+            let refused = self.shared.login_refused.load(Ordering::Acquire);
+            if token.is_down() && !refused && Instant::now() >= self.next_attempt {
                 self.attempt();
             }
         }
@@ -305,6 +306,10 @@ impl Supervisor {
         let session = open_logged_in_on(shared, slot).map_err(|e| match e {
             OpenError::Pkcs11(e) => format!("opening a session: {}", ck_error_name(&e)),
             OpenError::LoginRefused(e) => {
+                if login_is_fatal(&e) && !shared.login_refused.swap(true, Ordering::AcqRel) {
+                    // Never again: retrying a wrong PIN walks the token towards a lockout.
+                    tracing::error!(token = %shared.token_label, ckr = %ck_error_name(&e), "the HSM refused the user PIN while recovering; no further attempts (fix it and restart)");
+                }
                 format!("login refused: {}", ck_error_name(&e))
             }
         })?;
