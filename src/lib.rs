@@ -13,8 +13,9 @@
 //! - [`hsm`]: the PKCS#11 backend; the only module that imports the PKCS#11 bindings.
 //! - [`config`], [`app`]: configuration parsing/validation and the composition root.
 //! - [`metrics`], [`audit`]: leaves every module may use.
-//! - [`dev`], [`client`], [`mod@bench`]: the dev profile (token, keys, certificates, JWT signer),
-//!   XKS and Cloud EKM clients, and the benchmark.
+//! - `dev`, `client`, `bench` (cargo feature `tools`, on by default, off in the production
+//!   build): the dev profile (token, keys, certificates, JWT signer), XKS and Cloud EKM clients,
+//!   and the benchmark.
 //!
 //! Dependency rules (arrows point inward; a test greps for violations):
 //! `main → app → server → front::* → {auth, authz, core}`; `app → hsm → core`; `app → config`;
@@ -27,10 +28,13 @@ pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod authz;
+#[cfg(feature = "tools")]
 pub mod bench;
+#[cfg(feature = "tools")]
 pub mod client;
 pub mod config;
 pub mod core;
+#[cfg(feature = "tools")]
 pub mod dev;
 pub mod front;
 pub mod hsm;

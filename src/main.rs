@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use ekm_proxy::config::{self, EXIT_CONFIG};
+#[cfg(feature = "tools")]
 use ekm_proxy::dev::profile;
 
 #[derive(Parser)]
@@ -40,11 +41,13 @@ enum Command {
         command: KeysCommand,
     },
     /// Dev profile helpers (dev only: fixed, public credentials).
+    #[cfg(feature = "tools")]
     Dev {
         #[command(subcommand)]
         command: DevCommand,
     },
     /// Benchmark a server over HTTPS with signed XKS requests, and the raw HSM lane (BENCHMARKS.md).
+    #[cfg(feature = "tools")]
     Bench(Box<ekm_proxy::bench::BenchArgs>),
 }
 
@@ -89,6 +92,7 @@ struct KeyArgs {
     usage: Vec<String>,
 }
 
+#[cfg(feature = "tools")]
 #[derive(Subcommand)]
 enum DevCommand {
     /// Create (idempotently) the dev token and keys, the dev certificates and hsm-config/dev.toml.
@@ -105,6 +109,7 @@ enum DevCommand {
 }
 
 /// `ekm-proxy dev token`: the claims Cloud KMS's tokens carry, signed by the dev JWT signer.
+#[cfg(feature = "tools")]
 #[derive(clap::Args)]
 struct DevTokenArgs {
     /// `email` claim: the calling service account.
@@ -143,12 +148,15 @@ fn main() -> ExitCode {
         Command::Keys {
             command: KeysCommand::Import { key, key_file },
         } => keys_make(&key, Some(&key_file)),
+        #[cfg(feature = "tools")]
         Command::Dev {
             command: DevCommand::Init { root, module },
         } => dev_init(&root, module),
+        #[cfg(feature = "tools")]
         Command::Dev {
             command: DevCommand::Token(args),
         } => dev_token(&args),
+        #[cfg(feature = "tools")]
         Command::Bench(args) => ekm_proxy::bench::main(*args),
     };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
@@ -324,6 +332,7 @@ fn read_key_file(path: &std::path::Path) -> Result<zeroize::Zeroizing<Vec<u8>>, 
         .map_err(|_| "not 64 hex digits".to_owned())
 }
 
+#[cfg(feature = "tools")]
 fn dev_init(root: &std::path::Path, module: Option<PathBuf>) -> i32 {
     ekm_proxy::logging::init_cli("info");
     match ekm_proxy::dev::profile::init(root, module) {
@@ -339,6 +348,7 @@ fn dev_init(root: &std::path::Path, module: Option<PathBuf>) -> i32 {
 }
 
 /// Mints one token and prints it alone on stdout, so `TOKEN=$(ekm-proxy dev token)` works.
+#[cfg(feature = "tools")]
 fn dev_token(args: &DevTokenArgs) -> i32 {
     use ekm_proxy::client::gcp::{TokenClaims, TokenSigner};
     let signer = match TokenSigner::from_pem_file(&args.signer, args.kid.as_str()) {
