@@ -740,3 +740,60 @@ async fn a_pin_refused_while_recovering_is_never_retried() {
     let r = env.wrap(b"still refused").await;
     assert_gcp_retryable(&r, "Cloud EKM wrap with the PIN refused");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decrypt_on_a_lost_token_is_retryable_not_invalid_ciphertext() {
+    // A token whose store vanished, or a client library that needs re-initialising, answers
+    // every call with CKR_GENERAL_ERROR: the code SoftHSM also uses for a tag mismatch. A decrypt
+    // must not tell the cloud its (good) ciphertext is invalid: that answer is permanent.
+    let mut env = Env::start("").await;
+    let sealed = env.encrypt_ok(b"a good ciphertext").await;
+    let r = env.wrap(b"a good blob").await;
+    assert_eq!(r.status, 200, "{}", body_text(&r));
+    let blob = r.json().unwrap()["wrappedBlob"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Every call but C_CloseSession, so the sessions that cannot be checked can still be closed
+    // (none may stay open on the token).
+    env.hsm.set(json!({
+        "errors": [{
+            "functions": ["C_DecryptInit", "C_Decrypt", "C_EncryptInit", "C_Encrypt",
+                "C_GetSessionInfo", "C_GetTokenInfo", "C_OpenSession", "C_Login",
+                "C_FindObjectsInit", "C_GenerateRandom"],
+            "ckr": "CKR_GENERAL_ERROR"
+        }]
+    }));
+    let body = xks::decrypt_body_for(xks::KMS_KEY_ARN, &sealed, None);
+    let r = env
+        .xks
+        .post(&format!("keys/{KEY}/decrypt"), body)
+        .await
+        .expect("XKS decrypt");
+    assert_xks_retryable(
+        &r,
+        "XKS decrypt on a token that answers only general errors",
+    );
+    let r = env.gcp.unwrap(&blob).await;
+    assert_gcp_retryable(
+        &r,
+        "Cloud EKM unwrap on a token that answers only general errors",
+    );
+    env.hsm.clear();
+    env.await_recovered(2).await;
+    assert_eq!(env.decrypt_ok(&sealed).await, b"a good ciphertext");
+    // And a real tag mismatch is still the caller's fault.
+    let mut bad = sealed.clone();
+    bad.tag[0] ^= 1;
+    let body = xks::decrypt_body_for(xks::KMS_KEY_ARN, &bad, None);
+    let r = env
+        .xks
+        .post(&format!("keys/{KEY}/decrypt"), body)
+        .await
+        .expect("XKS decrypt");
+    assert_eq!(r.status, 400, "{}", body_text(&r));
+    assert_eq!(
+        r.error_name().as_deref(),
+        Some("InvalidCiphertextException")
+    );
+}

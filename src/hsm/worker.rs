@@ -303,6 +303,23 @@ impl OwnedSession {
     fn forget(mut self) {
         self.0.take();
     }
+
+    /// Let go of a session whose `C_GetSessionInfo` just failed with `err`: forget it when the
+    /// code says the HSM dropped it (closing could hit a newer session that got its number);
+    /// otherwise it may well be alive (a general or device error says nothing about the handle),
+    /// so close it, or it would stay open on the token for good.
+    fn dispose_after(self, err: &CkError) {
+        match rv_of(err) {
+            Some(
+                RvError::SessionHandleInvalid
+                | RvError::SessionClosed
+                | RvError::DeviceRemoved
+                | RvError::TokenNotPresent
+                | RvError::CryptokiNotInitialized,
+            ) => self.forget(),
+            _ => self.close(),
+        }
+    }
 }
 
 impl Drop for OwnedSession {
@@ -600,8 +617,10 @@ impl Worker {
                 aad,
                 reply,
             } => {
+                let shared = Arc::clone(&self.shared);
                 let r = self.with_key(Op::Decrypt, &key, |s, handle| {
                     gcm::decrypt(s, handle, &iv, &mut ciphertext, &tag, &aad)
+                        .map_err(|fault| confirm_caller_fault(&shared, s, fault))
                 });
                 let _ = reply.send(r);
             }
@@ -877,8 +896,8 @@ impl Worker {
                 }
                 // Alive and logged in, yet the device reported a loss: start afresh.
                 Some(Ok(_)) => owned.close(),
-                // The HSM no longer knows this handle: never close it (see OwnedSession).
-                _ => owned.forget(),
+                Some(Err(e)) => owned.dispose_after(&e),
+                None => owned.forget(),
             }
             self.state.mark_down(&self.shared);
         }
@@ -967,12 +986,11 @@ impl Worker {
             let token = &self.shared.token;
             let current = self.session_epoch == token.epoch()
                 && self.session_module_generation == token.module_generation();
-            let alive =
-                current && matches!(owned.session().map(Session::get_session_info), Some(Ok(_)));
-            if alive {
-                owned.close();
-            } else {
-                owned.forget();
+            match owned.session().map(Session::get_session_info) {
+                _ if !current => owned.forget(),
+                Some(Ok(_)) => owned.close(),
+                Some(Err(e)) => owned.dispose_after(&e),
+                None => owned.forget(),
             }
             self.state.mark_down(&self.shared);
         }
@@ -982,6 +1000,34 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         self.retire_session();
+    }
+}
+
+/// A failed decrypt is the caller's ciphertext only if the session and the token still answer:
+/// modules report a tag mismatch with the same codes (`CKR_GENERAL_ERROR`, ...) that a lost
+/// session or a vanished token store produces, and telling a cloud its ciphertext is invalid is
+/// permanent where "the HSM is unavailable" is retried. Two cheap calls, on the failure path only.
+fn confirm_caller_fault(shared: &Shared, session: &Session, fault: Fault) -> Fault {
+    if fault.error != CryptoError::InvalidCiphertext {
+        return fault;
+    }
+    if let Err(e) = session.get_session_info() {
+        return lost_after_decrypt(map_ckr(Op::TokenInfo, &e));
+    }
+    if let Err(e) = shared.module.ctx().get_token_info(shared.token.slot()) {
+        return lost_after_decrypt(map_ckr(Op::TokenInfo, &e));
+    }
+    fault
+}
+
+/// The failure the health probe after a failed decrypt found, as a retryable one.
+fn lost_after_decrypt(probe: Fault) -> Fault {
+    match probe.recovery {
+        Recovery::RecoverToken => probe,
+        _ => Fault {
+            error: CryptoError::HsmUnavailable("HSM session lost; reconnecting".to_owned()),
+            recovery: Recovery::ReopenSession,
+        },
     }
 }
 
