@@ -1644,6 +1644,8 @@ struct Curl {
 /// What curl reported: HTTP status (None when no response arrived), body, HTTP version, stderr.
 #[derive(Debug)]
 struct CurlResult {
+    /// curl's exit code.
+    exit: Option<i32>,
     status: Option<u16>,
     http_version: String,
     body: String,
@@ -1672,6 +1674,7 @@ impl Curl {
         let (body, trailer) = text.rsplit_once('\n').unwrap_or(("", &text));
         let (code, version) = trailer.split_once(' ').unwrap_or((trailer, ""));
         CurlResult {
+            exit: out.status.code(),
             status: code.trim().parse().ok().filter(|c| *c != 0),
             http_version: version.trim().to_owned(),
             body: body.to_owned(),
@@ -2944,4 +2947,60 @@ async fn mtls_listener_serves_good_clients_and_aborts_others() {
     assert_ok(&health(&mut c).await, "existing mTLS connection");
     let mut fresh = proxy.client("mtls").await;
     assert_ok(&health(&mut fresh).await, "new mTLS connection");
+}
+
+/// TLS 1.3: curl sends its request right after its Finished; the proxy rejects the certificate
+/// with handshake_failure. Closing at once with that request unread makes the kernel answer with
+/// a RST that can overtake the alert ("Connection reset" / "Broken pipe"); the lingering close
+/// drains it so the client reads the alert. Twenty in a row, for two kinds of rejected
+/// certificate, each posting a body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_client_certificates_get_the_alert_not_a_reset() {
+    let proxy = TestProxy::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let write_pair = |name: &str, cert: &ekm_proxy::dev::certs::IssuedCert| {
+        let (c, k) = (
+            dir.path().join(format!("{name}.pem")),
+            dir.path().join(format!("{name}-key.pem")),
+        );
+        std::fs::write(&c, &cert.cert_pem).unwrap();
+        std::fs::write(&k, cert.key_pem.as_bytes()).unwrap();
+        (c, k)
+    };
+    let expired = write_pair(
+        "expired",
+        &proxy
+            .pki
+            .ca
+            .issue_client(CLIENT_SUBJECT, Validity::Expired)
+            .unwrap(),
+    );
+    let self_signed = write_pair("self-signed", &self_signed_client(CLIENT_SUBJECT).unwrap());
+    let port = proxy.addr("mtls").port();
+    // A body curl is still sending when the proxy rejects the certificate.
+    // Without the lingering close this size makes curl fail with "Send failure: Broken pipe"
+    // (exit 55) within a few attempts; it stays under the 64 KiB the proxy drains.
+    let body = xks::encrypt_body(ARN, &[b'p'; 24_000], Some(SPEC_AAD), false);
+    for (what, pair) in [("expired", &expired), ("self-signed", &self_signed)] {
+        for i in 0..20 {
+            let call = Curl {
+                port,
+                ca: proxy.pki.ca_pem.clone(),
+                client_cert: Some(pair.clone()),
+                user: format!("{ACCESS_KEY_ID}:{SECRET}"),
+                url: format!("https://localhost:{port}{}/{}", base(PREFIX), op(KEY, "encrypt")),
+                body: body.clone(),
+                extra: vec!["--tlsv1.3".into(), "--http1.1".into()],
+            };
+            let r = tokio::task::spawn_blocking(move || call.run()).await.unwrap();
+            assert_eq!(r.status, None, "{what} #{i}: got an HTTP answer {r:?}");
+            assert!(
+                r.stderr.contains("alert handshake failure"),
+                "{what} #{i}: curl exit {:?} without the alert: {}",
+                r.exit,
+                r.stderr
+            );
+            assert_eq!(r.exit, Some(56), "{what} #{i}: {}", r.stderr);
+        }
+    }
 }

@@ -106,7 +106,33 @@ fn server(raw: &RawConfig, c: &mut Collector) -> ServerSettings {
         max_connections: s.max_connections.unwrap_or(d.max_connections),
         shutdown_grace: ms(s.shutdown_grace_ms, d.shutdown_grace),
         http2: s.http2.unwrap_or(d.http2),
+        idle_timeout: s
+            .idle_timeout_secs
+            .map_or(d.idle_timeout, Duration::from_secs),
+        http2_keepalive_interval: match s.http2_keepalive_interval_secs {
+            None => d.http2_keepalive_interval,
+            Some(0) => None,
+            Some(secs) => Some(Duration::from_secs(secs)),
+        },
+        http2_keepalive_timeout: s
+            .http2_keepalive_timeout_secs
+            .map_or(d.http2_keepalive_timeout, Duration::from_secs),
+        max_connections_per_ip: s.max_connections_per_ip.unwrap_or(d.max_connections_per_ip),
     };
+    // A zero would close connections at once (or never time anything out); both are mistakes.
+    for (key, value) in [
+        ("server.header_read_timeout_ms", out.header_read_timeout),
+        ("server.tls_handshake_timeout_ms", out.tls_handshake_timeout),
+        ("server.idle_timeout_secs", out.idle_timeout),
+        (
+            "server.http2_keepalive_timeout_secs",
+            out.http2_keepalive_timeout,
+        ),
+    ] {
+        if value.is_zero() {
+            c.add(key, "must be greater than 0");
+        }
+    }
     if out.request_timeout.is_zero() {
         c.add("server.request_timeout_ms", "must be greater than 0");
     }
