@@ -2949,6 +2949,83 @@ async fn mtls_listener_serves_good_clients_and_aborts_others() {
     assert_ok(&health(&mut fresh).await, "new mTLS connection");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_prefixes_route_to_the_longest_match() {
+    // Store "" serves /kms/xks/v1/...; store "/kms/xks/v1/dev" serves
+    // /kms/xks/v1/dev/kms/xks/v1/..., which also starts with the first store's base. Each
+    // exposes a different key, so a request that lands in the wrong store gets KeyNotFound.
+    let store = |name: &str, prefix: &str, key: &str| {
+        format!(
+            "\n[[xks.key_store]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nregions = [\"us-east-1\"]\nkeys = [\"{key}\"]\n[[xks.key_store.credential]]\naccess_key_id = \"{ACCESS_KEY_ID}\"\nsecret = \"{SECRET}\"\n"
+        )
+    };
+    let proxy = TestProxy::start_with(ProxyOptions {
+        tables: format!(
+            "{}{}",
+            store("root", "", KEY),
+            store("nested", "/kms/xks/v1/dev", DEC_ONLY)
+        ),
+        ..Default::default()
+    })
+    .await;
+    let mut root = client_for_prefix(&proxy, "").await;
+    let mut nested = client_for_prefix(&proxy, "/kms/xks/v1/dev").await;
+    assert_ok(&health(&mut root).await, "root store health");
+    assert_ok(&health(&mut nested).await, "nested store health");
+    assert_ok(&metadata(&mut root, KEY).await, "root store key");
+    assert_ok(&metadata(&mut nested, DEC_ONLY).await, "nested store key");
+    assert_error(
+        &metadata(&mut nested, KEY).await,
+        404,
+        "KeyNotFoundException",
+        "root's key through the nested store",
+    );
+    assert_error(
+        &metadata(&mut root, DEC_ONLY).await,
+        404,
+        "KeyNotFoundException",
+        "nested store's key through the root store",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_never_exposes_the_health_check_key() {
+    let proxy = TestProxy::start_with(ProxyOptions {
+        tables: "\n[[xks.key_store]]\nname = \"all\"\npath_prefix = \"/all\"\nregions = [\"us-east-1\"]\nkeys = [\"*\"]\n"
+            .to_owned()
+            + &format!(
+                "[[xks.key_store.credential]]\naccess_key_id = \"{ACCESS_KEY_ID}\"\nsecret = \"{SECRET}\"\n"
+            ),
+        ..Default::default()
+    })
+    .await;
+    let mut all = client_for_prefix(&proxy, "/all").await;
+    assert_ok(
+        &metadata(&mut all, KEY).await,
+        "an ordinary key through '*'",
+    );
+    assert_error(
+        &metadata(&mut all, "ekm-health-check").await,
+        404,
+        "KeyNotFoundException",
+        "the health-check key through '*'",
+    );
+    let r = post(
+        &mut all,
+        &op("ekm-health-check", "encrypt"),
+        xks::encrypt_body(ARN, b"customer data", None, false),
+    )
+    .await;
+    assert_error(
+        &r,
+        404,
+        "KeyNotFoundException",
+        "encrypt under the health key",
+    );
+    // Health itself still works (it uses the key internally).
+    assert_ok(&health(&mut all).await, "health");
+}
+
 /// TLS 1.3: curl sends its request right after its Finished; the proxy rejects the certificate
 /// with handshake_failure. Closing at once with that request unread makes the kernel answer with
 /// a RST that can overtake the alert ("Connection reset" / "Broken pipe"); the lingering close
@@ -2988,11 +3065,17 @@ async fn rejected_client_certificates_get_the_alert_not_a_reset() {
                 ca: proxy.pki.ca_pem.clone(),
                 client_cert: Some(pair.clone()),
                 user: format!("{ACCESS_KEY_ID}:{SECRET}"),
-                url: format!("https://localhost:{port}{}/{}", base(PREFIX), op(KEY, "encrypt")),
+                url: format!(
+                    "https://localhost:{port}{}/{}",
+                    base(PREFIX),
+                    op(KEY, "encrypt")
+                ),
                 body: body.clone(),
                 extra: vec!["--tlsv1.3".into(), "--http1.1".into()],
             };
-            let r = tokio::task::spawn_blocking(move || call.run()).await.unwrap();
+            let r = tokio::task::spawn_blocking(move || call.run())
+                .await
+                .unwrap();
             assert_eq!(r.status, None, "{what} #{i}: got an HTTP answer {r:?}");
             assert!(
                 r.stderr.contains("alert handshake failure"),

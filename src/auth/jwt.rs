@@ -23,7 +23,7 @@ pub mod ring_verify;
 #[cfg(test)]
 mod tests;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -93,6 +93,33 @@ pub enum JwksSource {
     File(PathBuf),
 }
 
+/// Read and parse a JWKS file as the verifier would: the number of usable signing keys, or why
+/// the file cannot serve (missing, too large, not a JWKS, no usable key). For `check-config`
+/// and reloads, which must refuse such a file rather than discover it on the first request.
+pub fn check_jwks_file(path: &Path) -> Result<usize, String> {
+    let bytes = read_jwks_file(path).map_err(|JwtSetupError::Issuer { reason, .. }| reason)?;
+    jwks::KeySet::parse(&bytes, "check-config").map(|set| set.len())
+}
+
+/// The bytes of a JWKS file, bounded like a fetched set.
+fn read_jwks_file(path: &Path) -> Result<Vec<u8>, JwtSetupError> {
+    let refuse = |reason: String| JwtSetupError::Issuer {
+        issuer: path.display().to_string(),
+        reason,
+    };
+    let len = std::fs::metadata(path)
+        .map_err(|e| refuse(format!("{}: {e}", path.display())))?
+        .len();
+    if len > jwks::MAX_JWKS_BYTES as u64 {
+        return Err(refuse(format!(
+            "{}: larger than {} bytes",
+            path.display(),
+            jwks::MAX_JWKS_BYTES
+        )));
+    }
+    std::fs::read(path).map_err(|e| refuse(format!("{}: {e}", path.display())))
+}
+
 /// Parse a configured algorithm name; refuses `none` and the HMAC family.
 pub fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
     match Algorithm::from_str(name) {
@@ -116,6 +143,9 @@ pub enum JwtError {
     /// No `Authorization: Bearer` token.
     #[error("no bearer token")]
     MissingToken,
+    /// More than one `Authorization` header (which one counts would be ambiguous).
+    #[error("more than one Authorization header")]
+    DuplicateAuthorization,
     /// Not a well-formed compact JWS / JWT.
     #[error("malformed token")]
     Malformed,
@@ -165,6 +195,7 @@ impl JwtError {
     pub fn reason(&self) -> &'static str {
         match self {
             JwtError::MissingToken => "missing_token",
+            JwtError::DuplicateAuthorization => "duplicate_authorization",
             JwtError::Malformed => "malformed",
             JwtError::AlgorithmNotAllowed => "algorithm_not_allowed",
             JwtError::MissingKid => "missing_kid",
@@ -325,6 +356,41 @@ impl JwtVerifier {
             tokens,
             metrics,
         })
+    }
+
+    /// Build the verifier that replaces `previous` on a reload. Unlike [`Self::new`], which
+    /// tolerates an issuer whose keys cannot be had yet (they are fetched on demand), a reload
+    /// must not take a working issuer down: a `jwks_file` is read and parsed now and must hold at
+    /// least one usable key, and a URL issuer whose name and URL are unchanged starts from the
+    /// previous verifier's last good set, so a reload never throws away keys that work.
+    pub fn replacing(
+        settings: &JwtSettings,
+        metrics: JwtMetrics,
+        previous: &JwtVerifier,
+    ) -> Result<Self, JwtSetupError> {
+        let verifier = Self::new(settings, metrics)?;
+        for issuer in &verifier.issuers {
+            match &issuer.settings.jwks {
+                JwksSource::File(path) => {
+                    let set = jwks::KeySet::parse(&read_jwks_file(path)?, &issuer.settings.name)
+                        .map_err(|reason| JwtSetupError::Issuer {
+                            issuer: issuer.settings.name.clone(),
+                            reason: format!("{}: {reason}", path.display()),
+                        })?;
+                    issuer.keys.seed(Arc::new(set));
+                }
+                JwksSource::Url { .. } => {
+                    let same = previous.issuers.iter().find(|p| {
+                        p.settings.name == issuer.settings.name
+                            && p.settings.jwks == issuer.settings.jwks
+                    });
+                    if let Some(set) = same.and_then(|p| p.keys.last_good()) {
+                        issuer.keys.seed(set);
+                    }
+                }
+            }
+        }
+        Ok(verifier)
     }
 
     /// Verify the raw `Authorization` header value at time `now`.

@@ -57,11 +57,11 @@ pub fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Settings, 
         });
     let hsm = hsm(&raw, base, &mut c);
     let core = core(&raw, base, &mut c);
-    let xks = xks(&raw, base, &mut c);
+    let xks = xks(&raw, base, &core.health_key, &mut c);
     let gcp = raw
         .gcp
         .as_ref()
-        .and_then(|g| super::gcp::gcp(g, base, &mut c));
+        .and_then(|g| super::gcp::gcp(g, base, &core.health_key, &mut c));
     let logging = logging(&raw, base, &mut c);
     if listeners.is_empty() && !c.problems.iter().any(|p| p.path.starts_with("listener")) {
         c.add("listener", "at least one [[listener]] is required");
@@ -377,7 +377,7 @@ fn logging(raw: &RawConfig, base: &Path, c: &mut Collector) -> LoggingSettings {
     }
 }
 
-fn xks(raw: &RawConfig, base: &Path, c: &mut Collector) -> XksSettings {
+fn xks(raw: &RawConfig, base: &Path, health_key: &str, c: &mut Collector) -> XksSettings {
     let mut stores = Vec::new();
     let mut prefixes = HashSet::new();
     let mut names = HashSet::new();
@@ -389,13 +389,17 @@ fn xks(raw: &RawConfig, base: &Path, c: &mut Collector) -> XksSettings {
                 format!("duplicate key store name '{}'", ks.name),
             );
         }
-        if !prefixes.insert(ks.path_prefix.clone()) {
+        // Two prefixes that differ only in slashes would route to one store and hide the other.
+        if !prefixes.insert(normalize_prefix(&ks.path_prefix)) {
             c.add(
                 format!("{at}.path_prefix"),
-                format!("prefix '{}' is used by another key store", ks.path_prefix),
+                format!(
+                    "prefix '{}' is the same as another key store's (after normalizing '/')",
+                    ks.path_prefix
+                ),
             );
         }
-        if let Some(store) = key_store(ks, &at, base, c) {
+        if let Some(store) = key_store(ks, &at, base, health_key, c) {
             stores.push(store);
         }
     }
@@ -410,10 +414,23 @@ fn xks(raw: &RawConfig, base: &Path, c: &mut Collector) -> XksSettings {
     }
 }
 
+/// A path prefix with repeated and trailing slashes removed: the form routing compares.
+fn normalize_prefix(prefix: &str) -> String {
+    prefix
+        .split('/')
+        .filter(|segment| !segment.is_empty())
+        .fold(String::new(), |mut out, segment| {
+            out.push('/');
+            out.push_str(segment);
+            out
+        })
+}
+
 fn key_store(
     ks: &RawKeyStore,
     at: &str,
     base: &Path,
+    health_key: &str,
     c: &mut Collector,
 ) -> Option<KeyStoreSettings> {
     let before = c.problems.len();
@@ -530,16 +547,25 @@ fn key_store(
             }
         }
     };
+    if let Some(j) = ks.keys.iter().position(|k| k == health_key) {
+        c.add(
+            format!("{at}.keys[{j}]"),
+            format!(
+                "'{health_key}' is the health-check key (health.key); it cannot be a customer key"
+            ),
+        );
+    }
+    // Wildcards never match the health-check key (the allow list holds it out).
     let keys = if ks.keys.iter().any(|k| k == "*") {
-        KeyAllowList::Any
+        KeyAllowList::any(health_key)
     } else if ks.keys.is_empty() {
         c.add(
             format!("{at}.keys"),
             "list the exposed key labels, or [\"*\"] for all",
         );
-        KeyAllowList::Any
+        KeyAllowList::any(health_key)
     } else {
-        KeyAllowList::Only(ks.keys.iter().map(Pattern::new).collect())
+        KeyAllowList::only(ks.keys.iter().map(Pattern::new).collect(), health_key)
     };
     let limits = XksLimits {
         max_plaintext: ks
