@@ -15,6 +15,8 @@
 //! - [`metrics`], [`audit`]: leaves every module may use.
 //! - [`dev`], [`client`], [`mod@bench`]: the dev profile (token, keys, certificates, JWT signer),
 //!   XKS and Cloud EKM clients, and the benchmark.
+//! - `fuzzing` (hidden): the property checks the `cargo fuzz` targets and the corpus-replay test
+//!   share.
 //!
 //! Dependency rules (arrows point inward; a test greps for violations):
 //! `main → app → server → front::* → {auth, authz, core}`; `app → hsm → core`; `app → config`;
@@ -33,6 +35,8 @@ pub mod config;
 pub mod core;
 pub mod dev;
 pub mod front;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hsm;
 pub mod logging;
 pub mod metrics;

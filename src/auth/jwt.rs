@@ -476,25 +476,7 @@ impl JwtVerifier {
     }
 
     async fn verify_uncached(&self, token: &str, now: u64) -> Result<CachedToken, Refusal> {
-        let mut parts = token.split('.');
-        let (Some(header_b64), Some(payload_b64), Some(_signature), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(JwtError::Malformed.into());
-        };
-        let header = match jsonwebtoken::decode_header(token) {
-            Ok(header) => header,
-            Err(_) => return Err(classify_bad_header(header_b64).into()),
-        };
-        if header.crit.is_some() {
-            // RFC 7515 §4.1.11: extensions we do not understand must not be ignored.
-            return Err(JwtError::Malformed.into());
-        }
-        let kid = match header.kid {
-            Some(kid) if !kid.is_empty() => kid,
-            _ => return Err(JwtError::MissingKid.into()),
-        };
-        let iss = claims::peek_issuer(payload_b64)?;
+        let Unverified { alg, kid, iss } = read_unverified(token)?;
         let Some(index) = iss.as_deref().and_then(|iss| {
             self.issuers
                 .iter()
@@ -507,7 +489,6 @@ impl JwtVerifier {
             issuer: Some(index),
         };
         let issuer = &self.issuers[index];
-        let alg = header.alg;
         if is_hmac(alg) || !issuer.settings.algorithms.contains(&alg) {
             return Err(refuse(JwtError::AlgorithmNotAllowed));
         }
@@ -541,6 +522,43 @@ impl JwtVerifier {
             ttl,
         })
     }
+}
+
+/// What a compact token says before any signature is checked.
+struct Unverified {
+    alg: Algorithm,
+    kid: String,
+    /// The claimed `iss`, used only to choose which issuer's keys verify the signature.
+    iss: Option<String>,
+}
+
+/// Split a compact token and read its header and claimed issuer: everything the verifier parses
+/// of attacker-controlled bytes before it has a key to check them with.
+fn read_unverified(token: &str) -> Result<Unverified, JwtError> {
+    let mut parts = token.split('.');
+    let (Some(header_b64), Some(payload_b64), Some(_signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(JwtError::Malformed);
+    };
+    let header = match jsonwebtoken::decode_header(token) {
+        Ok(header) => header,
+        Err(_) => return Err(classify_bad_header(header_b64)),
+    };
+    if header.crit.is_some() {
+        // RFC 7515 §4.1.11: extensions we do not understand must not be ignored.
+        return Err(JwtError::Malformed);
+    }
+    let kid = match header.kid {
+        Some(kid) if !kid.is_empty() => kid,
+        _ => return Err(JwtError::MissingKid),
+    };
+    let iss = claims::peek_issuer(payload_b64)?;
+    Ok(Unverified {
+        alg: header.alg,
+        kid,
+        iss,
+    })
 }
 
 /// The token of an `Authorization: Bearer <token>` value.
@@ -605,5 +623,84 @@ fn map_decode_error(error: &jsonwebtoken::errors::Error, issuer: &str) -> JwtErr
             JwtError::BadSignature
         }
         _ => JwtError::Malformed,
+    }
+}
+
+/// Fuzzing and corpus-replay entry points: the token and key-set parsers, reachable without a
+/// network, a clock or a signing key. Not an API.
+#[doc(hidden)]
+pub mod fuzz_support {
+    use std::time::Duration;
+
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+    use super::{
+        Algorithm, IssuerSettings, JwksSource, JwtError, bearer_token, claims, jwks,
+        read_unverified,
+    };
+    use crate::authz::Pattern;
+
+    /// What the verifier reads from an `Authorization` value before checking a signature, and
+    /// the claim checks' verdict on its payload (as if the signature had verified).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct TokenView {
+        /// `alg` of the header.
+        pub alg: String,
+        /// `kid` of the header.
+        pub kid: String,
+        /// The claimed `iss`.
+        pub iss: Option<String>,
+        /// The claim checks' verdict (reason on refusal, the email on success).
+        pub claims: Result<String, &'static str>,
+    }
+
+    /// Read `authorization` the way the verifier does.
+    pub fn token(authorization: &str) -> Result<TokenView, JwtError> {
+        let token = bearer_token(Some(authorization))?;
+        let unverified = read_unverified(token)?;
+        let payload = token.split('.').nth(1).unwrap_or_default();
+        let claims = URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<claims::Claims>(&bytes).ok())
+            .map_or(Err("malformed"), |c| {
+                claims::check(c, &issuer(), 1_700_000_000)
+                    .map(|checked| checked.email)
+                    .map_err(|e| e.reason())
+            });
+        Ok(TokenView {
+            alg: format!("{:?}", unverified.alg),
+            kid: unverified.kid,
+            iss: unverified.iss,
+            claims,
+        })
+    }
+
+    /// Parse a JWKS document; the number of usable keys, or why none.
+    pub fn jwks(bytes: &[u8]) -> Result<usize, String> {
+        jwks::KeySet::parse(bytes, "fuzz").map(|set| set.len())
+    }
+
+    /// Whether the set parsed from `bytes` names `kid` and can verify `alg` with it.
+    pub fn jwks_has(bytes: &[u8], kid: &str, alg: Algorithm) -> bool {
+        jwks::KeySet::parse(bytes, "fuzz")
+            .is_ok_and(|set| matches!(set.lookup(kid, alg), jwks::Lookup::Found(_)))
+    }
+
+    fn issuer() -> IssuerSettings {
+        IssuerSettings {
+            name: "fuzz".into(),
+            issuers: vec!["https://accounts.google.com".into()],
+            jwks: JwksSource::File("/nonexistent".into()),
+            audiences: vec!["https://ekm.example.com".into()],
+            algorithms: vec![Algorithm::RS256],
+            leeway: Duration::from_secs(30),
+            service_accounts: vec![Pattern::new("*@example.iam.gserviceaccount.com")],
+            require_email_verified: true,
+            refresh_min_interval: Duration::from_secs(30),
+            default_ttl: Duration::from_secs(3600),
+            fetch_timeout: Duration::from_secs(5),
+        }
     }
 }

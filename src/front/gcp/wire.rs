@@ -24,7 +24,7 @@ const URL_SAFE: GeneralPurpose = GeneralPurpose::new(
 );
 
 /// `WrapRequest` (also `UnwrapRequest`: the two differ only in `plaintext` / `wrappedBlob`).
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(default)]
 pub struct KeyOpRequest {
     /// The key path (optional here; the URL names the key).
@@ -50,7 +50,7 @@ pub struct KeyOpRequest {
 }
 
 /// `RequestContext`.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(default)]
 pub struct RequestContext {
     /// e.g. `//cloudkms.googleapis.com/projects/…/cryptoKeyVersions/1`
@@ -68,7 +68,7 @@ pub struct RequestContext {
 }
 
 /// `AccessReasonContext`.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(default)]
 pub struct AccessReasonContext {
     /// Enum name or number; proto3 JSON omits the zero value.
@@ -76,7 +76,7 @@ pub struct AccessReasonContext {
 }
 
 /// A proto3 JSON enum value: its name, or its number.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum ReasonValue {
     /// `"CUSTOMER_INITIATED_ACCESS"`
