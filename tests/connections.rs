@@ -221,3 +221,86 @@ async fn one_address_cannot_take_every_connection() {
     let mut again = again.expect("a place freed by a closed connection was never reused");
     assert!(h1_ping(&mut again).await.starts_with("HTTP/1.1 200"));
 }
+
+/// A stream whose reads stop (pending forever) once `frozen` is set: a peer that is gone
+/// without closing its TCP connection, so it never answers the server's PINGs.
+struct Freezable<S> {
+    inner: S,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Freezable<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Freezable<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_pings_close_a_dead_peer() {
+    // Idle timeout far away, so only the PING can close the connection.
+    let proxy = TestProxy::start_with(ProxyOptions {
+        server_keys: "idle_timeout_secs = 600\nhttp2_keepalive_interval_secs = 1\nhttp2_keepalive_timeout_secs = 1\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let addr = proxy.addr("tls");
+    let (connector, name) = client_tls(&proxy, &[b"h2"]);
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let io = Freezable {
+        inner: tls,
+        frozen: frozen.clone(),
+    };
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("https://localhost:{}/ping", addr.port()))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    assert_eq!(sender.send_request(req).await.unwrap().status(), 200);
+    let before = closed_metric(&proxy, "keepalive_timeout").await;
+    frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + CLOSE_BOUND;
+    while closed_metric(&proxy, "keepalive_timeout").await < before + 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a peer that stopped answering PINGs was not closed within {CLOSE_BOUND:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
