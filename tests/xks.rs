@@ -1460,13 +1460,7 @@ async fn curl_interoperates_over_tls_mtls_and_http2() {
     let proxy = TestProxy::start().await;
     let dir = tempfile::tempdir().unwrap();
     let write_pair = |name: &str, cert: &ekm_proxy::dev::certs::IssuedCert| {
-        let (c, k) = (
-            dir.path().join(format!("{name}.pem")),
-            dir.path().join(format!("{name}-key.pem")),
-        );
-        std::fs::write(&c, &cert.cert_pem).unwrap();
-        std::fs::write(&k, cert.key_pem.as_bytes()).unwrap();
-        (c, k)
+        write_cert_pair(dir.path(), name, cert)
     };
     let good = write_pair("client", &proxy.pki.client);
     let expired = write_pair(
@@ -1627,6 +1621,21 @@ async fn curl_interoperates_over_tls_mtls_and_http2() {
             );
         }
     }
+}
+
+/// Write `cert` and its key as `<name>.pem` and `<name>-key.pem` in `dir` (for curl).
+fn write_cert_pair(
+    dir: &std::path::Path,
+    name: &str,
+    cert: &ekm_proxy::dev::certs::IssuedCert,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (c, k) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    std::fs::write(&c, &cert.cert_pem).unwrap();
+    std::fs::write(&k, cert.key_pem.as_bytes()).unwrap();
+    (c, k)
 }
 
 /// One curl call signed by curl's own SigV4 implementation (`--aws-sigv4`, which signs
@@ -3036,13 +3045,7 @@ async fn rejected_client_certificates_get_the_alert_not_a_reset() {
     let proxy = TestProxy::start().await;
     let dir = tempfile::tempdir().unwrap();
     let write_pair = |name: &str, cert: &ekm_proxy::dev::certs::IssuedCert| {
-        let (c, k) = (
-            dir.path().join(format!("{name}.pem")),
-            dir.path().join(format!("{name}-key.pem")),
-        );
-        std::fs::write(&c, &cert.cert_pem).unwrap();
-        std::fs::write(&k, cert.key_pem.as_bytes()).unwrap();
-        (c, k)
+        write_cert_pair(dir.path(), name, cert)
     };
     let expired = write_pair(
         "expired",
