@@ -214,7 +214,7 @@ impl<B: Backend> GcpFront<B> {
                 latency_us,
             });
             if let Some(why) = reason.filter(|_| outcome.rule.is_none()) {
-                tracing::info!(front = FRONT, request_id = %request_id, key = %outcome.key, why, "request refused");
+                tracing::info!(front = FRONT, request_id = %request_id, key = %outcome.key, why = %audit::bounded(why), "request refused");
             }
         } else {
             tracing::info!(
@@ -222,9 +222,9 @@ impl<B: Backend> GcpFront<B> {
                 op,
                 key = %outcome.key,
                 request_id = %request_id,
-                principal = %outcome.principal,
+                principal = %audit::bounded(&outcome.principal),
                 outcome = outcome_name,
-                why = reason.unwrap_or(""),
+                why = %audit::bounded(reason.unwrap_or("")),
                 latency_us,
                 "request"
             );
@@ -412,7 +412,7 @@ impl<B: Backend> GcpFront<B> {
                 health_check: req.health_check,
             })
             .map_err(|denial| {
-                tracing::warn!(front = FRONT, key = %req.key.path, request_id = %outcome.request_id, principal = %req.principal.name(), rule = %denial.rule, reason = %denial.reason, "request denied by policy");
+                tracing::warn!(front = FRONT, key = %req.key.path, request_id = %outcome.request_id, principal = %audit::bounded(req.principal.name()), rule = %denial.rule, reason = %audit::bounded(&denial.reason), "request denied by policy");
                 outcome.rule = Some(denial.rule.clone());
                 GcpError::new(Code::PermissionDenied, "ACCESS_DENIED", denial.to_string())
                     .with("rule", denial.rule)

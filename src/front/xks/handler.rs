@@ -473,7 +473,7 @@ impl<B: Backend> XksFront<B> {
             .policy
             .authorize(&Facts { principal, key, op, attributes: &attributes })
             .map_err(|denial| {
-                tracing::warn!(front = FRONT, key, rule = %denial.rule, reason = %denial.reason, "request denied by policy");
+                tracing::warn!(front = FRONT, key, rule = %denial.rule, reason = %audit::bounded(&denial.reason), "request denied by policy");
                 outcome.rule = Some(denial.rule.clone());
                 XksError::new(N::AccessDenied, denial.to_string())
             })
