@@ -273,6 +273,14 @@ mod tests {
             );
         }
         assert!(AccessReason::from_json_number(1 << 40).is_err());
+        // The refusal names the field and the (printable part of the) value it refused.
+        let refusal = AccessReason::from_json_string("third_party\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refusal.contains("accessReasonContext.reason") && refusal.contains("\"third_party\""),
+            "{refusal}"
+        );
         assert_eq!(
             AccessReason::from_json_number(-1),
             Ok(AccessReason::Unknown("-1".into()))
