@@ -17,6 +17,7 @@ use crate::front::xks::XksFront;
 use crate::hsm::Pkcs11Backend;
 use crate::metrics::Metrics;
 use crate::server::admin::Admin;
+use crate::server::listener::PerIpLimit;
 use crate::server::tls;
 use crate::server::{Listener, Router, Shutdown};
 
@@ -121,6 +122,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let mut tasks = JoinSet::new();
     let server_settings = Arc::new(settings.server.clone());
     let connections = Arc::new(Semaphore::new(settings.server.max_connections));
+    let per_ip = PerIpLimit::new(settings.server.max_connections_per_ip);
     let alpn: Vec<Vec<u8>> = if settings.server.http2 {
         vec![b"h2".to_vec(), b"http/1.1".to_vec()]
     } else {
@@ -148,6 +150,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             router.clone(),
             server_settings.clone(),
             connections.clone(),
+            per_ip.clone(),
             metrics.requests.clone(),
         )
         .await

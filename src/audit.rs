@@ -39,37 +39,66 @@ pub struct AuditEvent<'a> {
     pub latency_us: u64,
 }
 
+/// The most bytes of one caller-supplied string written into a log or audit field.
+pub const MAX_LOGGED_BYTES: usize = 256;
+
+/// The marker appended to a string cut to [`MAX_LOGGED_BYTES`].
+pub const TRUNCATED_MARKER: &str = "…[truncated]";
+
+/// `text` as it may appear in a log or audit field: unchanged up to [`MAX_LOGGED_BYTES`],
+/// otherwise cut on a character boundary and marked with [`TRUNCATED_MARKER`]. Every string that
+/// reaches a log line from a caller goes through this (a 200 KB request id must not become a
+/// 200 KB audit line).
+pub fn bounded(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_LOGGED_BYTES {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = MAX_LOGGED_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}{TRUNCATED_MARKER}", &text[..end]))
+}
+
 /// Emit `event` on the audit target.
 pub fn record(event: &AuditEvent<'_>) {
+    let opt = |v: Option<&'_ str>| v.map(|v| bounded(v).into_owned());
+    let (grant, justification, resource) = (
+        opt(event.grant),
+        opt(event.justification),
+        opt(event.resource),
+    );
     tracing::info!(
         target: TARGET,
         front = event.front,
-        tenant = event.tenant,
+        tenant = %bounded(event.tenant),
         op = event.op,
-        key = event.key,
-        principal = event.principal,
+        key = %bounded(event.key),
+        principal = %bounded(event.principal),
         request_id = %LogSafe(event.request_id),
         decision = event.decision,
-        outcome = event.outcome,
-        rule = event.rule.unwrap_or(""),
-        grant = event.grant,
-        justification = event.justification,
-        resource = event.resource,
+        outcome = %bounded(event.outcome),
+        rule = %bounded(event.rule.unwrap_or("")),
+        grant = grant.as_deref(),
+        justification = justification.as_deref(),
+        resource = resource.as_deref(),
         latency_us = event.latency_us,
         "audit"
     );
 }
 
-/// Caller-supplied text for a log field: written as is when it is plain printable ASCII (so the
-/// value matches the id the caller sees), otherwise in escaped form so it cannot forge log lines.
-struct LogSafe<'a>(&'a str);
+/// Caller-supplied text for a log field, bounded by [`bounded`]: written as is when it is plain
+/// printable ASCII (so the value matches the id the caller sees), otherwise in escaped form so it
+/// cannot forge log lines.
+pub struct LogSafe<'a>(pub &'a str);
 
 impl std::fmt::Display for LogSafe<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = bounded(self.0);
         if self.0.bytes().all(|b| b.is_ascii_graphic()) {
-            f.write_str(self.0)
+            f.write_str(&text)
         } else {
-            write!(f, "{:?}", self.0)
+            write!(f, "{:?}", &*text)
         }
     }
 }
@@ -77,6 +106,26 @@ impl std::fmt::Display for LogSafe<'_> {
 #[cfg(test)]
 mod tests {
     use super::LogSafe;
+
+    #[test]
+    fn long_strings_are_cut_on_a_char_boundary_and_marked() {
+        use super::{MAX_LOGGED_BYTES, TRUNCATED_MARKER, bounded};
+        let short = "x".repeat(MAX_LOGGED_BYTES);
+        assert_eq!(bounded(&short), short.as_str());
+        let long = "y".repeat(200 * 1024);
+        let cut = bounded(&long);
+        assert_eq!(cut.len(), MAX_LOGGED_BYTES + TRUNCATED_MARKER.len());
+        assert!(cut.ends_with(TRUNCATED_MARKER));
+        // 'é' is two bytes: 255 'a' then 'é' straddles the limit and must not be split.
+        let straddle = format!("{}é{}", "a".repeat(MAX_LOGGED_BYTES - 1), "b".repeat(10));
+        let cut = bounded(&straddle);
+        assert_eq!(
+            cut,
+            format!("{}{TRUNCATED_MARKER}", "a".repeat(MAX_LOGGED_BYTES - 1))
+        );
+        assert!(LogSafe(&long).to_string().len() < MAX_LOGGED_BYTES + 32);
+        assert!(LogSafe(&format!("\n{long}")).to_string().len() < MAX_LOGGED_BYTES + 40);
+    }
 
     #[test]
     fn plain_ids_are_written_as_is_and_others_escaped() {

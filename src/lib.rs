@@ -16,6 +16,8 @@
 //! - `dev`, `client`, `bench` (cargo feature `tools`, on by default, off in the production
 //!   build): the dev profile (token, keys, certificates, JWT signer), XKS and Cloud EKM clients,
 //!   and the benchmark.
+//! - `fuzzing` (hidden): the property checks the `cargo fuzz` targets and the corpus-replay test
+//!   share.
 //!
 //! Dependency rules (arrows point inward; a test greps for violations):
 //! `main → app → server → front::* → {auth, authz, core}`; `app → hsm → core`; `app → config`;
@@ -37,6 +39,8 @@ pub mod core;
 #[cfg(feature = "tools")]
 pub mod dev;
 pub mod front;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hsm;
 pub mod logging;
 pub mod metrics;

@@ -35,6 +35,7 @@ pub struct RequestMetrics {
     duration: HistogramVec,
     auth_failures: IntCounterVec,
     tls_handshake_failures: IntCounter,
+    connections_closed: IntCounterVec,
     in_flight: IntGauge,
 }
 
@@ -110,6 +111,15 @@ impl Metrics {
             tls_handshake_failures: IntCounter::new(
                 "ekm_tls_handshake_failures_total",
                 "TLS handshakes that failed (including rejected client certificates)",
+            )?,
+            connections_closed: IntCounterVec::new(
+                Opts::new(
+                    "ekm_connections_closed_total",
+                    "Connections the proxy closed because a limit was reached, by limit \
+                     (handshake_timeout, first_request_timeout, idle_timeout, \
+                     keepalive_timeout, per_ip_limit)",
+                ),
+                &["reason"],
             )?,
             in_flight: IntGauge::new("ekm_requests_in_flight", "Requests being processed")?,
         };
@@ -202,6 +212,7 @@ impl Metrics {
         registry.register(Box::new(requests.duration.clone()))?;
         registry.register(Box::new(requests.auth_failures.clone()))?;
         registry.register(Box::new(requests.tls_handshake_failures.clone()))?;
+        registry.register(Box::new(requests.connections_closed.clone()))?;
         registry.register(Box::new(requests.in_flight.clone()))?;
         registry.register(Box::new(hsm.op_duration.clone()))?;
         registry.register(Box::new(hsm.op_errors.clone()))?;
@@ -262,6 +273,11 @@ impl RequestMetrics {
     /// Count one failed TLS handshake.
     pub fn tls_handshake_failure(&self) {
         self.tls_handshake_failures.inc();
+    }
+
+    /// Count a connection the proxy closed because the limit `reason` was reached.
+    pub fn connection_closed(&self, reason: &str) {
+        self.connections_closed.with_label_values(&[reason]).inc();
     }
 
     /// The in-flight gauge.

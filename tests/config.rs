@@ -239,6 +239,21 @@ path = "ring/kek-1"
     )
 }
 
+/// A directory holding `jwks.json`, a copy of the test signer's key set (a config's
+/// `jwks_file = "jwks.json"` resolves against it).
+fn jwks_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/jwt/signer-1.jwks.json"
+        ),
+        dir.path().join("jwks.json"),
+    )
+    .unwrap();
+    dir
+}
+
 const GOOD_REASONS: &str = r#"
 [gcp.access_reasons]
 allow = ["CUSTOMER_INITIATED_ACCESS", 6]
@@ -254,8 +269,8 @@ service_accounts = ["service-1@gcp-sa-ekms.iam.gserviceaccount.com"]
 #[test]
 fn a_gcp_only_config_validates_with_its_defaults() {
     let text = gcp_config("", GOOD_REASONS, GOOD_GRANT);
-    let settings =
-        ekm_proxy::config::from_str(&text, Path::new("t.toml"), Path::new("/etc/ekm")).unwrap();
+    let dir = jwks_dir();
+    let settings = ekm_proxy::config::from_str(&text, Path::new("t.toml"), dir.path()).unwrap();
     assert!(settings.xks.key_stores.is_empty());
     let gcp = settings.gcp.expect("gcp section");
     assert_eq!(gcp.prefix, "/gcp/v0/keys");
@@ -268,7 +283,7 @@ fn a_gcp_only_config_validates_with_its_defaults() {
     assert!(issuer.require_email_verified);
     assert!(matches!(
         &issuer.jwks,
-        ekm_proxy::auth::jwt::JwksSource::File(p) if p == Path::new("/etc/ekm/jwks.json")
+        ekm_proxy::auth::jwt::JwksSource::File(p) if *p == dir.path().join("jwks.json")
     ));
     let key = &gcp.keys[0];
     assert_eq!(
@@ -501,4 +516,120 @@ fn hsm_recovery_and_iv_settings_are_checked() {
     assert_eq!(settings.hsm.hung_call_limit.as_secs(), 10);
     assert_eq!(settings.hsm.negative_cache_ttl.as_secs(), 5);
     assert_eq!(settings.hsm.max_data_bytes, None);
+}
+
+#[test]
+fn a_jwks_file_must_exist_parse_and_hold_a_usable_key() {
+    let dir = jwks_dir();
+    let text = gcp_config("", GOOD_REASONS, GOOD_GRANT);
+    assert!(ekm_proxy::config::from_str(&text, Path::new("t.toml"), dir.path()).is_ok());
+    let cases: [(&str, &[u8]); 4] = [
+        ("missing", b""),
+        ("garbage", b"this is not json {"),
+        ("not a key set", br#"{"issuer": "x"}"#),
+        (
+            "no usable key",
+            br#"{"keys": [{"kty": "oct", "kid": "k", "k": "c2VjcmV0"}]}"#,
+        ),
+    ];
+    for (what, bytes) in cases {
+        let path = dir.path().join("jwks.json");
+        if what == "missing" {
+            std::fs::remove_file(&path).unwrap();
+        } else {
+            std::fs::write(&path, bytes).unwrap();
+        }
+        let err =
+            ekm_proxy::config::from_str(&text, Path::new("t.toml"), dir.path()).expect_err(what);
+        assert!(
+            err.problems
+                .iter()
+                .any(|p| p.path == "gcp.issuer[0].jwks_file"),
+            "{what}: {err}"
+        );
+    }
+    // check-config reports it too (it validates through the same path).
+    let config = dir.path().join("ekm.toml");
+    std::fs::write(&config, &text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ekm-proxy"))
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("gcp.issuer[0].jwks_file"), "{stderr}");
+}
+
+#[test]
+fn the_health_check_key_is_never_a_customer_key() {
+    // Wildcards never match it.
+    for pattern in ["*", "ekm-*"] {
+        let text = good_config().replace(r#"keys = ["*"]"#, &format!("keys = [{pattern:?}]"));
+        let settings =
+            ekm_proxy::config::from_str(&text, Path::new("t.toml"), Path::new("/")).unwrap();
+        let keys = &settings.xks.key_stores[0].keys;
+        assert!(!keys.allows("ekm-health-check"), "{pattern}");
+        assert!(keys.allows("ekm-customer-1"), "{pattern}");
+    }
+    // Naming it is an error, as a configured health key too.
+    let text = good_config().replace(
+        r#"keys = ["*"]"#,
+        r#"keys = ["customer-1", "ekm-health-check"]"#,
+    );
+    let err = ekm_proxy::config::from_str(&text, Path::new("t.toml"), Path::new("/")).unwrap_err();
+    assert!(
+        err.problems
+            .iter()
+            .any(|p| p.path == "xks.key_store[0].keys[1]"),
+        "{err}"
+    );
+    let text = format!("{}\n[health]\nkey = \"hk\"\n", good_config())
+        .replace(r#"keys = ["*"]"#, r#"keys = ["hk"]"#);
+    let err = ekm_proxy::config::from_str(&text, Path::new("t.toml"), Path::new("/")).unwrap_err();
+    assert!(
+        err.problems
+            .iter()
+            .any(|p| p.path == "xks.key_store[0].keys[0]"),
+        "{err}"
+    );
+    // A Cloud EKM key (current or previous version) naming it.
+    let dir = jwks_dir();
+    for (extra, path) in [
+        ("hsm_key = \"ekm-health-check\"", "gcp.key[0].hsm_key"),
+        (
+            "previous_hsm_keys = [\"ekm-health-check\"]",
+            "gcp.key[0].previous_hsm_keys[0]",
+        ),
+    ] {
+        let text = gcp_config("", GOOD_REASONS, &format!("{extra}\n{GOOD_GRANT}"));
+        let err = ekm_proxy::config::from_str(&text, Path::new("t.toml"), dir.path()).unwrap_err();
+        assert!(err.problems.iter().any(|p| p.path == path), "{err}");
+    }
+}
+
+#[test]
+fn xks_prefixes_that_normalize_alike_are_refused() {
+    let second = |prefix: &str| {
+        format!(
+            "{}\n[[xks.key_store]]\nname = \"two\"\npath_prefix = {prefix:?}\nregions = [\"us-east-1\"]\nkeys = [\"*\"]\n{GOOD_CREDENTIAL}",
+            good_config()
+        )
+    };
+    // Nested prefixes are fine (routing takes the longest match).
+    let nested = second("/dev/kms/xks/v1/dev");
+    assert!(
+        ekm_proxy::config::from_str(&nested, Path::new("t.toml"), Path::new("/")).is_ok(),
+        "nested prefixes are allowed"
+    );
+    for dup in ["/dev", "/dev/", "//dev", "/dev//"] {
+        let err = ekm_proxy::config::from_str(&second(dup), Path::new("t.toml"), Path::new("/"))
+            .unwrap_err();
+        assert!(
+            err.problems
+                .iter()
+                .any(|p| p.path == "xks.key_store[1].path_prefix" && p.message.contains("dev")),
+            "{dup}: {err}"
+        );
+    }
 }

@@ -115,6 +115,15 @@ impl Gcp {
         result
     }
 
+    /// Send a request built by the caller (e.g. with repeated headers).
+    async fn send_request(&mut self, req: http::Request<Full<Bytes>>) -> Response {
+        if self.client.as_ref().is_none_or(XksClient::is_closed) {
+            self.client = Some(XksClient::connect(self.cfg.clone()).await.expect("connect"));
+        }
+        let client = self.client.as_mut().unwrap();
+        client.send_raw(req).await.expect("request")
+    }
+
     /// Drops the connection: the next request opens a new one.
     fn reconnect(&mut self) {
         self.client = None;
@@ -1060,6 +1069,120 @@ async fn every_token_failure_is_401_with_its_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_authorization_headers_are_401_whatever_they_hold() {
+    let mut e = env().await;
+    let good = format!("Bearer {}", good_token());
+    let forged = format!("Bearer {}", attacker().token().sign());
+    let body = serde_json::to_vec(&wrap_body(MARKER, None, Some(customer()))).unwrap();
+    let labels = [("front", "gcp"), ("reason", "duplicate_authorization")];
+    let before = metric_sum(&e.proxy, "ekm_auth_failures_total", &labels).await;
+    // Taking the first header (the old behaviour) lets "good, forged" through.
+    for (what, first, second) in [
+        ("good then forged", &good, &forged),
+        ("forged then good", &forged, &good),
+        ("good twice", &good, &good),
+    ] {
+        let req = http::Request::post(key_url(KEY, "wrap"))
+            .header(HOST, &e.gcp.cfg.host)
+            .header(CONTENT_TYPE, "application/json")
+            .header(AUTHORIZATION, first.as_str())
+            .header(AUTHORIZATION, second.as_str())
+            .body(Full::new(Bytes::from(body.clone())))
+            .unwrap();
+        let r = e.gcp.send_request(req).await;
+        assert_unauthenticated(&r, "DUPLICATE_AUTHORIZATION", first, what);
+    }
+    await_metric(&e.proxy, "ekm_auth_failures_total", &labels, before + 3.0).await;
+    // One good header still works.
+    assert_ok(
+        &e.gcp
+            .wrap(
+                KEY,
+                &good_token(),
+                &wrap_body(b"one header", None, Some(customer())),
+            )
+            .await,
+        "a single Authorization header",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_broken_jwks_file_is_refused_and_the_old_set_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, serde_json::to_vec(&jwks_of(&[signer1()])).unwrap()).unwrap();
+    let section = GcpSection::new(GcpJwks::File(file.clone()));
+    let mut proxy = TestProxy::start_with(section.options()).await;
+    let mut gcp = Gcp::new(&proxy).await;
+    let body = wrap_body(b"before reload", None, Some(customer()));
+    assert_ok(&gcp.wrap(KEY, &good_token(), &body).await, "before reload");
+
+    let broken: [(&str, &[u8]); 3] = [
+        ("garbage", b"garbage {"),
+        (
+            "no usable key",
+            br#"{"keys": [{"kty": "oct", "kid": "h", "k": "c2VjcmV0"}]}"#,
+        ),
+        ("missing", b""),
+    ];
+    for (what, bytes) in broken {
+        if what == "missing" {
+            std::fs::remove_file(&file).unwrap();
+        } else {
+            std::fs::write(&file, bytes).unwrap();
+        }
+        // check-config and reload both validate the file: the config no longer loads.
+        let loaded = ekm_proxy::config::load(&proxy.config_path);
+        let err = loaded.expect_err(what);
+        assert!(
+            err.problems.iter().any(|p| p.path.ends_with(".jwks_file")),
+            "{what}: {err}"
+        );
+        // Even handed a config that skipped validation, the running proxy refuses the reload
+        // as a whole (the settings object is the old one with the file now broken).
+        let settings = running_settings(&proxy, &file, bytes, what);
+        assert!(
+            proxy.running().reload(&settings).is_err(),
+            "{what}: a reload leaving the issuer without keys was accepted"
+        );
+        // The old configuration keeps serving, with fresh (never cached) tokens.
+        assert_ok(
+            &gcp.wrap(KEY, &good_token(), &body).await,
+            &format!("after refused reload ({what})"),
+        );
+    }
+    // A good file reloads again (and a second signer becomes usable).
+    std::fs::write(
+        &file,
+        serde_json::to_vec(&jwks_of(&[signer1(), signer2()])).unwrap(),
+    )
+    .unwrap();
+    proxy.reload_with(section.options());
+    assert_ok(
+        &gcp.wrap(KEY, &signer2().token().sign(), &body).await,
+        "signer 2 after a good reload",
+    );
+}
+
+/// The proxy's own config with the JWKS file temporarily valid, so it parses; the file is then
+/// put back to `broken` (or removed), which only the reload itself can notice.
+fn running_settings(
+    proxy: &TestProxy,
+    file: &std::path::Path,
+    broken: &[u8],
+    what: &str,
+) -> ekm_proxy::config::Settings {
+    std::fs::write(file, serde_json::to_vec(&jwks_of(&[signer1()])).unwrap()).unwrap();
+    let settings = ekm_proxy::config::load(&proxy.config_path).expect("config with a good file");
+    if what == "missing" {
+        std::fs::remove_file(file).unwrap();
+    } else {
+        std::fs::write(file, broken).unwrap();
+    }
+    settings
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_within_the_leeway_audience_lists_and_any_scheme_case_are_accepted() {
     let mut e = env().await;
     let now = now_secs();
@@ -1989,12 +2112,42 @@ async fn the_three_special_kaj_cases_follow_their_switches() {
             Some(json!({ "relativeResourceName": RESOURCE, "accessReasonContext": {} })),
         ),
         (
+            "unspecified",
+            "reason \"0\" as a string",
+            Some(reason_ctx("0")),
+        ),
+        ("unknown", "unknown number", Some(reason_ctx(4242))),
+        (
             "unknown",
+            "unknown number as a string",
+            Some(reason_ctx("4242")),
+        ),
+        ("unknown", "negative number", Some(reason_ctx(-1))),
+        // A denied reason in its numeric-string form is that reason (denied everywhere).
+        (
+            "denied",
+            "\"3\" (THIRD_PARTY_DATA_REQUEST)",
+            Some(reason_ctx("3")),
+        ),
+        // proto3 JSON: anything but the exact name or the number is malformed, never "unknown",
+        // so allow_unknown cannot be reached by respelling a denied reason.
+        (
+            "malformed",
             "unknown name",
             Some(reason_ctx("A_REASON_FROM_THE_FUTURE")),
         ),
-        ("unknown", "unknown number", Some(reason_ctx(4242))),
-        ("unknown", "negative number", Some(reason_ctx(-1))),
+        (
+            "malformed",
+            "lower case",
+            Some(reason_ctx("third_party_data_request")),
+        ),
+        (
+            "malformed",
+            "spaces",
+            Some(reason_ctx(" THIRD_PARTY_DATA_REQUEST ")),
+        ),
+        ("malformed", "padded number", Some(reason_ctx(" 3"))),
+        ("malformed", "empty string", Some(reason_ctx(""))),
     ];
     for (key, allowed_case) in [
         ("k1", ""),
@@ -2007,7 +2160,15 @@ async fn the_three_special_kaj_cases_follow_their_switches() {
                 .gcp
                 .wrap(key, &token, &wrap_body(b"special", None, ctx.clone()))
                 .await;
-            if case == &allowed_case {
+            if case == &"malformed" {
+                assert_rpc(
+                    &r,
+                    400,
+                    "INVALID_ARGUMENT",
+                    Some("INVALID_FIELD"),
+                    &format!("{key}: {what}"),
+                );
+            } else if case == &allowed_case {
                 assert_ok(&r, &format!("{key}: {what}"));
             } else {
                 assert_denied(&r, "access_reasons", &format!("{key}: {what}"));

@@ -687,3 +687,65 @@ async fn tampered_blob_is_audited_as_an_error() {
     secrets.assert_not_logged();
     env.proxy.stop().await;
 }
+
+/// Caller strings are bounded in every log line: an XKS `kmsRequestId` of a few KB is logged cut
+/// to [`ekm_proxy::audit::MAX_LOGGED_BYTES`] with the truncation marker (not a multi-KB line), and
+/// an absurd one (200 KB) is refused as a ValidationException and never written at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_caller_strings_are_cut_in_logs_and_absurd_ones_refused() {
+    let env = Env::start(&[]).await;
+    let mut xks = env.proxy.tls_client().await;
+    let encrypt = |id: &str| {
+        json!({
+            "requestMetadata": {
+                "awsPrincipalArn": "arn:aws:iam::123456789012:user/Alice",
+                "kmsKeyArn": ekm_proxy::client::xks::KMS_KEY_ARN,
+                "kmsOperation": "Encrypt",
+                "kmsRequestId": id,
+            },
+            "plaintext": "AAECAw==",
+            "encryptionAlgorithm": "AES_GCM",
+        })
+        .to_string()
+    };
+    // Long but within the protocol bound: served, logged cut on a char boundary and marked.
+    let unique = format!("long-id-{}-", std::process::id());
+    let long_id = format!("{unique}{}", "é".repeat(1000));
+    let r = xks
+        .post("keys/dev-aes-1/encrypt", encrypt(&long_id))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let lines = await_lines("audit line of the long request id", |l| {
+        l["target"].as_str() == Some(ekm_proxy::audit::TARGET)
+            && field(l, "request_id").is_some_and(|v| v.contains(&unique))
+    })
+    .await;
+    for line in &lines {
+        let text = line.to_string();
+        assert!(text.len() < 2048, "a {}-byte audit line", text.len());
+        let logged = field(line, "request_id").unwrap();
+        assert!(
+            logged.contains(ekm_proxy::audit::TRUNCATED_MARKER),
+            "no truncation marker: {logged}"
+        );
+    }
+    // Absurd: refused before it reaches any line.
+    let absurd_marker = format!("absurd-id-{}-", std::process::id());
+    let absurd = format!("{absurd_marker}{}", "x".repeat(200 * 1024));
+    let r = xks
+        .post("keys/dev-aes-1/encrypt", encrypt(&absurd))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        ekm_proxy::client::xks::error_name(&r.body).as_deref(),
+        Some("ValidationException")
+    );
+    // Give the logger a moment, then no captured line may be anywhere near that size.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for line in captured_text().lines() {
+        assert!(line.len() < 64 * 1024, "a {}-byte log line", line.len());
+        assert!(!line.contains(&"x".repeat(300)), "the absurd id was logged");
+    }
+}

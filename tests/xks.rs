@@ -1460,13 +1460,7 @@ async fn curl_interoperates_over_tls_mtls_and_http2() {
     let proxy = TestProxy::start().await;
     let dir = tempfile::tempdir().unwrap();
     let write_pair = |name: &str, cert: &ekm_proxy::dev::certs::IssuedCert| {
-        let (c, k) = (
-            dir.path().join(format!("{name}.pem")),
-            dir.path().join(format!("{name}-key.pem")),
-        );
-        std::fs::write(&c, &cert.cert_pem).unwrap();
-        std::fs::write(&k, cert.key_pem.as_bytes()).unwrap();
-        (c, k)
+        write_cert_pair(dir.path(), name, cert)
     };
     let good = write_pair("client", &proxy.pki.client);
     let expired = write_pair(
@@ -1629,6 +1623,21 @@ async fn curl_interoperates_over_tls_mtls_and_http2() {
     }
 }
 
+/// Write `cert` and its key as `<name>.pem` and `<name>-key.pem` in `dir` (for curl).
+fn write_cert_pair(
+    dir: &std::path::Path,
+    name: &str,
+    cert: &ekm_proxy::dev::certs::IssuedCert,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (c, k) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    std::fs::write(&c, &cert.cert_pem).unwrap();
+    std::fs::write(&k, cert.key_pem.as_bytes()).unwrap();
+    (c, k)
+}
+
 /// One curl call signed by curl's own SigV4 implementation (`--aws-sigv4`, which signs
 /// `content-type;host;x-amz-date`): an independent check of the proxy's verifier and TLS setup.
 struct Curl {
@@ -1644,6 +1653,8 @@ struct Curl {
 /// What curl reported: HTTP status (None when no response arrived), body, HTTP version, stderr.
 #[derive(Debug)]
 struct CurlResult {
+    /// curl's exit code.
+    exit: Option<i32>,
     status: Option<u16>,
     http_version: String,
     body: String,
@@ -1672,6 +1683,7 @@ impl Curl {
         let (body, trailer) = text.rsplit_once('\n').unwrap_or(("", &text));
         let (code, version) = trailer.split_once(' ').unwrap_or((trailer, ""));
         CurlResult {
+            exit: out.status.code(),
             status: code.trim().parse().ok().filter(|c| *c != 0),
             http_version: version.trim().to_owned(),
             body: body.to_owned(),
@@ -2944,4 +2956,137 @@ async fn mtls_listener_serves_good_clients_and_aborts_others() {
     assert_ok(&health(&mut c).await, "existing mTLS connection");
     let mut fresh = proxy.client("mtls").await;
     assert_ok(&health(&mut fresh).await, "new mTLS connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_prefixes_route_to_the_longest_match() {
+    // Store "" serves /kms/xks/v1/...; store "/kms/xks/v1/dev" serves
+    // /kms/xks/v1/dev/kms/xks/v1/..., which also starts with the first store's base. Each
+    // exposes a different key, so a request that lands in the wrong store gets KeyNotFound.
+    let store = |name: &str, prefix: &str, key: &str| {
+        format!(
+            "\n[[xks.key_store]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nregions = [\"us-east-1\"]\nkeys = [\"{key}\"]\n[[xks.key_store.credential]]\naccess_key_id = \"{ACCESS_KEY_ID}\"\nsecret = \"{SECRET}\"\n"
+        )
+    };
+    let proxy = TestProxy::start_with(ProxyOptions {
+        tables: format!(
+            "{}{}",
+            store("root", "", KEY),
+            store("nested", "/kms/xks/v1/dev", DEC_ONLY)
+        ),
+        ..Default::default()
+    })
+    .await;
+    let mut root = client_for_prefix(&proxy, "").await;
+    let mut nested = client_for_prefix(&proxy, "/kms/xks/v1/dev").await;
+    assert_ok(&health(&mut root).await, "root store health");
+    assert_ok(&health(&mut nested).await, "nested store health");
+    assert_ok(&metadata(&mut root, KEY).await, "root store key");
+    assert_ok(&metadata(&mut nested, DEC_ONLY).await, "nested store key");
+    assert_error(
+        &metadata(&mut nested, KEY).await,
+        404,
+        "KeyNotFoundException",
+        "root's key through the nested store",
+    );
+    assert_error(
+        &metadata(&mut root, DEC_ONLY).await,
+        404,
+        "KeyNotFoundException",
+        "nested store's key through the root store",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_never_exposes_the_health_check_key() {
+    let proxy = TestProxy::start_with(ProxyOptions {
+        tables: "\n[[xks.key_store]]\nname = \"all\"\npath_prefix = \"/all\"\nregions = [\"us-east-1\"]\nkeys = [\"*\"]\n"
+            .to_owned()
+            + &format!(
+                "[[xks.key_store.credential]]\naccess_key_id = \"{ACCESS_KEY_ID}\"\nsecret = \"{SECRET}\"\n"
+            ),
+        ..Default::default()
+    })
+    .await;
+    let mut all = client_for_prefix(&proxy, "/all").await;
+    assert_ok(
+        &metadata(&mut all, KEY).await,
+        "an ordinary key through '*'",
+    );
+    assert_error(
+        &metadata(&mut all, "ekm-health-check").await,
+        404,
+        "KeyNotFoundException",
+        "the health-check key through '*'",
+    );
+    let r = post(
+        &mut all,
+        &op("ekm-health-check", "encrypt"),
+        xks::encrypt_body(ARN, b"customer data", None, false),
+    )
+    .await;
+    assert_error(
+        &r,
+        404,
+        "KeyNotFoundException",
+        "encrypt under the health key",
+    );
+    // Health itself still works (it uses the key internally).
+    assert_ok(&health(&mut all).await, "health");
+}
+
+/// TLS 1.3: curl sends its request right after its Finished; the proxy rejects the certificate
+/// with handshake_failure. Closing at once with that request unread makes the kernel answer with
+/// a RST that can overtake the alert ("Connection reset" / "Broken pipe"); the lingering close
+/// drains it so the client reads the alert. Twenty in a row, for two kinds of rejected
+/// certificate, each posting a body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_client_certificates_get_the_alert_not_a_reset() {
+    let proxy = TestProxy::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let write_pair = |name: &str, cert: &ekm_proxy::dev::certs::IssuedCert| {
+        write_cert_pair(dir.path(), name, cert)
+    };
+    let expired = write_pair(
+        "expired",
+        &proxy
+            .pki
+            .ca
+            .issue_client(CLIENT_SUBJECT, Validity::Expired)
+            .unwrap(),
+    );
+    let self_signed = write_pair("self-signed", &self_signed_client(CLIENT_SUBJECT).unwrap());
+    let port = proxy.addr("mtls").port();
+    // A body curl is still sending when the proxy rejects the certificate.
+    // Without the lingering close this size makes curl fail with "Send failure: Broken pipe"
+    // (exit 55) within a few attempts; it stays under the 64 KiB the proxy drains.
+    let body = xks::encrypt_body(ARN, &[b'p'; 24_000], Some(SPEC_AAD), false);
+    for (what, pair) in [("expired", &expired), ("self-signed", &self_signed)] {
+        for i in 0..20 {
+            let call = Curl {
+                port,
+                ca: proxy.pki.ca_pem.clone(),
+                client_cert: Some(pair.clone()),
+                user: format!("{ACCESS_KEY_ID}:{SECRET}"),
+                url: format!(
+                    "https://localhost:{port}{}/{}",
+                    base(PREFIX),
+                    op(KEY, "encrypt")
+                ),
+                body: body.clone(),
+                extra: vec!["--tlsv1.3".into(), "--http1.1".into()],
+            };
+            let r = tokio::task::spawn_blocking(move || call.run())
+                .await
+                .unwrap();
+            assert_eq!(r.status, None, "{what} #{i}: got an HTTP answer {r:?}");
+            assert!(
+                r.stderr.contains("alert handshake failure"),
+                "{what} #{i}: curl exit {:?} without the alert: {}",
+                r.exit,
+                r.stderr
+            );
+            assert_eq!(r.exit, Some(56), "{what} #{i}: {}", r.stderr);
+        }
+    }
 }

@@ -23,7 +23,7 @@ pub mod ring_verify;
 #[cfg(test)]
 mod tests;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -93,6 +93,33 @@ pub enum JwksSource {
     File(PathBuf),
 }
 
+/// Read and parse a JWKS file as the verifier would: the number of usable signing keys, or why
+/// the file cannot serve (missing, too large, not a JWKS, no usable key). For `check-config`
+/// and reloads, which must refuse such a file rather than discover it on the first request.
+pub fn check_jwks_file(path: &Path) -> Result<usize, String> {
+    let bytes = read_jwks_file(path).map_err(|JwtSetupError::Issuer { reason, .. }| reason)?;
+    jwks::KeySet::parse(&bytes, "check-config").map(|set| set.len())
+}
+
+/// The bytes of a JWKS file, bounded like a fetched set.
+fn read_jwks_file(path: &Path) -> Result<Vec<u8>, JwtSetupError> {
+    let refuse = |reason: String| JwtSetupError::Issuer {
+        issuer: path.display().to_string(),
+        reason,
+    };
+    let len = std::fs::metadata(path)
+        .map_err(|e| refuse(format!("{}: {e}", path.display())))?
+        .len();
+    if len > jwks::MAX_JWKS_BYTES as u64 {
+        return Err(refuse(format!(
+            "{}: larger than {} bytes",
+            path.display(),
+            jwks::MAX_JWKS_BYTES
+        )));
+    }
+    std::fs::read(path).map_err(|e| refuse(format!("{}: {e}", path.display())))
+}
+
 /// Parse a configured algorithm name; refuses `none` and the HMAC family.
 pub fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
     match Algorithm::from_str(name) {
@@ -116,6 +143,9 @@ pub enum JwtError {
     /// No `Authorization: Bearer` token.
     #[error("no bearer token")]
     MissingToken,
+    /// More than one `Authorization` header (which one counts would be ambiguous).
+    #[error("more than one Authorization header")]
+    DuplicateAuthorization,
     /// Not a well-formed compact JWS / JWT.
     #[error("malformed token")]
     Malformed,
@@ -165,6 +195,7 @@ impl JwtError {
     pub fn reason(&self) -> &'static str {
         match self {
             JwtError::MissingToken => "missing_token",
+            JwtError::DuplicateAuthorization => "duplicate_authorization",
             JwtError::Malformed => "malformed",
             JwtError::AlgorithmNotAllowed => "algorithm_not_allowed",
             JwtError::MissingKid => "missing_kid",
@@ -327,6 +358,41 @@ impl JwtVerifier {
         })
     }
 
+    /// Build the verifier that replaces `previous` on a reload. Unlike [`Self::new`], which
+    /// tolerates an issuer whose keys cannot be had yet (they are fetched on demand), a reload
+    /// must not take a working issuer down: a `jwks_file` is read and parsed now and must hold at
+    /// least one usable key, and a URL issuer whose name and URL are unchanged starts from the
+    /// previous verifier's last good set, so a reload never throws away keys that work.
+    pub fn replacing(
+        settings: &JwtSettings,
+        metrics: JwtMetrics,
+        previous: &JwtVerifier,
+    ) -> Result<Self, JwtSetupError> {
+        let verifier = Self::new(settings, metrics)?;
+        for issuer in &verifier.issuers {
+            match &issuer.settings.jwks {
+                JwksSource::File(path) => {
+                    let set = jwks::KeySet::parse(&read_jwks_file(path)?, &issuer.settings.name)
+                        .map_err(|reason| JwtSetupError::Issuer {
+                            issuer: issuer.settings.name.clone(),
+                            reason: format!("{}: {reason}", path.display()),
+                        })?;
+                    issuer.keys.seed(Arc::new(set));
+                }
+                JwksSource::Url { .. } => {
+                    let same = previous.issuers.iter().find(|p| {
+                        p.settings.name == issuer.settings.name
+                            && p.settings.jwks == issuer.settings.jwks
+                    });
+                    if let Some(set) = same.and_then(|p| p.keys.last_good()) {
+                        issuer.keys.seed(set);
+                    }
+                }
+            }
+        }
+        Ok(verifier)
+    }
+
     /// Verify the raw `Authorization` header value at time `now`.
     pub async fn verify(
         &self,
@@ -410,25 +476,7 @@ impl JwtVerifier {
     }
 
     async fn verify_uncached(&self, token: &str, now: u64) -> Result<CachedToken, Refusal> {
-        let mut parts = token.split('.');
-        let (Some(header_b64), Some(payload_b64), Some(_signature), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(JwtError::Malformed.into());
-        };
-        let header = match jsonwebtoken::decode_header(token) {
-            Ok(header) => header,
-            Err(_) => return Err(classify_bad_header(header_b64).into()),
-        };
-        if header.crit.is_some() {
-            // RFC 7515 §4.1.11: extensions we do not understand must not be ignored.
-            return Err(JwtError::Malformed.into());
-        }
-        let kid = match header.kid {
-            Some(kid) if !kid.is_empty() => kid,
-            _ => return Err(JwtError::MissingKid.into()),
-        };
-        let iss = claims::peek_issuer(payload_b64)?;
+        let Unverified { alg, kid, iss } = read_unverified(token)?;
         let Some(index) = iss.as_deref().and_then(|iss| {
             self.issuers
                 .iter()
@@ -441,7 +489,6 @@ impl JwtVerifier {
             issuer: Some(index),
         };
         let issuer = &self.issuers[index];
-        let alg = header.alg;
         if is_hmac(alg) || !issuer.settings.algorithms.contains(&alg) {
             return Err(refuse(JwtError::AlgorithmNotAllowed));
         }
@@ -475,6 +522,43 @@ impl JwtVerifier {
             ttl,
         })
     }
+}
+
+/// What a compact token says before any signature is checked.
+struct Unverified {
+    alg: Algorithm,
+    kid: String,
+    /// The claimed `iss`, used only to choose which issuer's keys verify the signature.
+    iss: Option<String>,
+}
+
+/// Split a compact token and read its header and claimed issuer: everything the verifier parses
+/// of attacker-controlled bytes before it has a key to check them with.
+fn read_unverified(token: &str) -> Result<Unverified, JwtError> {
+    let mut parts = token.split('.');
+    let (Some(header_b64), Some(payload_b64), Some(_signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(JwtError::Malformed);
+    };
+    let header = match jsonwebtoken::decode_header(token) {
+        Ok(header) => header,
+        Err(_) => return Err(classify_bad_header(header_b64)),
+    };
+    if header.crit.is_some() {
+        // RFC 7515 §4.1.11: extensions we do not understand must not be ignored.
+        return Err(JwtError::Malformed);
+    }
+    let kid = match header.kid {
+        Some(kid) if !kid.is_empty() => kid,
+        _ => return Err(JwtError::MissingKid),
+    };
+    let iss = claims::peek_issuer(payload_b64)?;
+    Ok(Unverified {
+        alg: header.alg,
+        kid,
+        iss,
+    })
 }
 
 /// The token of an `Authorization: Bearer <token>` value.
@@ -539,5 +623,84 @@ fn map_decode_error(error: &jsonwebtoken::errors::Error, issuer: &str) -> JwtErr
             JwtError::BadSignature
         }
         _ => JwtError::Malformed,
+    }
+}
+
+/// Fuzzing and corpus-replay entry points: the token and key-set parsers, reachable without a
+/// network, a clock or a signing key. Not an API.
+#[doc(hidden)]
+pub mod fuzz_support {
+    use std::time::Duration;
+
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+    use super::{
+        Algorithm, IssuerSettings, JwksSource, JwtError, bearer_token, claims, jwks,
+        read_unverified,
+    };
+    use crate::authz::Pattern;
+
+    /// What the verifier reads from an `Authorization` value before checking a signature, and
+    /// the claim checks' verdict on its payload (as if the signature had verified).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct TokenView {
+        /// `alg` of the header.
+        pub alg: String,
+        /// `kid` of the header.
+        pub kid: String,
+        /// The claimed `iss`.
+        pub iss: Option<String>,
+        /// The claim checks' verdict (reason on refusal, the email on success).
+        pub claims: Result<String, &'static str>,
+    }
+
+    /// Read `authorization` the way the verifier does.
+    pub fn token(authorization: &str) -> Result<TokenView, JwtError> {
+        let token = bearer_token(Some(authorization))?;
+        let unverified = read_unverified(token)?;
+        let payload = token.split('.').nth(1).unwrap_or_default();
+        let claims = URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<claims::Claims>(&bytes).ok())
+            .map_or(Err("malformed"), |c| {
+                claims::check(c, &issuer(), 1_700_000_000)
+                    .map(|checked| checked.email)
+                    .map_err(|e| e.reason())
+            });
+        Ok(TokenView {
+            alg: format!("{:?}", unverified.alg),
+            kid: unverified.kid,
+            iss: unverified.iss,
+            claims,
+        })
+    }
+
+    /// Parse a JWKS document; the number of usable keys, or why none.
+    pub fn jwks(bytes: &[u8]) -> Result<usize, String> {
+        jwks::KeySet::parse(bytes, "fuzz").map(|set| set.len())
+    }
+
+    /// Whether the set parsed from `bytes` names `kid` and can verify `alg` with it.
+    pub fn jwks_has(bytes: &[u8], kid: &str, alg: Algorithm) -> bool {
+        jwks::KeySet::parse(bytes, "fuzz")
+            .is_ok_and(|set| matches!(set.lookup(kid, alg), jwks::Lookup::Found(_)))
+    }
+
+    fn issuer() -> IssuerSettings {
+        IssuerSettings {
+            name: "fuzz".into(),
+            issuers: vec!["https://accounts.google.com".into()],
+            jwks: JwksSource::File("/nonexistent".into()),
+            audiences: vec!["https://ekm.example.com".into()],
+            algorithms: vec![Algorithm::RS256],
+            leeway: Duration::from_secs(30),
+            service_accounts: vec![Pattern::new("*@example.iam.gserviceaccount.com")],
+            require_email_verified: true,
+            refresh_min_interval: Duration::from_secs(30),
+            default_ttl: Duration::from_secs(3600),
+            fetch_timeout: Duration::from_secs(5),
+        }
     }
 }

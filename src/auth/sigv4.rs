@@ -765,3 +765,98 @@ impl KeyCache {
         self.map.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
+
+/// Fuzzing and corpus-replay entry points: the verifier's parsers of attacker-controlled header
+/// text, without secrets or clocks, so a property can be checked on every input. Not an API.
+#[doc(hidden)]
+pub mod fuzz_support {
+    use http::HeaderMap;
+    use sha2::{Digest, Sha256};
+
+    use super::canonical::{CanonicalInput, write_canonical_request};
+    use super::{
+        ALGORITHM, SigV4Error, parse_authorization, parse_credential, parse_signed_headers,
+    };
+
+    /// The components the verifier reads out of an `Authorization` value.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct ParsedAuthorization {
+        /// `Credential=`
+        pub credential: String,
+        /// `SignedHeaders=`
+        pub signed_headers: String,
+        /// `Signature=`, decoded.
+        pub signature: [u8; 32],
+        /// Whether `Credential` splits into a valid scope.
+        pub credential_ok: bool,
+        /// Whether `SignedHeaders` passes the verifier's rules.
+        pub signed_headers_ok: bool,
+    }
+
+    /// Parse `value` exactly as the verifier does.
+    pub fn parse(value: &str) -> Result<ParsedAuthorization, SigV4Error> {
+        let auth = parse_authorization(value)?;
+        let scope = parse_credential(auth.credential);
+        if let Ok(scope) = &scope {
+            // The scope is the credential after the access key id, verbatim.
+            let rebuilt = format!("{}/{}", scope.access_key_id, scope.scope);
+            if rebuilt != auth.credential || !scope.scope.starts_with(scope.date) {
+                return Err(SigV4Error::MalformedAuthorization("scope split lost bytes"));
+            }
+            let _ = (scope.region, scope.service);
+        }
+        Ok(ParsedAuthorization {
+            credential: auth.credential.to_owned(),
+            signed_headers: auth.signed_headers.to_owned(),
+            signature: auth.signature,
+            credential_ok: scope.is_ok(),
+            signed_headers_ok: parse_signed_headers(auth.signed_headers).is_ok(),
+        })
+    }
+
+    /// The canonical form of a parsed value (the shape signers send).
+    pub fn render(parsed: &ParsedAuthorization) -> String {
+        format!(
+            "{ALGORITHM} Credential={}, SignedHeaders={}, Signature={}",
+            parsed.credential,
+            parsed.signed_headers,
+            hex::encode(parsed.signature)
+        )
+    }
+
+    /// Whether `SignedHeaders` passes the verifier's rules.
+    pub fn signed_headers_ok(list: &str) -> bool {
+        parse_signed_headers(list).is_ok()
+    }
+
+    /// The canonical request the verifier hashes, written into a buffer; `Err` when a signed
+    /// header is missing. Also checks that the hashing sink sees exactly these bytes.
+    pub fn canonical_request(
+        method: &str,
+        path: &str,
+        query: &str,
+        headers: &HeaderMap,
+        authority: Option<&str>,
+        signed_headers: &str,
+    ) -> Result<Vec<u8>, SigV4Error> {
+        let input = CanonicalInput {
+            method,
+            path,
+            query,
+            headers,
+            authority,
+            signed_headers,
+            payload_hash: "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+        };
+        let mut bytes = Vec::new();
+        write_canonical_request(&mut bytes, &input)?;
+        let mut hasher = Sha256::new();
+        write_canonical_request(&mut hasher, &input)?;
+        if hasher.finalize()[..] != Sha256::digest(&bytes)[..] {
+            return Err(SigV4Error::MalformedAuthorization(
+                "hashing sink and buffer disagree",
+            ));
+        }
+        Ok(bytes)
+    }
+}

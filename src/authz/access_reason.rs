@@ -1,10 +1,13 @@
 //! Key Access Justifications (KAJ): the reason Google gives with each Cloud EKM request, and the
 //! customer's policy over those reasons.
 //!
-//! New reason codes keep appearing, so parsing is lenient (an unknown name or number becomes
-//! [`AccessReason::Unknown`]) and the policy decides what to do with it. The three special cases,
-//! reason absent (KAJ not enrolled), `REASON_UNSPECIFIED`, and unknown, are each an explicit
-//! policy switch, because each has a different operational meaning.
+//! Parsing follows the proto3 JSON enum rules exactly: the exact enum name, or the enum number
+//! (as a JSON number or a decimal string), both mapping to the same reason. New reason codes keep
+//! appearing, so a *number* this build does not know becomes [`AccessReason::Unknown`] and the
+//! policy decides; any other text (lower case, spaces, an unrecognized name) is malformed, never
+//! "unknown", so `allow_unknown` cannot be reached by misspelling a denied reason. The three
+//! special cases, reason absent (KAJ not enrolled), `REASON_UNSPECIFIED`, and unknown, are each an
+//! explicit policy switch, because each has a different operational meaning.
 //!
 //! A leaf of `authz`: knows nothing of HTTP, JSON or the HSM.
 
@@ -75,23 +78,55 @@ pub enum AccessReason {
     Unspecified,
     /// A documented reason.
     Known(KnownReason),
-    /// A name or number this build does not know (kept, truncated, for the log line).
+    /// A number this build does not know (kept for the log line).
     Unknown(String),
 }
 
+/// A reason value that is neither an enum name nor an enum number (safe to log and return).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MalformedReason(pub String);
+
+impl fmt::Display for MalformedReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "accessReasonContext.reason {:?} is not a Reason enum name or number",
+            self.0
+        )
+    }
+}
+
 impl AccessReason {
-    /// Parse an enum name.
-    pub fn from_name(name: &str) -> Self {
-        if name.is_empty() || name == UNSPECIFIED {
-            return AccessReason::Unspecified;
+    /// Parse a proto3 JSON enum string: exactly an enum name, or the enum number in decimal
+    /// (`"3"` means what `3` means). Anything else is malformed.
+    pub fn from_json_string(text: &str) -> Result<Self, MalformedReason> {
+        if text == UNSPECIFIED {
+            return Ok(AccessReason::Unspecified);
         }
-        match KnownReason::from_name(name) {
-            Some(k) => AccessReason::Known(k),
-            None => AccessReason::Unknown(printable(name)),
+        if let Some(k) = KnownReason::from_name(text) {
+            return Ok(AccessReason::Known(k));
+        }
+        let digits = text.strip_prefix('-').unwrap_or(text);
+        let canonical = !digits.is_empty()
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && (digits == "0" || !digits.starts_with('0'))
+            && text != "-0";
+        match text.parse::<i32>() {
+            Ok(code) if canonical => Ok(Self::from_code(i64::from(code))),
+            _ => Err(MalformedReason(printable(text))),
         }
     }
 
-    /// Parse an enum number.
+    /// Parse a proto3 JSON enum number (an `int32`; larger values are malformed).
+    pub fn from_json_number(code: i64) -> Result<Self, MalformedReason> {
+        match i32::try_from(code) {
+            Ok(code) => Ok(Self::from_code(i64::from(code))),
+            Err(_) => Err(MalformedReason(code.to_string())),
+        }
+    }
+
+    /// The reason numbered `code` (0 is unspecified; a number this build does not know is
+    /// unknown).
     pub fn from_code(code: i64) -> Self {
         if code == 0 {
             return AccessReason::Unspecified;
@@ -168,16 +203,16 @@ mod tests {
     #[test]
     fn parses_names_codes_and_the_special_cases() {
         assert_eq!(
-            AccessReason::from_name("CUSTOMER_INITIATED_ACCESS"),
-            AccessReason::Known(KnownReason(5))
+            AccessReason::from_json_string("CUSTOMER_INITIATED_ACCESS"),
+            Ok(AccessReason::Known(KnownReason(5)))
         );
         assert_eq!(
             AccessReason::from_code(6),
             AccessReason::Known(KnownReason(6))
         );
         assert_eq!(
-            AccessReason::from_name("REASON_UNSPECIFIED"),
-            AccessReason::Unspecified
+            AccessReason::from_json_string("REASON_UNSPECIFIED"),
+            Ok(AccessReason::Unspecified)
         );
         assert_eq!(AccessReason::from_code(0), AccessReason::Unspecified);
         assert_eq!(
@@ -189,13 +224,89 @@ mod tests {
             AccessReason::Unknown("-1".into())
         );
         assert_eq!(
-            AccessReason::from_name("NEW_REASON\n\u{7}"),
-            AccessReason::Unknown("NEW_REASON".into())
+            AccessReason::from_json_string("NEW_REASON\n\u{7}"),
+            Err(MalformedReason("NEW_REASON".into()))
         );
         for k in KnownReason::all() {
             assert_eq!(KnownReason::from_name(k.name()), Some(k));
             assert_eq!(KnownReason::from_code(k.code()), Some(k));
         }
+    }
+
+    #[test]
+    fn strings_follow_proto3_json_enum_rules() {
+        // Names and numeric strings map to the same reason as the JSON number.
+        for (text, code) in [("3", 3), ("THIRD_PARTY_DATA_REQUEST", 3), ("11", 11)] {
+            assert_eq!(
+                AccessReason::from_json_string(text),
+                AccessReason::from_json_number(code),
+                "{text}"
+            );
+        }
+        assert_eq!(
+            AccessReason::from_json_string("0"),
+            Ok(AccessReason::Unspecified)
+        );
+        assert_eq!(
+            AccessReason::from_json_string("99"),
+            Ok(AccessReason::Unknown("99".into()))
+        );
+        // Everything else is malformed, never "unknown".
+        for text in [
+            "",
+            "third_party_data_request",
+            " THIRD_PARTY_DATA_REQUEST",
+            "THIRD_PARTY_DATA_REQUEST ",
+            " 3",
+            "3 ",
+            "+3",
+            "03",
+            "3.0",
+            "0x3",
+            "-0",
+            "BRAND_NEW",
+            "99999999999",
+        ] {
+            assert!(
+                AccessReason::from_json_string(text).is_err(),
+                "{text:?} must be malformed"
+            );
+        }
+        assert!(AccessReason::from_json_number(1 << 40).is_err());
+        // The refusal names the field and the (printable part of the) value it refused.
+        let refusal = AccessReason::from_json_string("third_party\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refusal.contains("accessReasonContext.reason") && refusal.contains("\"third_party\""),
+            "{refusal}"
+        );
+        assert_eq!(
+            AccessReason::from_json_number(-1),
+            Ok(AccessReason::Unknown("-1".into()))
+        );
+    }
+
+    #[test]
+    fn known_reasons_are_exactly_the_documented_list() {
+        // Config errors list these names; pin the list so a lost or renamed entry is noticed.
+        let names: Vec<(u32, &str)> = KnownReason::all().map(|k| (k.code(), k.name())).collect();
+        assert_eq!(
+            names,
+            vec![
+                (1, "CUSTOMER_INITIATED_SUPPORT"),
+                (2, "GOOGLE_INITIATED_SERVICE"),
+                (3, "THIRD_PARTY_DATA_REQUEST"),
+                (4, "GOOGLE_INITIATED_REVIEW"),
+                (5, "CUSTOMER_INITIATED_ACCESS"),
+                (6, "GOOGLE_INITIATED_SYSTEM_OPERATION"),
+                (7, "REASON_NOT_EXPECTED"),
+                (8, "MODIFIED_CUSTOMER_INITIATED_ACCESS"),
+                (9, "MODIFIED_GOOGLE_INITIATED_SYSTEM_OPERATION"),
+                (10, "GOOGLE_RESPONSE_TO_PRODUCTION_ALERT"),
+                (11, "CUSTOMER_AUTHORIZED_WORKFLOW_SERVICING"),
+            ]
+        );
     }
 
     #[test]

@@ -562,7 +562,14 @@ pub async fn open_connections(
     while started < n || !set.is_empty() {
         while started < n && set.len() < CONNECT_PARALLELISM {
             let t = Arc::clone(target);
-            set.spawn(async move { t.connect().await });
+            // One request each, so they are keep-alive connections between requests (as a KMS
+            // connection is) rather than connections that never asked for anything, which the
+            // server closes after header_read_timeout.
+            set.spawn(async move {
+                let mut c = t.connect().await?;
+                t.ping(&mut c).await?;
+                Ok(c)
+            });
             started += 1;
         }
         match set.join_next().await {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::raw::{RawAccessReasons, RawGcp, RawGcpKey, RawIssuer};
 use super::validate::{Collector, resolve};
-use crate::auth::jwt::{IssuerSettings, JwksSource, JwtSettings, parse_algorithm};
+use crate::auth::jwt::{IssuerSettings, JwksSource, JwtSettings, check_jwks_file, parse_algorithm};
 use crate::authz::Pattern;
 use crate::authz::access_reason::{AccessReasonPolicy, KnownReason};
 use crate::authz::grants::{Grant, KeyAccess};
@@ -19,7 +19,12 @@ use crate::front::gcp::settings::{GcpKeySettings, GcpLimits, GcpSettings, key_pa
 const DEFAULT_TOKEN_CACHE: u64 = 10_000;
 
 /// Validate `[gcp]`.
-pub(super) fn gcp(raw: &RawGcp, base: &Path, c: &mut Collector) -> Option<GcpSettings> {
+pub(super) fn gcp(
+    raw: &RawGcp,
+    base: &Path,
+    health_key: &str,
+    c: &mut Collector,
+) -> Option<GcpSettings> {
     let before = c.problems.len();
     let p = &raw.path_prefix;
     if !p.starts_with('/')
@@ -92,7 +97,7 @@ pub(super) fn gcp(raw: &RawGcp, base: &Path, c: &mut Collector) -> Option<GcpSet
                     format!("duplicate key path '{}'", k.path),
                 );
             }
-            key(k, &at, default_reasons.as_ref(), c)
+            key(k, &at, default_reasons.as_ref(), health_key, c)
         })
         .collect();
     (c.problems.len() == before).then(|| GcpSettings {
@@ -143,7 +148,16 @@ fn issuer(r: &RawIssuer, at: &str, base: &Path, c: &mut Collector) -> Option<Iss
             if r.jwks_ca_file.is_some() {
                 c.add(format!("{at}.jwks_ca_file"), "only applies to jwks_url");
             }
-            Some(JwksSource::File(resolve(base, file)))
+            let path = resolve(base, file);
+            // Refused now rather than found out on the first request (or, on a reload, after
+            // the working set was thrown away).
+            if let Err(why) = check_jwks_file(&path) {
+                c.add(
+                    format!("{at}.jwks_file"),
+                    format!("not a usable key set: {why}"),
+                );
+            }
+            Some(JwksSource::File(path))
         }
         _ => {
             c.add(
@@ -235,6 +249,7 @@ fn key(
     k: &RawGcpKey,
     at: &str,
     default_reasons: Option<&AccessReasonPolicy>,
+    health_key: &str,
     c: &mut Collector,
 ) -> Option<GcpKeySettings> {
     let before = c.problems.len();
@@ -257,6 +272,21 @@ fn key(
                 format!("previous_hsm_keys[{}]", j - 1)
             };
             c.add(format!("{at}.{field}"), "must be 1-255 bytes");
+        }
+        if label == health_key {
+            // The health-check key is probed with throwaway data by design; it must never
+            // also protect customer data.
+            let field = if j == 0 {
+                "hsm_key".to_owned()
+            } else {
+                format!("previous_hsm_keys[{}]", j - 1)
+            };
+            c.add(
+                format!("{at}.{field}"),
+                format!(
+                    "'{label}' is the health-check key (health.key); it cannot be a customer key"
+                ),
+            );
         }
     }
     if k.grant.is_empty() {

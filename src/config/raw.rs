@@ -53,6 +53,14 @@ pub struct RawServer {
     pub shutdown_grace_ms: Option<u64>,
     /// Offer HTTP/2.
     pub http2: Option<bool>,
+    /// Close a keep-alive connection with no request in flight after this long.
+    pub idle_timeout_secs: Option<u64>,
+    /// HTTP/2 PING interval on idle connections (0 = no pings).
+    pub http2_keepalive_interval_secs: Option<u64>,
+    /// Close an HTTP/2 connection whose PING is not answered within this time.
+    pub http2_keepalive_timeout_secs: Option<u64>,
+    /// Most connections open at once from one source IP address (0 = no limit).
+    pub max_connections_per_ip: Option<usize>,
 }
 
 /// `[[listener]]`

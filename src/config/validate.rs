@@ -57,11 +57,11 @@ pub fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Settings, 
         });
     let hsm = hsm(&raw, base, &mut c);
     let core = core(&raw, base, &mut c);
-    let xks = xks(&raw, base, &mut c);
+    let xks = xks(&raw, base, &core.health_key, &mut c);
     let gcp = raw
         .gcp
         .as_ref()
-        .and_then(|g| super::gcp::gcp(g, base, &mut c));
+        .and_then(|g| super::gcp::gcp(g, base, &core.health_key, &mut c));
     let logging = logging(&raw, base, &mut c);
     if let Some(limit) = hsm.as_ref().and_then(|h| h.max_data_bytes) {
         // What a front end lets through must fit into one HSM call: plaintext ‖ 16-byte tag on
@@ -135,7 +135,33 @@ fn server(raw: &RawConfig, c: &mut Collector) -> ServerSettings {
         max_connections: s.max_connections.unwrap_or(d.max_connections),
         shutdown_grace: ms(s.shutdown_grace_ms, d.shutdown_grace),
         http2: s.http2.unwrap_or(d.http2),
+        idle_timeout: s
+            .idle_timeout_secs
+            .map_or(d.idle_timeout, Duration::from_secs),
+        http2_keepalive_interval: match s.http2_keepalive_interval_secs {
+            None => d.http2_keepalive_interval,
+            Some(0) => None,
+            Some(secs) => Some(Duration::from_secs(secs)),
+        },
+        http2_keepalive_timeout: s
+            .http2_keepalive_timeout_secs
+            .map_or(d.http2_keepalive_timeout, Duration::from_secs),
+        max_connections_per_ip: s.max_connections_per_ip.unwrap_or(d.max_connections_per_ip),
     };
+    // A zero would close connections at once (or never time anything out); both are mistakes.
+    for (key, value) in [
+        ("server.header_read_timeout_ms", out.header_read_timeout),
+        ("server.tls_handshake_timeout_ms", out.tls_handshake_timeout),
+        ("server.idle_timeout_secs", out.idle_timeout),
+        (
+            "server.http2_keepalive_timeout_secs",
+            out.http2_keepalive_timeout,
+        ),
+    ] {
+        if value.is_zero() {
+            c.add(key, "must be greater than 0");
+        }
+    }
     if out.request_timeout.is_zero() {
         c.add("server.request_timeout_ms", "must be greater than 0");
     }
@@ -438,7 +464,7 @@ fn logging(raw: &RawConfig, base: &Path, c: &mut Collector) -> LoggingSettings {
     }
 }
 
-fn xks(raw: &RawConfig, base: &Path, c: &mut Collector) -> XksSettings {
+fn xks(raw: &RawConfig, base: &Path, health_key: &str, c: &mut Collector) -> XksSettings {
     let mut stores = Vec::new();
     let mut prefixes = HashSet::new();
     let mut names = HashSet::new();
@@ -450,13 +476,17 @@ fn xks(raw: &RawConfig, base: &Path, c: &mut Collector) -> XksSettings {
                 format!("duplicate key store name '{}'", ks.name),
             );
         }
-        if !prefixes.insert(ks.path_prefix.clone()) {
+        // Two prefixes that differ only in slashes would route to one store and hide the other.
+        if !prefixes.insert(normalize_prefix(&ks.path_prefix)) {
             c.add(
                 format!("{at}.path_prefix"),
-                format!("prefix '{}' is used by another key store", ks.path_prefix),
+                format!(
+                    "prefix '{}' is the same as another key store's (after normalizing '/')",
+                    ks.path_prefix
+                ),
             );
         }
-        if let Some(store) = key_store(ks, &at, base, c) {
+        if let Some(store) = key_store(ks, &at, base, health_key, c) {
             stores.push(store);
         }
     }
@@ -471,10 +501,23 @@ fn xks(raw: &RawConfig, base: &Path, c: &mut Collector) -> XksSettings {
     }
 }
 
+/// A path prefix with repeated and trailing slashes removed: the form routing compares.
+fn normalize_prefix(prefix: &str) -> String {
+    prefix
+        .split('/')
+        .filter(|segment| !segment.is_empty())
+        .fold(String::new(), |mut out, segment| {
+            out.push('/');
+            out.push_str(segment);
+            out
+        })
+}
+
 fn key_store(
     ks: &RawKeyStore,
     at: &str,
     base: &Path,
+    health_key: &str,
     c: &mut Collector,
 ) -> Option<KeyStoreSettings> {
     let before = c.problems.len();
@@ -591,16 +634,25 @@ fn key_store(
             }
         }
     };
+    if let Some(j) = ks.keys.iter().position(|k| k == health_key) {
+        c.add(
+            format!("{at}.keys[{j}]"),
+            format!(
+                "'{health_key}' is the health-check key (health.key); it cannot be a customer key"
+            ),
+        );
+    }
+    // Wildcards never match the health-check key (the allow list holds it out).
     let keys = if ks.keys.iter().any(|k| k == "*") {
-        KeyAllowList::Any
+        KeyAllowList::any(health_key)
     } else if ks.keys.is_empty() {
         c.add(
             format!("{at}.keys"),
             "list the exposed key labels, or [\"*\"] for all",
         );
-        KeyAllowList::Any
+        KeyAllowList::any(health_key)
     } else {
-        KeyAllowList::Only(ks.keys.iter().map(Pattern::new).collect())
+        KeyAllowList::only(ks.keys.iter().map(Pattern::new).collect(), health_key)
     };
     let limits = XksLimits {
         max_plaintext: ks

@@ -19,7 +19,7 @@ pub use router::Router;
 pub struct ServerSettings {
     /// Deadline for one request, from the first body byte to the response.
     pub request_timeout: Duration,
-    /// How long a client may take to send a request's headers.
+    /// How long a client may take to send its first request's headers after the TLS handshake.
     pub header_read_timeout: Duration,
     /// How long a TLS handshake may take.
     pub tls_handshake_timeout: Duration,
@@ -31,6 +31,17 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     /// Offer HTTP/2 (ALPN `h2`) besides HTTP/1.1.
     pub http2: bool,
+    /// How long a connection may stay open with no request in flight once it has served one
+    /// (HTTP/1.1 between requests, HTTP/2 with no open stream). Before the first request the
+    /// limit is `header_read_timeout`.
+    pub idle_timeout: Duration,
+    /// HTTP/2 PING interval, to find dead peers (`None`: no pings).
+    pub http2_keepalive_interval: Option<Duration>,
+    /// How long an HTTP/2 PING may go unanswered before the connection is closed.
+    pub http2_keepalive_timeout: Duration,
+    /// Most connections open at once from one source IP address (0: no limit), so one host
+    /// cannot take every one of `max_connections`.
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for ServerSettings {
@@ -43,6 +54,10 @@ impl Default for ServerSettings {
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(10),
             http2: true,
+            idle_timeout: Duration::from_secs(60),
+            http2_keepalive_interval: Some(Duration::from_secs(20)),
+            http2_keepalive_timeout: Duration::from_secs(20),
+            max_connections_per_ip: 1000,
         }
     }
 }

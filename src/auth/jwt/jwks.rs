@@ -570,6 +570,19 @@ impl IssuerKeys {
         })
     }
 
+    /// Start from `set` as the last good set (a reload carrying over, or a file read up front),
+    /// so a failing fetch falls back to it instead of leaving the issuer without keys.
+    pub(super) fn seed(&self, set: Arc<KeySet>) {
+        self.metrics.jwks_keys(&self.issuer, set.len());
+        self.last_good
+            .store(Some(Arc::new(Good { set, etag: None })));
+    }
+
+    /// The last set that parsed, if any.
+    pub(super) fn last_good(&self) -> Option<Arc<KeySet>> {
+        self.last_good.load_full().map(|g| g.set.clone())
+    }
+
     /// The current key set: cached, else fetched once however many callers wait (single flight),
     /// else the last good set; [`JwtError::JwksUnavailable`] only when there has never been one.
     pub(super) async fn current(&self) -> Result<Arc<KeySet>, JwtError> {

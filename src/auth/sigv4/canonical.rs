@@ -206,6 +206,15 @@ mod tests {
     }
 
     #[test]
+    fn a_byte_after_a_kept_triplet_is_still_encoded() {
+        // The pass-through run must restart after a kept %XX: the byte that follows it is
+        // judged on its own (cargo mutants found nothing pinned this).
+        assert_eq!(encode("/a%41 b", true), "/a%41%20b");
+        assert_eq!(encode("%41%42+", false), "%41%42%2B");
+        assert_eq!(encode("%41/", false), "%41%2F");
+    }
+
+    #[test]
     fn query_is_sorted_and_encoded() {
         let mut v = Vec::new();
         write_canonical_query(&mut v, "b=2&a=x y&a=1&&c");

@@ -92,11 +92,15 @@ impl<B: Backend> GcpFront<B> {
         })
     }
 
-    /// Replace issuers, keys, grants and limits (SIGHUP). The verifier is rebuilt, so cached
-    /// key sets and verified tokens from the old configuration are dropped with it.
+    /// Replace issuers, keys, grants and limits (SIGHUP). The verifier is rebuilt, so verified
+    /// tokens from the old configuration are dropped with it; key sets are not: a `jwks_file`
+    /// must parse now, and an unchanged JWKS URL keeps its last good set. An error leaves the
+    /// running state untouched.
     pub fn reload(&self, settings: &GcpSettings) -> Result<(), JwtSetupError> {
-        self.state
-            .store(Arc::new(build_state(settings, &self.jwt_metrics)?));
+        let previous = self.state.load_full();
+        let verifier =
+            JwtVerifier::replacing(&settings.jwt, self.jwt_metrics.clone(), &previous.verifier)?;
+        self.state.store(Arc::new(state_with(settings, verifier)));
         Ok(())
     }
 
@@ -143,7 +147,7 @@ impl<B: Backend> GcpFront<B> {
         let (key_path, verb) = match route(&state.settings.prefix, path) {
             Ok(found) => found,
             Err(e) => {
-                tracing::info!(front = FRONT, path = %path, listener = %conn.listener, request_id = %request_id, "unknown Cloud EKM path");
+                tracing::info!(front = FRONT, path = %crate::audit::LogSafe(path), listener = %conn.listener, request_id = %request_id, "unknown Cloud EKM path");
                 self.metrics.observe(
                     FRONT,
                     "unknown",
@@ -210,7 +214,7 @@ impl<B: Backend> GcpFront<B> {
                 latency_us,
             });
             if let Some(why) = reason.filter(|_| outcome.rule.is_none()) {
-                tracing::info!(front = FRONT, request_id = %request_id, key = %outcome.key, why, "request refused");
+                tracing::info!(front = FRONT, request_id = %request_id, key = %outcome.key, why = %audit::bounded(why), "request refused");
             }
         } else {
             tracing::info!(
@@ -218,9 +222,9 @@ impl<B: Backend> GcpFront<B> {
                 op,
                 key = %outcome.key,
                 request_id = %request_id,
-                principal = %outcome.principal,
+                principal = %audit::bounded(&outcome.principal),
                 outcome = outcome_name,
-                why = reason.unwrap_or(""),
+                why = %audit::bounded(reason.unwrap_or("")),
                 latency_us,
                 "request"
             );
@@ -259,7 +263,12 @@ impl<B: Backend> GcpFront<B> {
         let parsed: KeyOpRequest = parse(req.body())?;
         check_key_path(parsed.key_path.as_deref(), key_path)?;
         let context = parsed.additional_context.as_ref();
-        let reason = RequestContext::access_reason(context);
+        let reason = RequestContext::access_reason(context).map_err(|e| {
+            GcpError::invalid_field(
+                "additionalContext.accessReasonContext.reason",
+                e.to_string(),
+            )
+        })?;
         let health_check = context.and_then(|c| c.is_key_health_check) == Some(true);
         let resource = context
             .and_then(|c| c.relative_resource_name.as_deref())
@@ -364,15 +373,16 @@ impl<B: Backend> GcpFront<B> {
         req: &Request,
         outcome: &mut Outcome,
     ) -> Result<Principal, GcpError> {
-        let header = req
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .map(|v| v.to_str().unwrap_or("\u{0}"));
-        state
-            .verifier
-            .verify(header, SystemTime::now())
-            .await
-            .map_err(|e| {
+        let mut values = req.headers().get_all(http::header::AUTHORIZATION).iter();
+        let header = values.next().map(|v| v.to_str().unwrap_or("\u{0}"));
+        // Two headers are refused, never resolved by picking one: a proxy in front might have
+        // checked the other (XKS refuses them the same way).
+        let verified = if values.next().is_some() {
+            Err(JwtError::DuplicateAuthorization)
+        } else {
+            state.verifier.verify(header, SystemTime::now()).await
+        };
+        verified.map_err(|e| {
                 self.metrics.auth_failure(FRONT, e.reason());
                 tracing::warn!(front = FRONT, key = %outcome.key, request_id = %outcome.request_id, reason = e.reason(), error = %e, "token refused");
                 // A refused token is a decision about a key: audit it like a denial.
@@ -402,7 +412,7 @@ impl<B: Backend> GcpFront<B> {
                 health_check: req.health_check,
             })
             .map_err(|denial| {
-                tracing::warn!(front = FRONT, key = %req.key.path, request_id = %outcome.request_id, principal = %req.principal.name(), rule = %denial.rule, reason = %denial.reason, "request denied by policy");
+                tracing::warn!(front = FRONT, key = %req.key.path, request_id = %outcome.request_id, principal = %audit::bounded(req.principal.name()), rule = %denial.rule, reason = %audit::bounded(&denial.reason), "request denied by policy");
                 outcome.rule = Some(denial.rule.clone());
                 GcpError::new(Code::PermissionDenied, "ACCESS_DENIED", denial.to_string())
                     .with("rule", denial.rule)
@@ -442,17 +452,21 @@ impl OkBody {
 
 fn build_state(settings: &GcpSettings, metrics: &JwtMetrics) -> Result<State, JwtSetupError> {
     let verifier = JwtVerifier::new(&settings.jwt, metrics.clone())?;
+    Ok(state_with(settings, verifier))
+}
+
+fn state_with(settings: &GcpSettings, verifier: JwtVerifier) -> State {
     let keys = settings
         .keys
         .iter()
         .enumerate()
         .map(|(i, k)| (k.path.clone(), i))
         .collect();
-    Ok(State {
+    State {
         settings: settings.clone(),
         keys,
         verifier,
-    })
+    }
 }
 
 /// Split `<prefix>/<key path>:<verb>`.

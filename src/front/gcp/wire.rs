@@ -10,7 +10,7 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::{DecodePaddingMode, general_purpose};
 use serde::{Deserialize, Serialize};
 
-use crate::authz::access_reason::AccessReason;
+use crate::authz::access_reason::{AccessReason, MalformedReason};
 
 /// Standard alphabet, padding optional.
 const STANDARD: GeneralPurpose = GeneralPurpose::new(
@@ -24,7 +24,7 @@ const URL_SAFE: GeneralPurpose = GeneralPurpose::new(
 );
 
 /// `WrapRequest` (also `UnwrapRequest`: the two differ only in `plaintext` / `wrappedBlob`).
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(default)]
 pub struct KeyOpRequest {
     /// The key path (optional here; the URL names the key).
@@ -50,7 +50,7 @@ pub struct KeyOpRequest {
 }
 
 /// `RequestContext`.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(default)]
 pub struct RequestContext {
     /// e.g. `//cloudkms.googleapis.com/projects/…/cryptoKeyVersions/1`
@@ -68,7 +68,7 @@ pub struct RequestContext {
 }
 
 /// `AccessReasonContext`.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Serialize, Default)]
 #[serde(default)]
 pub struct AccessReasonContext {
     /// Enum name or number; proto3 JSON omits the zero value.
@@ -76,7 +76,7 @@ pub struct AccessReasonContext {
 }
 
 /// A proto3 JSON enum value: its name, or its number.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum ReasonValue {
     /// `"CUSTOMER_INITIATED_ACCESS"`
@@ -86,17 +86,20 @@ pub enum ReasonValue {
 }
 
 impl RequestContext {
-    /// The justification, with the three special cases told apart.
-    pub fn access_reason(context: Option<&RequestContext>) -> AccessReason {
+    /// The justification, with the three special cases told apart; a reason that is neither an
+    /// enum name nor an enum number is malformed (the caller answers INVALID_ARGUMENT).
+    pub fn access_reason(
+        context: Option<&RequestContext>,
+    ) -> Result<AccessReason, MalformedReason> {
         match context.and_then(|c| c.access_reason_context.as_ref()) {
-            None => AccessReason::Absent,
-            Some(AccessReasonContext { reason: None }) => AccessReason::Unspecified,
+            None => Ok(AccessReason::Absent),
+            Some(AccessReasonContext { reason: None }) => Ok(AccessReason::Unspecified),
             Some(AccessReasonContext {
                 reason: Some(ReasonValue::Name(name)),
-            }) => AccessReason::from_name(name),
+            }) => AccessReason::from_json_string(name),
             Some(AccessReasonContext {
                 reason: Some(ReasonValue::Code(code)),
-            }) => AccessReason::from_code(*code),
+            }) => AccessReason::from_json_number(*code),
         }
     }
 }
@@ -153,7 +156,7 @@ mod tests {
             assert_eq!(ctx.is_key_health_check, Some(true));
             assert_eq!(
                 RequestContext::access_reason(Some(ctx)),
-                AccessReason::Known(KnownReason::from_code(5).unwrap())
+                Ok(AccessReason::Known(KnownReason::from_code(5).unwrap()))
             );
         }
     }
@@ -163,21 +166,27 @@ mod tests {
         let absent: KeyOpRequest = serde_json::from_str(r#"{"additionalContext":{}}"#).unwrap();
         assert_eq!(
             RequestContext::access_reason(absent.additional_context.as_ref()),
-            AccessReason::Absent
+            Ok(AccessReason::Absent)
         );
         let empty: KeyOpRequest =
             serde_json::from_str(r#"{"additionalContext":{"accessReasonContext":{}}}"#).unwrap();
         assert_eq!(
             RequestContext::access_reason(empty.additional_context.as_ref()),
-            AccessReason::Unspecified
+            Ok(AccessReason::Unspecified)
         );
         let unknown: KeyOpRequest = serde_json::from_str(
             r#"{"additionalContext":{"accessReasonContext":{"reason":"BRAND_NEW"}}}"#,
         )
         .unwrap();
+        // An unrecognized name is malformed (proto3 JSON); only numbers can be "unknown".
+        assert!(RequestContext::access_reason(unknown.additional_context.as_ref()).is_err());
+        let number: KeyOpRequest = serde_json::from_str(
+            r#"{"additionalContext":{"accessReasonContext":{"reason":"77"}}}"#,
+        )
+        .unwrap();
         assert_eq!(
-            RequestContext::access_reason(unknown.additional_context.as_ref()),
-            AccessReason::Unknown("BRAND_NEW".into())
+            RequestContext::access_reason(number.additional_context.as_ref()),
+            Ok(AccessReason::Unknown("77".into()))
         );
     }
 

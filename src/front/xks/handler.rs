@@ -29,6 +29,8 @@ const KEY_OP_METADATA: &[&str] = &[
     "kmsOperation",
     "kmsRequestId",
 ];
+/// Longest `requestMetadata` string accepted (the longest ARN IAM allows).
+const MAX_METADATA_FIELD: usize = 2048;
 /// Decode bound for fields whose wrong sizes have their own error (IV, tag, metadata).
 const ANY_SIZE: usize = usize::MAX / 2;
 /// Front name in metrics, logs and audit lines.
@@ -139,7 +141,7 @@ impl<B: Backend> XksFront<B> {
         let state = self.state.load_full();
         let path = req.uri().path();
         let Some((store, api)) = route(&state, path) else {
-            tracing::info!(front = FRONT, path = %path, listener = %conn.listener, "unknown XKS path");
+            tracing::info!(front = FRONT, path = %crate::audit::LogSafe(path), listener = %conn.listener, "unknown XKS path");
             self.metrics.observe(
                 FRONT,
                 "unknown",
@@ -200,7 +202,7 @@ impl<B: Backend> XksFront<B> {
                 front = FRONT,
                 key_store = %store.settings.name,
                 op = api.name(),
-                kms_request_id = ?outcome.request_id,
+                kms_request_id = %audit::LogSafe(&outcome.request_id),
                 principal = %outcome.principal,
                 outcome = outcome_name,
                 latency_us,
@@ -471,7 +473,7 @@ impl<B: Backend> XksFront<B> {
             .policy
             .authorize(&Facts { principal, key, op, attributes: &attributes })
             .map_err(|denial| {
-                tracing::warn!(front = FRONT, key, rule = %denial.rule, reason = %denial.reason, "request denied by policy");
+                tracing::warn!(front = FRONT, key, rule = %denial.rule, reason = %audit::bounded(&denial.reason), "request denied by policy");
                 outcome.rule = Some(denial.rule.clone());
                 XksError::new(N::AccessDenied, denial.to_string())
             })
@@ -538,32 +540,39 @@ fn build_state(settings: &XksSettings) -> State {
 }
 
 /// Find the key store and API for `path`. Key ids are `[A-Za-z0-9._-]{1,128}` (spec §1).
+///
+/// The store is the one with the longest base that `path` starts with (at a segment boundary):
+/// with stores `""` and `"/kms/xks/v1/dev"`, the second one's paths also start with the first
+/// one's base, and a first-match rule would hide the second store entirely.
 fn route<'s, 'p>(state: &'s State, path: &'p str) -> Option<(&'s KeyStore, Api<'p>)> {
-    for store in &state.stores {
-        let Some(rest) = path.strip_prefix(store.base.as_str()) else {
-            continue;
-        };
-        if rest == "/health" {
-            return Some((store, Api::Health));
-        }
-        let rest = rest.strip_prefix("/keys/")?;
-        let (key, action) = rest.split_once('/')?;
-        if key.is_empty()
-            || key.len() > 128
-            || !key
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
-        {
-            return None;
-        }
-        return match action {
-            "metadata" => Some((store, Api::Metadata(key))),
-            "encrypt" => Some((store, Api::Encrypt(key))),
-            "decrypt" => Some((store, Api::Decrypt(key))),
-            _ => None,
-        };
+    let store = state
+        .stores
+        .iter()
+        .filter(|s| {
+            path.strip_prefix(s.base.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+        .max_by_key(|s| s.base.len())?;
+    let rest = path.get(store.base.len()..)?;
+    if rest == "/health" {
+        return Some((store, Api::Health));
     }
-    None
+    let rest = rest.strip_prefix("/keys/")?;
+    let (key, action) = rest.split_once('/')?;
+    if key.is_empty()
+        || key.len() > 128
+        || !key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    {
+        return None;
+    }
+    match action {
+        "metadata" => Some((store, Api::Metadata(key))),
+        "encrypt" => Some((store, Api::Encrypt(key))),
+        "decrypt" => Some((store, Api::Decrypt(key))),
+        _ => None,
+    }
 }
 
 fn parse<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, XksError> {
@@ -582,6 +591,17 @@ fn required_metadata<'a>(
 ) -> Result<RequestMetadata<'a>, XksError> {
     let md = md.ok_or_else(|| XksError::new(N::Validation, "requestMetadata is required"))?;
     let attributes = md.attributes();
+    // ARNs are at most 2048 characters and request ids are UUIDs: anything far longer is not
+    // from KMS, and is refused before it reaches a log line or a policy rule.
+    if let Some((name, _)) = attributes
+        .iter()
+        .find(|(_, v)| v.is_some_and(|v| v.len() > MAX_METADATA_FIELD))
+    {
+        return Err(XksError::new(
+            N::Validation,
+            format!("requestMetadata.{name} is longer than {MAX_METADATA_FIELD} bytes"),
+        ));
+    }
     for name in required {
         let present = attributes.iter().any(|(n, v)| n == name && v.is_some());
         if !present {
@@ -673,5 +693,5 @@ fn json<T: serde::Serialize>(value: &T) -> Response {
 }
 
 fn request_id(md: &RequestMetadata<'_>) -> String {
-    md.kms_request_id.as_deref().unwrap_or("-").to_owned()
+    audit::bounded(md.kms_request_id.as_deref().unwrap_or("-")).into_owned()
 }

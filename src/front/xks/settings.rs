@@ -27,19 +27,38 @@ pub struct XksSettings {
 
 /// Which external key ids a key store exposes.
 #[derive(Debug, Clone)]
-pub enum KeyAllowList {
-    /// Every key on the token (still subject to the custody check).
-    Any,
-    /// Only these labels (glob patterns).
-    Only(Vec<Pattern>),
+pub struct KeyAllowList {
+    /// `None`: every key on the token (still subject to the custody check); else these globs.
+    patterns: Option<Vec<Pattern>>,
+    /// The health-check key: never exposed, whatever the patterns say.
+    reserved: String,
 }
 
 impl KeyAllowList {
+    /// Every key except `reserved` (the health-check key).
+    pub fn any(reserved: &str) -> Self {
+        Self {
+            patterns: None,
+            reserved: reserved.to_owned(),
+        }
+    }
+
+    /// The keys matching `patterns`, except `reserved` (the health-check key).
+    pub fn only(patterns: Vec<Pattern>, reserved: &str) -> Self {
+        Self {
+            patterns: Some(patterns),
+            reserved: reserved.to_owned(),
+        }
+    }
+
     /// Whether `key` is exposed.
     pub fn allows(&self, key: &str) -> bool {
-        match self {
-            KeyAllowList::Any => true,
-            KeyAllowList::Only(patterns) => patterns.iter().any(|p| p.matches(key)),
+        if key == self.reserved {
+            return false;
+        }
+        match &self.patterns {
+            None => true,
+            Some(patterns) => patterns.iter().any(|p| p.matches(key)),
         }
     }
 }

@@ -3,6 +3,8 @@
 //! Parsing is permissive about unknown fields and strict about nothing else: presence of
 //! required fields and base64 are checked by the handler, so it can name the exact field in its
 //! ValidationException. Values such as ARNs or request ids are never format-checked (spec §4).
+//! Request types also serialize (to their own field names) so fuzzing can check that a body that
+//! parses re-serializes to a fixed point.
 
 use std::borrow::Cow;
 
@@ -14,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub type Field<'a> = Option<Cow<'a, str>>;
 
 /// `requestMetadata`: every field optional at parse time; the handler enforces what each API requires.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RequestMetadata<'a> {
     /// Caller of the KMS API.
@@ -56,7 +58,7 @@ impl<'a> RequestMetadata<'a> {
 }
 
 /// GetHealthStatus and GetKeyMetadata bodies (only `requestMetadata`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MetadataOnlyRequest<'a> {
     /// Required.
@@ -65,7 +67,7 @@ pub struct MetadataOnlyRequest<'a> {
 }
 
 /// Encrypt body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EncryptRequest<'a> {
     /// Required.
@@ -86,7 +88,7 @@ pub struct EncryptRequest<'a> {
 }
 
 /// Decrypt body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DecryptRequest<'a> {
     /// Required.
