@@ -127,11 +127,14 @@ async fn drill(session_key_copies: bool) {
     let mut streak = 0;
     while streak < 10 {
         let body = xks::encrypt_body(xks::KMS_KEY_ARN, b"after", None, false);
-        let x = xks_client
-            .post("keys/dev-aes-1/encrypt", body)
-            .await
-            .map(|r| r.status)
-            .unwrap_or(0);
+        // This connection may have been idle long enough for the proxy to close it: reconnect.
+        let x = match xks_client.post("keys/dev-aes-1/encrypt", body).await {
+            Ok(r) => r.status,
+            Err(_) => {
+                xks_client = proxy.tls_client().await;
+                0
+            }
+        };
         let g = gcp.lock().await.wrap(b"after").await.status;
         streak = if x == 200 && g == 200 { streak + 1 } else { 0 };
         assert!(
