@@ -41,7 +41,7 @@ bench_pids=()
 cleanup() {
   for p in "${bench_pids[@]}" $server_pid; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$work"
+  if [ -n "${SOAK_KEEP:-}" ]; then echo "soak: work dir kept: $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 
