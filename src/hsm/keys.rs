@@ -208,9 +208,18 @@ pub(crate) fn find_unique(
         Attribute::Token(true),
         Attribute::Label(label.as_bytes().to_vec()),
     ];
-    let found = session
-        .find_objects(&template)
-        .map_err(|e| map_ckr(Op::FindKey, &e))?;
+    let search = || {
+        session
+            .find_objects(&template)
+            .map_err(|e| map_ckr(Op::FindKey, &e))
+    };
+    let mut found = search()?;
+    if found.len() > 1 {
+        // Search once more before calling the label ambiguous: SoftHSM can show a session copy
+        // that a peer worker is creating right now (C_CopyObject) with the original's
+        // CKA_TOKEN=true for an instant. The soak caught that as a 400 "ambiguous" answer.
+        found = search()?;
+    }
     match found.as_slice() {
         [one] => Ok(*one),
         [] => Err(Fault::plain(CryptoError::KeyNotFound)),
