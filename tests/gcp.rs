@@ -2771,18 +2771,30 @@ async fn malformed_requests_are_400_and_never_take_the_proxy_down() {
     // A fresh connection: the server may close one whose body it did not read.
     e.gcp.reconnect();
     let huge = vec![b'a'; 300 * 1024];
-    let r = e
+    // The proxy answers from the Content-Length alone and closes after reading at most 64 KiB
+    // more (its lingering close); a client still writing the rest of 300 KiB may then see its
+    // write fail before it reads the answer. Either way the body is refused unparsed, and the
+    // proxy keeps serving (checked below).
+    match e
         .gcp
         .try_send("POST", &key_url(KEY, "wrap"), Some(&auth), huge)
         .await
-        .expect("an answer to the oversize body");
-    assert_rpc(
-        &r,
-        400,
-        "INVALID_ARGUMENT",
-        Some("REQUEST_TOO_LARGE"),
-        "300 KiB body",
-    );
+    {
+        Ok(r) => {
+            assert_rpc(
+                &r,
+                400,
+                "INVALID_ARGUMENT",
+                Some("REQUEST_TOO_LARGE"),
+                "300 KiB body",
+            );
+        }
+        Err(err) => assert!(
+            format!("{err:?}").contains("BrokenPipe")
+                || format!("{err:?}").contains("ConnectionReset"),
+            "the oversize body: {err:?}"
+        ),
+    }
     e.gcp.reconnect();
 
     // Still serving.
