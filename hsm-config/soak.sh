@@ -70,6 +70,12 @@ for s in encrypt decrypt gcp-wrap gcp-unwrap; do
 done
 
 started=$(date +%s)
+# RSS and thread count every 10 s, so a growth can be told apart as a step (at an event) or a slope.
+threads() { awk '/^Threads/ {print $2}' "/proc/$server_pid/status" 2>/dev/null || echo 0; }
+( while kill -0 "$server_pid" 2>/dev/null; do
+    printf '%s\t%s\t%s\n' "$(( $(date +%s) - started ))" "$(rss_kb)" "$(threads)"; sleep 10
+  done ) >"$work/rss.tsv" &
+bench_pids+=($!)
 at() { # wait until second $1 of the run
   local now; now=$(( $(date +%s) - started ))
   [ "$1" -gt "$now" ] && sleep $(( $1 - now ))
@@ -110,7 +116,8 @@ while read -r t what; do
   esac
 done < <(events | sort -n -s -k1,1)
 
-for p in "${bench_pids[@]}"; do wait "$p" || true; done
+for p in "${bench_pids[@]::4}"; do wait "$p" || true; done
+kill "${bench_pids[4]}" 2>/dev/null || true
 bench_pids=()
 sleep 1
 rss_end="$(rss_kb)"
@@ -163,6 +170,11 @@ print(f"RSS: {rss0/1024:.1f} MiB at start, {rssw/1024:.1f} MiB after warm-up, {r
       f"({growth:+.1f} % after warm-up).")
 print(f"Sessions open on the token: {s0} at the start, {s1} at the end. /readyz at the end: {ready}.")
 print(f"Recoveries: {recov.strip() or 'none'}; workers replaced: {replaced}.\n")
+samples = [l.split("\t") for l in (work / "rss.tsv").read_text().splitlines() if l.count("\t") == 2]
+if samples:
+    step = max(1, len(samples) // 12)
+    print("RSS over the run (s: MiB, threads): " + ", ".join(
+        f"{t}: {int(k)/1024:.1f}, {n}" for t, k, n in samples[::step]) + "\n")
 print("Events:\n")
 print("```\n" + (work / "events.txt").read_text() + "```")
 checks = 5  # hung, RSS, sessions, readiness, retryable answers

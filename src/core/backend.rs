@@ -6,7 +6,10 @@
 
 use std::future::Future;
 
-use super::{AeadDecrypt, AeadEncrypt, AeadSealed, CryptoError, HsmHealth, KeyInfo, Plaintext};
+use super::{
+    AeadDecrypt, AeadEncrypt, AeadSealed, CryptoError, HsmHealth, KeyInfo, KeyUnwrap, KeyWrap,
+    Plaintext, WrapSupport,
+};
 
 /// Operations the core needs from a key manager. Every cryptographic operation happens inside it.
 pub trait Backend: Send + Sync + 'static {
@@ -21,6 +24,19 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         req: AeadDecrypt,
     ) -> impl Future<Output = Result<Plaintext, CryptoError>> + Send;
+
+    /// Wrap key material with an AES key (RFC 3394/5649) or an RSA key pair (OAEP).
+    fn key_wrap(&self, req: KeyWrap) -> impl Future<Output = Result<Vec<u8>, CryptoError>> + Send;
+
+    /// Unwrap: the inverse of [`Backend::key_wrap`]; a failed integrity check or OAEP decoding
+    /// is `InvalidCiphertext`.
+    fn key_unwrap(
+        &self,
+        req: KeyUnwrap,
+    ) -> impl Future<Output = Result<Plaintext, CryptoError>> + Send;
+
+    /// The key-wrapping algorithms the HSM supports (found by trial at start; cheap).
+    fn wrap_support(&self) -> WrapSupport;
 
     /// The key's attributes (cached; no per-request object search).
     fn key_info(&self, key: &str) -> impl Future<Output = Result<KeyInfo, CryptoError>> + Send;

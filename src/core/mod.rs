@@ -8,11 +8,13 @@ pub mod backend;
 pub mod error;
 pub mod framing;
 pub mod health;
+pub mod keywrap;
 pub mod service;
 pub mod types;
 
 pub use backend::Backend;
 pub use error::CryptoError;
 pub use health::{HealthMonitor, HealthReport};
+pub use keywrap::{KeyUnwrap, KeyWrap, WrapAlgorithm, WrapPath, WrapSupport};
 pub use service::{KeyService, KeyServiceSettings, KeyStatus, KillSwitch};
 pub use types::*;

@@ -15,8 +15,8 @@ use arc_swap::ArcSwap;
 
 use super::health::{HealthMonitor, HealthReport};
 use super::{
-    AeadDecrypt, AeadEncrypt, AeadSealed, Backend, CryptoError, GCM_TAG_LEN, KeyInfo, Operation,
-    Plaintext,
+    AeadDecrypt, AeadEncrypt, AeadSealed, Backend, CryptoError, GCM_TAG_LEN, KeyInfo, KeyUnwrap,
+    KeyWrap, Operation, Plaintext, WrapAlgorithm, WrapSupport,
 };
 use crate::authz::Permit;
 
@@ -207,7 +207,70 @@ impl<B: Backend> KeyService<B> {
             .await
     }
 
-    async fn usable_aes_key(&self, key: &str) -> Result<KeyInfo, CryptoError> {
+    /// Wrap key material (`plaintext`) under the permit's key with `alg`, inside the HSM.
+    pub async fn wrap_key(
+        &self,
+        permit: &Permit,
+        alg: WrapAlgorithm,
+        plaintext: Plaintext,
+    ) -> Result<Vec<u8>, CryptoError> {
+        expect_op(permit, &[Operation::Wrap])?;
+        let info = self.usable_key(permit.key()).await?;
+        alg.check_key(&info).map_err(CryptoError::InvalidKeyUsage)?;
+        // An RSA pair wraps with its public half, whose attributes the HSM checks.
+        if !(alg.is_rsa() || info.usage.wrap || info.usage.encrypt) {
+            return Err(CryptoError::InvalidKeyUsage(
+                "key allows neither wrapping nor encryption (CKA_WRAP and CKA_ENCRYPT are false)"
+                    .into(),
+            ));
+        }
+        alg.check_plaintext_len(plaintext.len(), info.bits)
+            .map_err(CryptoError::Unsupported)?;
+        self.backend
+            .key_wrap(KeyWrap {
+                key: permit.key().to_owned(),
+                alg,
+                plaintext,
+            })
+            .await
+    }
+
+    /// Unwrap `wrapped` with the permit's key and `alg`, inside the HSM.
+    pub async fn unwrap_key(
+        &self,
+        permit: &Permit,
+        alg: WrapAlgorithm,
+        wrapped: Vec<u8>,
+    ) -> Result<Plaintext, CryptoError> {
+        expect_op(permit, &[Operation::Unwrap])?;
+        let info = self.usable_key(permit.key()).await?;
+        alg.check_key(&info).map_err(CryptoError::InvalidKeyUsage)?;
+        if !(info.usage.unwrap || info.usage.decrypt) {
+            return Err(CryptoError::InvalidKeyUsage(
+                "key allows neither unwrapping nor decryption (CKA_UNWRAP and CKA_DECRYPT are false)"
+                    .into(),
+            ));
+        }
+        // A length no wrapping can produce is a malformed input, refused before the HSM.
+        if alg.check_wrapped_len(wrapped.len(), info.bits).is_err() {
+            return Err(CryptoError::InvalidCiphertext);
+        }
+        self.backend
+            .key_unwrap(KeyUnwrap {
+                key: permit.key().to_owned(),
+                alg,
+                wrapped,
+            })
+            .await
+    }
+
+    /// What the HSM can wrap with (found by trial at start).
+    pub fn wrap_support(&self) -> WrapSupport {
+        self.backend.wrap_support()
+    }
+
+    /// The key's attributes, if it may be used now (kill switch, operator, custody).
+    async fn usable_key(&self, key: &str) -> Result<KeyInfo, CryptoError> {
         // The kill switch is checked before touching the backend at all.
         if self.kill.engaged() {
             return Err(CryptoError::KeyDisabled(
@@ -218,6 +281,11 @@ impl<B: Backend> KeyService<B> {
         if let Some(reason) = self.refusal(&info) {
             return Err(CryptoError::KeyDisabled(reason));
         }
+        Ok(info)
+    }
+
+    async fn usable_aes_key(&self, key: &str) -> Result<KeyInfo, CryptoError> {
+        let info = self.usable_key(key).await?;
         if !info.is_aes_256() {
             return Err(CryptoError::InvalidKeyUsage(format!(
                 "key is {}, not an AES-256 key",

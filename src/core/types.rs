@@ -96,6 +96,17 @@ pub struct KeyInfo {
     pub extractable: bool,
     /// Why the custody check refuses this key, if it does (extractable, not sensitive, ...).
     pub custody_violation: Option<String>,
+    /// The public half of an RSA key (`CKA_MODULUS`, `CKA_PUBLIC_EXPONENT`), public by nature.
+    pub rsa_public: Option<RsaPublicKey>,
+}
+
+/// An RSA public key as big-endian unsigned integers without leading zero bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RsaPublicKey {
+    /// `n`
+    pub modulus: Vec<u8>,
+    /// `e`
+    pub exponent: Vec<u8>,
 }
 
 impl KeyInfo {

@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 
 use super::errors::{HsmError, ck_error_name, login_is_fatal};
 use super::keys::{KeyCache, KeyEntry};
+use super::keywrap;
 use super::module::Module;
 use super::pool::Pool;
 use super::recovery::TokenState;
@@ -26,7 +27,7 @@ use super::worker::{
 };
 use crate::core::{
     AeadDecrypt, AeadEncrypt, AeadSealed, Backend, CryptoError, GCM_TAG_LEN, HealthStatus,
-    HsmHealth, KeyInfo, Plaintext,
+    HsmHealth, KeyInfo, KeyUnwrap, KeyWrap, Plaintext, WrapAlgorithm, WrapPath, WrapSupport,
 };
 use crate::metrics::{CacheMetrics, HsmMetrics};
 
@@ -53,6 +54,8 @@ struct Inner {
     max_data_bytes: Option<usize>,
     /// Token identity read at start, for health reports when no worker can answer.
     identity: TokenSummary,
+    /// What the token can wrap with, found by trial at start.
+    wrap_support: WrapSupport,
 }
 
 impl std::fmt::Debug for Pkcs11Backend {
@@ -137,6 +140,12 @@ impl Pkcs11Backend {
             })?,
             None => 0,
         };
+        let wrap_support = sessions
+            .first()
+            .and_then(|s| s.session())
+            .map(keywrap::probe)
+            .unwrap_or_default();
+        log_wrap_support(&identity.label, &wrap_support);
 
         let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<Job>(settings.queue_capacity);
         let pool = Pool::start(&shared, sessions, jobs_rx.clone())?;
@@ -160,6 +169,7 @@ impl Pkcs11Backend {
                 op_timeout: settings.op_timeout,
                 max_data_bytes: settings.max_data_bytes,
                 identity,
+                wrap_support,
             }),
         })
     }
@@ -349,7 +359,82 @@ impl Pkcs11Backend {
     }
 }
 
+/// One line for what the token can wrap with, one per algorithm it cannot (with the HSM's answer).
+fn log_wrap_support(token: &str, support: &WrapSupport) {
+    let supported: Vec<String> = support
+        .supported
+        .iter()
+        .map(|(alg, mech, path)| match path {
+            Some(path) => format!("{alg} ({mech} via {})", path.as_str()),
+            None => format!("{alg} ({mech})"),
+        })
+        .collect();
+    tracing::info!(token, supported = %supported.join(", "), "key-wrapping algorithms found by trial");
+    for alg in &support.block_aligned_wrap {
+        tracing::info!(token, algorithm = %alg, "the HSM wraps only multiples of 8 bytes correctly with this algorithm; other lengths are refused");
+    }
+    for (alg, why) in &support.unsupported {
+        tracing::info!(token, algorithm = %alg, hsm_answer = %why, "key-wrapping algorithm not supported by the HSM");
+    }
+}
+
+impl Pkcs11Backend {
+    /// How the token does `alg`, or the clear refusal naming it.
+    fn wrap_path(&self, alg: WrapAlgorithm) -> Result<WrapPath, CryptoError> {
+        let support = &self.inner.wrap_support;
+        match support.path(alg) {
+            Some(path) => Ok(path.unwrap_or(WrapPath::EncryptDecrypt)),
+            None => Err(CryptoError::Unsupported(format!(
+                "the HSM does not support {alg} ({})",
+                support.refusal(alg).unwrap_or("not tried")
+            ))),
+        }
+    }
+}
+
 impl Backend for Pkcs11Backend {
+    async fn key_wrap(&self, req: KeyWrap) -> Result<Vec<u8>, CryptoError> {
+        let path = self.wrap_path(req.alg)?;
+        self.inner
+            .wrap_support
+            .check_wrap_len(req.alg, req.plaintext.len())
+            .map_err(CryptoError::Unsupported)?;
+        let key = self.entry(&req.key).await?;
+        if let Some(why) = &key.info.custody_violation {
+            return Err(CryptoError::KeyDisabled(why.clone()));
+        }
+        let KeyWrap { alg, plaintext, .. } = req;
+        self.call(|reply| Work::Wrap {
+            key,
+            alg,
+            path,
+            plaintext,
+            reply,
+        })
+        .await
+    }
+
+    async fn key_unwrap(&self, req: KeyUnwrap) -> Result<Plaintext, CryptoError> {
+        let path = self.wrap_path(req.alg)?;
+        let key = self.entry(&req.key).await?;
+        if let Some(why) = &key.info.custody_violation {
+            return Err(CryptoError::KeyDisabled(why.clone()));
+        }
+        let KeyUnwrap { alg, wrapped, .. } = req;
+        self.call(|reply| Work::Unwrap {
+            key,
+            alg,
+            path,
+            wrapped,
+            reply,
+        })
+        .await
+    }
+
+    fn wrap_support(&self) -> WrapSupport {
+        self.inner.wrap_support.clone()
+    }
+
     async fn aead_encrypt(&self, req: AeadEncrypt) -> Result<AeadSealed, CryptoError> {
         self.check_data_len(req.plaintext.len())?;
         let key = self.entry(&req.key).await?;

@@ -124,6 +124,10 @@ impl HsmError {
 pub(crate) enum Op {
     Encrypt,
     Decrypt,
+    /// Key wrapping (AES Key Wrap, RSA-OAEP encryption), by `C_Encrypt` or `C_WrapKey`.
+    Wrap,
+    /// Key unwrapping, by `C_Decrypt` or `C_UnwrapKey`.
+    Unwrap,
     Random,
     FindKey,
     ReadAttributes,
@@ -139,6 +143,8 @@ impl Op {
         match self {
             Op::Encrypt => "encrypt",
             Op::Decrypt => "decrypt",
+            Op::Wrap => "wrap",
+            Op::Unwrap => "unwrap",
             Op::Random => "random",
             Op::FindKey => "find_key",
             Op::ReadAttributes => "read_attributes",
@@ -299,13 +305,18 @@ fn classify(op: Op, rv: RvError) -> Fault {
 
         // Authentication failure. SoftHSM reports a GCM tag mismatch as CKR_GENERAL_ERROR; other
         // modules use these codes. None of them says anything about the session, which stays.
+        // Unwrapping reports a failed integrity check (RFC 3394/5649) or OAEP decoding the same
+        // ways, plus the wrapped-key codes of C_UnwrapKey.
         R::GeneralError
         | R::FunctionFailed
         | R::EncryptedDataInvalid
         | R::EncryptedDataLenRange
         | R::UnknownErrorCode(CKR_AEAD_DECRYPT_FAILED)
-            if op == Op::Decrypt =>
+            if matches!(op, Op::Decrypt | Op::Unwrap) =>
         {
+            Fault::plain(CryptoError::InvalidCiphertext)
+        }
+        R::WrappedKeyInvalid | R::WrappedKeyLenRange if op == Op::Unwrap => {
             Fault::plain(CryptoError::InvalidCiphertext)
         }
 

@@ -13,7 +13,7 @@ use cryptoki::object::{Attribute, AttributeType, KeyType as CkKeyType, ObjectCla
 use cryptoki::session::Session;
 
 use super::errors::{Fault, Op, map_ckr};
-use crate::core::{CryptoError, KeyInfo, KeyType, KeyUsage};
+use crate::core::{CryptoError, KeyInfo, KeyType, KeyUsage, RsaPublicKey};
 use crate::metrics::CacheMetrics;
 
 /// Cache name in `ekm_cache_{hits,misses}_total{cache}`.
@@ -26,7 +26,11 @@ pub(crate) const NEGATIVE_CACHE_NAME: &str = "hsm_key_unknown";
 /// the HSM says about it.
 #[derive(Debug)]
 pub(crate) struct KeyEntry {
+    /// The secret key, or the private key of an RSA pair.
     pub(crate) handle: ObjectHandle,
+    /// The public key object with the same label, for an RSA pair that has one (public-key
+    /// operations run on it, inside the HSM).
+    pub(crate) public: Option<ObjectHandle>,
     pub(crate) info: KeyInfo,
     /// The handle generation this entry was resolved in (see [`KeyCache::generation`]).
     pub(crate) generation: u64,
@@ -146,14 +150,25 @@ impl KeyCache {
         self.allow_exportable_keys
     }
 
-    /// Find the secret key `label` on `session`, read its attributes and cache it. One
-    /// `C_FindObjects` plus one `C_GetAttributeValue` round.
+    /// Find the key `label` on `session` (a secret key, else a private key and its public
+    /// half), read its attributes and cache it. One `C_FindObjects` plus one
+    /// `C_GetAttributeValue` round for a secret key; two more searches for an RSA pair.
     pub(crate) fn resolve(&self, session: &Session, label: &str) -> Result<Arc<KeyEntry>, Fault> {
         let generation = self.generation();
-        let handle = find_unique(session, label, ObjectClass::SECRET_KEY)?;
+        let (handle, public) = match find_unique(session, label, ObjectClass::SECRET_KEY) {
+            Err(Fault {
+                error: CryptoError::KeyNotFound,
+                ..
+            }) => {
+                let handle = find_unique(session, label, ObjectClass::PRIVATE_KEY)?;
+                (handle, find_public(session, label)?)
+            }
+            found => (found?, None),
+        };
         let info = read_info(session, handle, self.allow_exportable_keys)?;
         let entry = Arc::new(KeyEntry {
             handle,
+            public,
             info,
             generation,
         });
@@ -161,15 +176,25 @@ impl KeyCache {
         Ok(entry)
     }
 
-    /// Fill the cache with every labelled secret key on the token (start-up warm-up). Labels that
-    /// several keys share are left out: a lookup of them reports the ambiguity.
+    /// Fill the cache with every labelled secret and private key on the token (start-up
+    /// warm-up). Labels that several keys share are left out: a lookup of them reports the
+    /// ambiguity.
     pub(crate) fn warm(&self, session: &Session) -> Result<usize, Fault> {
         let generation = self.generation();
         let keys = list(
             session,
-            &[ObjectClass::SECRET_KEY],
+            &[ObjectClass::SECRET_KEY, ObjectClass::PRIVATE_KEY],
             self.allow_exportable_keys,
         )?;
+        let publics = list(session, &[ObjectClass::PUBLIC_KEY], true)?;
+        // The public half of a pair: the one public key with the pair's label.
+        let public_of = |label: &str| {
+            let mut same = publics.iter().filter(|(_, info)| info.label == label);
+            match (same.next(), same.next()) {
+                (Some((handle, _)), None) => Some(*handle),
+                _ => None,
+            }
+        };
         // `list` sorts by label, so keys sharing a label are neighbours.
         let shared_label = |i: usize| {
             let label = &keys[i].1.label;
@@ -183,8 +208,14 @@ impl KeyCache {
             if info.label.is_empty() || shared_label(i) {
                 continue;
             }
+            let public = if info.key_type == KeyType::Rsa {
+                public_of(&info.label)
+            } else {
+                None
+            };
             self.insert(Arc::new(KeyEntry {
                 handle: *handle,
+                public,
                 info: info.clone(),
                 generation,
             }));
@@ -192,6 +223,16 @@ impl KeyCache {
         }
         Ok(count)
     }
+}
+
+/// Held while a worker searches for a key by label or copies a key into its session (see
+/// [`find_unique`]). Process-wide: session objects are visible to every session of this process
+/// and to no other process.
+pub(crate) fn object_copy_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // The lock guards no data: a panic elsewhere while holding it leaves nothing inconsistent.
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The one object of `class` labelled `label`: none is `KeyNotFound`, several is `KeyDisabled`.
@@ -208,18 +249,16 @@ pub(crate) fn find_unique(
         Attribute::Token(true),
         Attribute::Label(label.as_bytes().to_vec()),
     ];
-    let search = || {
+    let found = {
+        // SoftHSM shows a session copy that a peer worker is making (C_CopyObject) with the
+        // original's CKA_TOKEN=true for an instant, so a search running meanwhile saw the label
+        // twice (the soak caught it as a 400 "ambiguous" answer). Searches and copies exclude each
+        // other; both are rare (cache misses, one copy per worker and key).
+        let _guard = object_copy_lock();
         session
             .find_objects(&template)
-            .map_err(|e| map_ckr(Op::FindKey, &e))
+            .map_err(|e| map_ckr(Op::FindKey, &e))?
     };
-    let mut found = search()?;
-    if found.len() > 1 {
-        // Search once more before calling the label ambiguous: SoftHSM can show a session copy
-        // that a peer worker is creating right now (C_CopyObject) with the original's
-        // CKA_TOKEN=true for an instant. The soak caught that as a 400 "ambiguous" answer.
-        found = search()?;
-    }
     match found.as_slice() {
         [one] => Ok(*one),
         [] => Err(Fault::plain(CryptoError::KeyNotFound)),
@@ -227,6 +266,18 @@ pub(crate) fn find_unique(
             "label is ambiguous: {} objects",
             many.len()
         )))),
+    }
+}
+
+/// The public key labelled `label`, if exactly one exists (an RSA pair's public half).
+fn find_public(session: &Session, label: &str) -> Result<Option<ObjectHandle>, Fault> {
+    match find_unique(session, label, ObjectClass::PUBLIC_KEY) {
+        Ok(handle) => Ok(Some(handle)),
+        Err(Fault {
+            error: CryptoError::KeyNotFound | CryptoError::KeyDisabled(_),
+            ..
+        }) => Ok(None),
+        Err(other) => Err(other),
     }
 }
 
@@ -238,9 +289,13 @@ pub(crate) fn list(
 ) -> Result<Vec<(ObjectHandle, KeyInfo)>, Fault> {
     let mut out = Vec::new();
     for class in classes {
-        let handles = session
-            .find_objects(&[Attribute::Class(*class), Attribute::Token(true)])
-            .map_err(|e| map_ckr(Op::ListKeys, &e))?;
+        let handles = {
+            // See `find_unique`: a copy in the making would be listed as a second key.
+            let _guard = object_copy_lock();
+            session
+                .find_objects(&[Attribute::Class(*class), Attribute::Token(true)])
+                .map_err(|e| map_ckr(Op::ListKeys, &e))?
+        };
         for handle in handles {
             out.push((handle, read_info(session, handle, allow_exportable_keys)?));
         }
@@ -257,6 +312,7 @@ const INFO_ATTRIBUTES: &[AttributeType] = &[
     AttributeType::ValueLen,
     AttributeType::Modulus,
     AttributeType::ModulusBits,
+    AttributeType::PublicExponent,
     AttributeType::EcParams,
     AttributeType::Encrypt,
     AttributeType::Decrypt,
@@ -289,6 +345,8 @@ pub(crate) fn info_from_attributes(attrs: &[Attribute], allow_exportable_keys: b
     let mut value_len = 0u64;
     let mut modulus_bits = 0u64;
     let mut ec_bits = 0u32;
+    let mut modulus = Vec::new();
+    let mut exponent = Vec::new();
     let mut usage = KeyUsage::default();
     // Absent CKA_SENSITIVE reads as "not sensitive" and absent CKA_EXTRACTABLE as "extractable":
     // the custody check must fail closed when a module does not say.
@@ -301,9 +359,11 @@ pub(crate) fn info_from_attributes(attrs: &[Attribute], allow_exportable_keys: b
             Attribute::KeyType(kt) => key_type = key_type_of(*kt),
             Attribute::ValueLen(len) => value_len = u64::from(*len),
             Attribute::Modulus(m) => {
-                let significant = m.iter().skip_while(|b| **b == 0).count() as u64;
-                modulus_bits = modulus_bits.max(significant * 8);
+                let significant = strip_leading_zeros(m);
+                modulus_bits = modulus_bits.max(significant.len() as u64 * 8);
+                modulus = significant.to_vec();
             }
+            Attribute::PublicExponent(e) => exponent = strip_leading_zeros(e).to_vec(),
             Attribute::ModulusBits(bits) => modulus_bits = modulus_bits.max(u64::from(*bits)),
             Attribute::EcParams(params) => ec_bits = curve_bits(params),
             Attribute::Encrypt(v) => usage.encrypt = *v,
@@ -325,6 +385,8 @@ pub(crate) fn info_from_attributes(attrs: &[Attribute], allow_exportable_keys: b
     };
     // Only secret and private keys can leak key material; public keys are public.
     let custodial = class != Some(ObjectClass::PUBLIC_KEY);
+    let rsa_public = (key_type == KeyType::Rsa && !modulus.is_empty() && !exponent.is_empty())
+        .then_some(RsaPublicKey { modulus, exponent });
     let custody_violation = if allow_exportable_keys || !custodial {
         None
     } else {
@@ -338,7 +400,13 @@ pub(crate) fn info_from_attributes(attrs: &[Attribute], allow_exportable_keys: b
         sensitive,
         extractable,
         custody_violation,
+        rsa_public,
     }
+}
+
+fn strip_leading_zeros(bytes: &[u8]) -> &[u8] {
+    let first = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
+    &bytes[first..]
 }
 
 /// Why the custody check refuses a key with these attributes, if it does.

@@ -11,6 +11,8 @@
 //! - `keys`: label → handle lookup (exactly one match), attributes → `core::KeyInfo`, the custody
 //!   check, and the moka cache warmed at start.
 //! - `gcm`: `CKM_AES_GCM` with the vendor's IV convention ([`GcmIvMode`]).
+//! - `keywrap`: AES Key Wrap (RFC 3394/5649) and RSA-OAEP inside the HSM, and the start-up
+//!   trial of what the token supports.
 //! - `errors`: [`HsmError`] and the single `CKR_*` → `CryptoError` mapping.
 //! - [`backend`]: [`Pkcs11Backend`], the async handle implementing `core::Backend`.
 //! - [`bootstrap`]: idempotent token and key creation (dev setup, tests, `keys create`).
@@ -22,6 +24,7 @@ pub mod bootstrap;
 mod errors;
 mod gcm;
 mod keys;
+mod keywrap;
 mod module;
 mod pool;
 mod recovery;

@@ -30,11 +30,14 @@ use super::errors::{
 };
 use super::gcm;
 use super::keys::{self, KeyCache, KeyEntry};
+use super::keywrap;
 use super::module::Module;
 use super::pool::WorkerState;
 use super::recovery::TokenState;
 use super::settings::{GcmIvMode, TokenSelector};
-use crate::core::{AeadSealed, CryptoError, GCM_TAG_LEN, KeyInfo, Plaintext};
+use crate::core::{
+    AeadSealed, CryptoError, GCM_TAG_LEN, KeyInfo, Plaintext, WrapAlgorithm, WrapPath,
+};
 use crate::metrics::HsmMetrics;
 use crate::secret::SecretString;
 
@@ -109,7 +112,11 @@ impl SessionCopies {
                 let _ = session.destroy_object(*copy);
             }
         }
-        let copy = match session.copy_object(entry.handle, &[Attribute::Token(false)]) {
+        let copied = {
+            let _guard = keys::object_copy_lock();
+            session.copy_object(entry.handle, &[Attribute::Token(false)])
+        };
+        let copy = match copied {
             Ok(copy) => copy,
             Err(e) => {
                 tracing::warn!(key = %entry.info.label, ckr = %ck_error_name(&e), "HSM refused a session copy of the key; using the token object");
@@ -126,6 +133,8 @@ impl SessionCopies {
 pub(crate) struct OpTimers {
     encrypt: Histogram,
     decrypt: Histogram,
+    wrap: Histogram,
+    unwrap: Histogram,
     random: Histogram,
     find_key: Histogram,
     token_info: Histogram,
@@ -139,6 +148,8 @@ impl OpTimers {
         Self {
             encrypt: metrics.op(Op::Encrypt.as_str()),
             decrypt: metrics.op(Op::Decrypt.as_str()),
+            wrap: metrics.op(Op::Wrap.as_str()),
+            unwrap: metrics.op(Op::Unwrap.as_str()),
             random: metrics.op(Op::Random.as_str()),
             find_key: metrics.op(Op::FindKey.as_str()),
             token_info: metrics.op(Op::TokenInfo.as_str()),
@@ -152,6 +163,8 @@ impl OpTimers {
         match op {
             Op::Encrypt => &self.encrypt,
             Op::Decrypt => &self.decrypt,
+            Op::Wrap => &self.wrap,
+            Op::Unwrap => &self.unwrap,
             Op::Random => &self.random,
             Op::FindKey | Op::ReadAttributes => &self.find_key,
             Op::TokenInfo => &self.token_info,
@@ -219,6 +232,20 @@ pub(crate) enum Work {
         aad: Vec<u8>,
         reply: Reply<Plaintext>,
     },
+    Wrap {
+        key: Arc<KeyEntry>,
+        alg: WrapAlgorithm,
+        path: WrapPath,
+        plaintext: Plaintext,
+        reply: Reply<Vec<u8>>,
+    },
+    Unwrap {
+        key: Arc<KeyEntry>,
+        alg: WrapAlgorithm,
+        path: WrapPath,
+        wrapped: Vec<u8>,
+        reply: Reply<Plaintext>,
+    },
     Random {
         len: usize,
         reply: Reply<Vec<u8>>,
@@ -242,6 +269,8 @@ impl Work {
         match self {
             Work::Encrypt { reply, .. } => drop(reply.send(Err(error))),
             Work::Decrypt { reply, .. } => drop(reply.send(Err(error))),
+            Work::Wrap { reply, .. } => drop(reply.send(Err(error))),
+            Work::Unwrap { reply, .. } => drop(reply.send(Err(error))),
             Work::Random { reply, .. } => drop(reply.send(Err(error))),
             Work::Lookup { reply, .. } => drop(reply.send(Err(error))),
             Work::TokenInfo { reply } => drop(reply.send(Err(error))),
@@ -253,6 +282,8 @@ impl Work {
         match self {
             Work::Encrypt { .. } => Op::Encrypt,
             Work::Decrypt { .. } => Op::Decrypt,
+            Work::Wrap { .. } => Op::Wrap,
+            Work::Unwrap { .. } => Op::Unwrap,
             Work::Random { .. } => Op::Random,
             Work::Lookup { .. } => Op::FindKey,
             Work::TokenInfo { .. } => Op::TokenInfo,
@@ -604,7 +635,7 @@ impl Worker {
                 reply,
             } => {
                 let mode = self.shared.gcm_iv;
-                let r = self.with_key(Op::Encrypt, &key, |s, handle| {
+                let r = self.with_key(Op::Encrypt, &key, |s, handle, _| {
                     gcm::encrypt(s, handle, &plaintext, &aad, mode)
                 });
                 let _ = reply.send(r);
@@ -618,8 +649,34 @@ impl Worker {
                 reply,
             } => {
                 let shared = Arc::clone(&self.shared);
-                let r = self.with_key(Op::Decrypt, &key, |s, handle| {
+                let r = self.with_key(Op::Decrypt, &key, |s, handle, _| {
                     gcm::decrypt(s, handle, &iv, &mut ciphertext, &tag, &aad)
+                        .map_err(|fault| confirm_caller_fault(&shared, s, fault))
+                });
+                let _ = reply.send(r);
+            }
+            Work::Wrap {
+                key,
+                alg,
+                path,
+                plaintext,
+                reply,
+            } => {
+                let r = self.with_key(Op::Wrap, &key, |s, handle, entry| {
+                    keywrap::wrap(s, handle, entry.public, alg, path, &plaintext)
+                });
+                let _ = reply.send(r);
+            }
+            Work::Unwrap {
+                key,
+                alg,
+                path,
+                wrapped,
+                reply,
+            } => {
+                let shared = Arc::clone(&self.shared);
+                let r = self.with_key(Op::Unwrap, &key, |s, handle, _| {
+                    keywrap::unwrap(s, handle, alg, path, &wrapped)
                         .map_err(|fault| confirm_caller_fault(&shared, s, fault))
                 });
                 let _ = reply.send(r);
@@ -688,7 +745,7 @@ impl Worker {
         &mut self,
         op: Op,
         key: &Arc<KeyEntry>,
-        mut f: impl FnMut(&Session, ObjectHandle) -> Result<T, Fault>,
+        mut f: impl FnMut(&Session, ObjectHandle, &KeyEntry) -> Result<T, Fault>,
     ) -> Result<T, CryptoError> {
         let mut entry = Arc::clone(key);
         let mut force_refresh = false;
@@ -718,7 +775,7 @@ impl Worker {
             } else {
                 entry.handle
             };
-            let result = f(session, handle);
+            let result = f(session, handle, &entry);
             if matches!(
                 result,
                 Err(Fault {
