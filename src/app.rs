@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 
 use crate::config::Settings;
 use crate::core::{HealthMonitor, KeyService, KillSwitch};
+use crate::front::azure::AzureFront;
 use crate::front::gcp::GcpFront;
 use crate::front::xks::XksFront;
 use crate::hsm::Pkcs11Backend;
@@ -65,6 +66,7 @@ pub struct Running {
     service: Arc<KeyService<Pkcs11Backend>>,
     xks: Arc<XksFront<Pkcs11Backend>>,
     gcp: Option<Arc<GcpFront<Pkcs11Backend>>>,
+    azure: Option<Arc<AzureFront<Pkcs11Backend>>>,
     tls: HashMap<String, Arc<ArcSwap<rustls::ServerConfig>>>,
     metrics: Metrics,
     alpn: Vec<Vec<u8>>,
@@ -110,9 +112,17 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             metrics.jwt.clone(),
         )?)),
     };
+    let azure = settings.azure.as_ref().map(|a| {
+        Arc::new(AzureFront::new(
+            a,
+            service.clone(),
+            metrics.requests.clone(),
+        ))
+    });
     let router = Arc::new(Router {
         xks: (!settings.xks.key_stores.is_empty()).then(|| xks.clone()),
         gcp: gcp.clone(),
+        azure: azure.clone(),
         metrics: metrics.requests.clone(),
         max_body_bytes: settings.server.max_body_bytes,
         request_timeout: settings.server.request_timeout,
@@ -245,6 +255,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         service,
         xks,
         gcp,
+        azure,
         tls: tls_configs,
         metrics,
         alpn,
@@ -314,6 +325,13 @@ impl Running {
             slot.store(cfg);
         }
         self.xks.reload(&new.xks);
+        match (&self.azure, &new.azure) {
+            (Some(front), Some(settings)) => front.reload(settings),
+            (None, Some(_)) | (Some(_), None) => tracing::warn!(
+                "adding or removing the [azure] section needs a restart; its change is ignored"
+            ),
+            (None, None) => {}
+        }
         if let Some(front) = self.gcp.clone() {
             tokio::spawn(async move { front.prefetch().await });
         }

@@ -35,6 +35,10 @@ pub struct AuditEvent<'a> {
     pub justification: Option<&'a str>,
     /// The caller's resource using the key (e.g. a Cloud KMS key version), when given.
     pub resource: Option<&'a str>,
+    /// The caller's correlation id, where the protocol has one besides the request id (Azure).
+    pub correlation_id: Option<&'a str>,
+    /// The caller's pool or tenant name, where the protocol names one (Azure `pool_name`).
+    pub pool: Option<&'a str>,
     /// Time spent in the proxy, in microseconds.
     pub latency_us: u64,
 }
@@ -68,6 +72,7 @@ pub fn record(event: &AuditEvent<'_>) {
         opt(event.justification),
         opt(event.resource),
     );
+    let (correlation_id, pool) = (opt(event.correlation_id), opt(event.pool));
     tracing::info!(
         target: TARGET,
         front = event.front,
@@ -82,6 +87,8 @@ pub fn record(event: &AuditEvent<'_>) {
         grant = grant.as_deref(),
         justification = justification.as_deref(),
         resource = resource.as_deref(),
+        correlation_id = correlation_id.as_deref().map(|v| tracing::field::display(LogSafe(v))),
+        pool = pool.as_deref().map(|v| tracing::field::display(LogSafe(v))),
         latency_us = event.latency_us,
         "audit"
     );

@@ -399,6 +399,7 @@ async fn mtls_accepts_the_allowed_client_and_reports_its_identity() {
                 subject_cn: Some(KMS_CLIENT.to_owned()),
                 dns_names: vec![KMS_CLIENT.to_owned()],
                 sha256_fingerprint: hex::encode(Sha256::digest(&client_der)),
+                chain: vec![client_der.clone().into_owned()],
             })
         );
     }

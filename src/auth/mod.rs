@@ -3,6 +3,7 @@
 //! Depends on `secret` and `metrics` (and the leaf glob type `authz::Pattern`, for the JWT
 //! service-account allow-list); knows nothing of key operations, policy or the HSM.
 
+pub mod client_cert;
 pub mod jwt;
 pub mod sigv4;
 
@@ -25,6 +26,13 @@ pub enum Principal {
         /// The token's verified `email` claim (the service account).
         email: String,
     },
+    /// A client certificate accepted by an mTLS listener and a front's subject list.
+    Certificate {
+        /// The allowed subject name (CN or DNS SAN) the certificate carries.
+        subject: String,
+        /// Lowercase hex SHA-256 of the certificate.
+        fingerprint: String,
+    },
 }
 
 impl Principal {
@@ -33,6 +41,7 @@ impl Principal {
         match self {
             Principal::SigV4 { access_key_id, .. } => access_key_id,
             Principal::Jwt { email, .. } => email,
+            Principal::Certificate { subject, .. } => subject,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! `front::xks::XksSettings`, ...); nothing else in the crate reads the file or the environment
 //! for configuration.
 
+pub mod azure;
 pub mod gcp;
 pub mod raw;
 pub mod secret_source;
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::core::KeyServiceSettings;
+use crate::front::azure::AzureSettings;
 use crate::front::gcp::GcpSettings;
 use crate::front::xks::XksSettings;
 use crate::hsm::HsmSettings;
@@ -41,6 +43,8 @@ pub struct Settings {
     pub xks: XksSettings,
     /// The Google Cloud EKM front end, when configured.
     pub gcp: Option<GcpSettings>,
+    /// `[azure]`, when present.
+    pub azure: Option<AzureSettings>,
     /// Logs and audit.
     pub logging: LoggingSettings,
 }

@@ -33,6 +33,8 @@ pub struct RawConfig {
     pub xks: RawXks,
     /// `[gcp]`
     pub gcp: Option<RawGcp>,
+    /// `[azure]`
+    pub azure: Option<RawAzure>,
 }
 
 /// `[server]`
@@ -254,6 +256,43 @@ pub struct RawRule {
     pub attribute: String,
     /// Allowed values (globs).
     pub allow: Vec<String>,
+}
+
+/// `[azure]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAzure {
+    /// `proxy_vendor` in `/info`.
+    pub vendor: Option<String>,
+    /// `ekm_vendor` in `/info`.
+    pub ekm_vendor: Option<String>,
+    /// `ekm_product` in `/info`.
+    pub ekm_product: Option<String>,
+    /// `[[azure.prefix]]`
+    #[serde(default)]
+    pub prefix: Vec<RawAzurePrefix>,
+}
+
+/// `[[azure.prefix]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAzurePrefix {
+    /// Name in logs, metrics and audit lines.
+    pub name: String,
+    /// `/segment[/segment…]`, at most 64 characters of `[A-Za-z0-9/-]`.
+    pub path_prefix: String,
+    /// PEM CA bundle the client certificate must chain to (narrower than the listener's);
+    /// absent: the listener's CA bundle decides.
+    pub ca_bundle: Option<String>,
+    /// Client certificate subjects (CN or DNS SAN) accepted; at least one.
+    pub allowed_subjects: Vec<String>,
+    /// Exposed key labels (globs); `["*"]` for all but the health-check key.
+    pub keys: Vec<String>,
+    /// Serve (default) or answer 403 to every key operation.
+    pub enabled: Option<bool>,
+    /// `[[azure.prefix.rule]]`
+    #[serde(default)]
+    pub rule: Vec<RawRule>,
 }
 
 /// `[gcp]`

@@ -62,6 +62,24 @@ pub fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Settings, 
         .gcp
         .as_ref()
         .and_then(|g| super::gcp::gcp(g, base, &core.health_key, &mut c));
+    let azure = raw.azure.as_ref().and_then(|a| {
+        // Cloud EKM's prefix and the XKS API root are routed first.
+        let mut taken = vec!["/kms/xks/v1".to_owned()];
+        taken.extend(gcp.as_ref().map(|g| g.prefix.clone()));
+        super::azure::azure(a, base, &core.health_key, &taken, &mut c)
+    });
+    if raw.azure.is_some()
+        && !listeners.iter().any(|l| {
+            l.tls
+                .as_ref()
+                .is_some_and(|t| matches!(t.client_auth, ClientAuth::Required { .. }))
+        })
+    {
+        c.add(
+            "azure",
+            "Azure Managed HSM calls over mutual TLS only: add a [[listener]] with [listener.tls.client_auth]",
+        );
+    }
     let logging = logging(&raw, base, &mut c);
     if let Some(limit) = hsm.as_ref().and_then(|h| h.max_data_bytes) {
         // What a front end lets through must fit into one HSM call: plaintext ‖ 16-byte tag on
@@ -95,10 +113,10 @@ pub fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Settings, 
     if listeners.is_empty() && !c.problems.iter().any(|p| p.path.starts_with("listener")) {
         c.add("listener", "at least one [[listener]] is required");
     }
-    if xks.key_stores.is_empty() && raw.gcp.is_none() {
+    if xks.key_stores.is_empty() && raw.gcp.is_none() && raw.azure.is_none() {
         c.add(
             "xks.key_store",
-            "nothing to serve: configure at least one [[xks.key_store]] or a [gcp] section",
+            "nothing to serve: configure at least one [[xks.key_store]], a [gcp] or an [azure] section",
         );
     }
     match (hsm, c.problems.is_empty()) {
@@ -111,6 +129,7 @@ pub fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Settings, 
             core,
             xks,
             gcp,
+            azure,
             logging,
         }),
         _ => Err(ConfigError {

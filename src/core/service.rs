@@ -216,7 +216,7 @@ impl<B: Backend> KeyService<B> {
     ) -> Result<Vec<u8>, CryptoError> {
         expect_op(permit, &[Operation::Wrap])?;
         let info = self.usable_key(permit.key()).await?;
-        alg.check_key(&info).map_err(CryptoError::InvalidKeyUsage)?;
+        alg.check_key(&info).map_err(CryptoError::Unsupported)?;
         // An RSA pair wraps with its public half, whose attributes the HSM checks.
         if !(alg.is_rsa() || info.usage.wrap || info.usage.encrypt) {
             return Err(CryptoError::InvalidKeyUsage(
@@ -244,7 +244,7 @@ impl<B: Backend> KeyService<B> {
     ) -> Result<Plaintext, CryptoError> {
         expect_op(permit, &[Operation::Unwrap])?;
         let info = self.usable_key(permit.key()).await?;
-        alg.check_key(&info).map_err(CryptoError::InvalidKeyUsage)?;
+        alg.check_key(&info).map_err(CryptoError::Unsupported)?;
         if !(info.usage.unwrap || info.usage.decrypt) {
             return Err(CryptoError::InvalidKeyUsage(
                 "key allows neither unwrapping nor decryption (CKA_UNWRAP and CKA_DECRYPT are false)"

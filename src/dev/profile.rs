@@ -73,6 +73,22 @@ pub fn dev_key_specs() -> Vec<KeySpec> {
         .collect()
 }
 
+/// The Azure Managed HSM path prefix of the dev profile (served on the mTLS listener).
+pub const AZURE_PREFIX: &str = "/azure";
+/// The dev AES key-encryption key for Azure (`A256KW`, `A256KWP`): wrap and unwrap only.
+pub const AZURE_AES_KEY: &str = "dev-aes-kek-1";
+/// The dev RSA key for Azure (`RSA-OAEP`, and `RSA-OAEP-256` where the HSM has it).
+pub const AZURE_RSA_KEY: &str = "dev-rsa-1";
+
+/// Key specs of the keys the dev profile adds for Azure: an AES-256 key-encryption key and an
+/// RSA-3072 pair. Not part of [`dev_key_specs`] (the tests' standard token), which they would
+/// slow down (RSA generation) for nothing.
+pub fn azure_dev_key_specs() -> Vec<KeySpec> {
+    let mut kek = KeySpec::new(AZURE_AES_KEY, KeyKind::Aes256);
+    (kek.encrypt, kek.decrypt, kek.wrap, kek.unwrap) = (false, false, true, true);
+    vec![kek, KeySpec::new(AZURE_RSA_KEY, KeyKind::Rsa3072)]
+}
+
 /// Where SoftHSMv2's module usually lives on Debian/Ubuntu and source builds.
 pub const SOFTHSM_MODULE_PATHS: &[&str] = &[
     "/usr/lib/softhsm/libsofthsm2.so",
@@ -145,7 +161,7 @@ pub fn init(root: &Path, module: Option<PathBuf>) -> Result<DevReport, DevError>
     let user = SecretString::from(USER_PIN);
     let token = bootstrap::ensure_token(&module, TOKEN_LABEL, &so, &user)?;
     lines.push(token.to_string());
-    for spec in dev_key_specs() {
+    for spec in dev_key_specs().into_iter().chain(azure_dev_key_specs()) {
         let key = bootstrap::ensure_key(&module, TOKEN_LABEL, &user, &spec)?;
         lines.push(key.to_string());
     }
@@ -158,6 +174,9 @@ pub fn init(root: &Path, module: Option<PathBuf>) -> Result<DevReport, DevError>
     lines.push(format!("config: {}", config_path.display()));
     lines.push(format!(
         "Cloud EKM: https://localhost:8443{GCP_PREFIX}/{GCP_KEY_PATH}:wrap; token: ekm-proxy dev token"
+    ));
+    lines.push(format!(
+        "Azure: https://localhost:9443{AZURE_PREFIX}/{AZURE_RSA_KEY}/wrapkey?api-version=0.1-preview with certs/dev/client.pem"
     ));
     Ok(DevReport { lines })
 }
@@ -263,6 +282,21 @@ path = "{GCP_KEY_PATH}"
 [[gcp.key.grant]]
 name = "{GCP_GRANT}"
 service_accounts = ["{GCP_SERVICE_ACCOUNT}"]
+
+# Azure Managed HSM external keys (EKM Proxy API 0.1-preview), mutual TLS only: on the mtls
+# listener, POST https://localhost:9443{AZURE_PREFIX}/info | /<key>/metadata | /<key>/wrapkey |
+# /<key>/unwrapkey ?api-version=0.1-preview with certs/dev/client.pem. Every key of the token but
+# the health-check key; {AZURE_AES_KEY} (A256KW/A256KWP) and {AZURE_RSA_KEY} (RSA-OAEP) are made for it.
+[azure]
+ekm_vendor = "SoftHSM"
+ekm_product = "SoftHSMv2"
+
+[[azure.prefix]]
+name = "dev-pool"
+path_prefix = "{AZURE_PREFIX}"
+ca_bundle = "../certs/dev/ca.pem"
+allowed_subjects = ["{CLIENT_SUBJECT}"]
+keys = ["*"]
 "#,
         module = module.display()
     )
@@ -326,5 +360,9 @@ mod tests {
         std::fs::write(&path, dev_config(&module)).unwrap();
         let settings = crate::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         assert!(settings.gcp.is_some());
+        let azure = settings.azure.expect("the dev profile serves Azure");
+        assert_eq!(azure.prefixes[0].prefix, AZURE_PREFIX);
+        assert!(azure.prefixes[0].keys.allows(AZURE_RSA_KEY));
+        assert!(!azure.prefixes[0].keys.allows(HEALTH_KEY));
     }
 }

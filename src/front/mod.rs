@@ -4,7 +4,9 @@
 //!
 //! Fronts depend on `auth`, `authz`, `core`, `metrics`, `audit` and HTTP types; never on `hsm`.
 
+pub mod azure;
 pub mod gcp;
+pub mod pipeline;
 pub mod xks;
 
 use bytes::Bytes;

@@ -11,6 +11,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::core::Backend;
+use crate::front::azure::AzureFront;
 use crate::front::gcp::GcpFront;
 use crate::front::xks::XksFront;
 use crate::front::{ConnInfo, Response};
@@ -22,6 +23,8 @@ pub struct Router<B: Backend> {
     pub xks: Option<Arc<XksFront<B>>>,
     /// The Cloud EKM front, when configured.
     pub gcp: Option<Arc<GcpFront<B>>>,
+    /// The Azure Managed HSM front, when configured.
+    pub azure: Option<Arc<AzureFront<B>>>,
     /// Request metrics (in-flight gauge).
     pub metrics: RequestMetrics,
     /// Largest body accepted.
@@ -49,6 +52,8 @@ impl<B: Backend> Router<B> {
             Front::Gcp(gcp)
         } else if let Some(xks) = self.xks.as_ref().filter(|x| x.claims(path)) {
             Front::Xks(xks)
+        } else if let Some(azure) = self.azure.as_ref().filter(|a| a.claims(path)) {
+            Front::Azure(azure)
         } else {
             // Neither claims it: answer in XKS form, the protocol of the bare API root.
             return XksFront::<B>::unknown_path();
@@ -93,6 +98,7 @@ impl<B: Backend> Router<B> {
 enum Front<'a, B: Backend> {
     Xks(&'a XksFront<B>),
     Gcp(&'a GcpFront<B>),
+    Azure(&'a AzureFront<B>),
 }
 
 impl<B: Backend> Front<'_, B> {
@@ -100,6 +106,7 @@ impl<B: Backend> Front<'_, B> {
         match self {
             Front::Xks(f) => f.too_large(),
             Front::Gcp(f) => f.too_large(),
+            Front::Azure(f) => f.too_large(),
         }
     }
 
@@ -107,6 +114,7 @@ impl<B: Backend> Front<'_, B> {
         match self {
             Front::Xks(f) => f.timed_out(),
             Front::Gcp(f) => f.timed_out(),
+            Front::Azure(f) => f.timed_out(),
         }
     }
 
@@ -114,6 +122,7 @@ impl<B: Backend> Front<'_, B> {
         match self {
             Front::Xks(f) => f.handle(req, conn).await,
             Front::Gcp(f) => f.handle(req, conn).await,
+            Front::Azure(f) => f.handle(req, conn).await,
         }
     }
 }

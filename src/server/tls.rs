@@ -29,6 +29,12 @@ use rustls::sign::{CertifiedKey, SingleCertAndKey};
 pub use client_auth::{RejectHook, RejectReason, missing_client_certificate};
 pub use identity::{PeerIdentity, peer_identity};
 
+/// The certificates of a PEM CA bundle as a trust store (at least one, each parseable), for
+/// checks a front makes beyond the listener's (e.g. a per-prefix CA).
+pub fn load_ca_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, TlsError> {
+    load::ca_bundle(path)
+}
+
 /// How many TLS 1.2 session-ID resumption entries the server remembers. Each entry is a few
 /// hundred bytes; a few thousand covers many more concurrent KMS connections than we expect,
 /// and the cache evicts the oldest entries when full (it is never a reason to fail).

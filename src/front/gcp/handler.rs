@@ -211,6 +211,8 @@ impl<B: Backend> GcpFront<B> {
                 grant: outcome.grant.as_deref(),
                 justification: outcome.justification.as_deref(),
                 resource: outcome.resource.as_deref(),
+                correlation_id: None,
+                pool: None,
                 latency_us,
             });
             if let Some(why) = reason.filter(|_| outcome.rule.is_none()) {

@@ -195,6 +195,8 @@ impl<B: Backend> XksFront<B> {
                 grant: None,
                 justification: None,
                 resource: None,
+                correlation_id: None,
+                pool: None,
                 latency_us,
             });
         } else {

@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use rustls::ServerConnection;
+use rustls::pki_types::CertificateDer;
 use rustls::sign::CertifiedKey;
 use sha2::{Digest, Sha256};
 use x509_parser::certificate::X509Certificate;
@@ -23,6 +24,9 @@ pub struct PeerIdentity {
     /// Lowercase hex SHA-256 of the leaf certificate's DER (what `openssl x509 -fingerprint
     /// -sha256` prints, without colons).
     pub sha256_fingerprint: String,
+    /// The chain as presented (leaf first), already verified by the listener; kept so a front
+    /// can check it against a narrower CA bundle of its own (e.g. per Azure path prefix).
+    pub chain: Vec<CertificateDer<'static>>,
 }
 
 impl PeerIdentity {
@@ -54,6 +58,7 @@ impl PeerIdentity {
             subject_cn,
             dns_names,
             sha256_fingerprint: fingerprint(der),
+            chain: vec![CertificateDer::from(der.to_vec())],
         })
     }
 
@@ -73,8 +78,10 @@ impl PeerIdentity {
 /// (or before the handshake completes). On a resumed session this is the certificate presented
 /// in the original full handshake.
 pub fn peer_identity(conn: &ServerConnection) -> Option<PeerIdentity> {
-    let leaf = conn.peer_certificates()?.first()?;
-    PeerIdentity::from_der(leaf)
+    let chain = conn.peer_certificates()?;
+    let mut identity = PeerIdentity::from_der(chain.first()?)?;
+    identity.chain = chain.iter().map(|c| c.clone().into_owned()).collect();
+    Some(identity)
 }
 
 /// Lowercase hex SHA-256 of a DER certificate.

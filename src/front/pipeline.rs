@@ -1,0 +1,256 @@
+//! The request pipeline the front ends share: the per-request span, the bounded decoding of
+//! binary fields, JSON parsing with a caller-safe message, and the end of every request (one
+//! metric observation and one log line, which for a key operation is its audit event).
+//!
+//! A front supplies routing, its wire types and its one error mapping; it learns the request's
+//! facts (tenant, key, principal, request id) before it runs the operation, so the operation
+//! returns a plain `Result` and nothing flows back up beside it.
+//!
+//! Depends on `audit`, `metrics` and the `base64`/`serde_json` crates; never on `hsm`, `core`'s
+//! backend or a particular front.
+
+use std::time::Instant;
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+
+use crate::audit::{self, AuditEvent, LogSafe};
+use crate::metrics::RequestMetrics;
+
+/// Which base64 alphabet a field uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Base64 {
+    /// RFC 4648 §4 with padding (XKS, Cloud EKM).
+    Standard,
+    /// RFC 4648 §5 without padding (JOSE / RFC 7515: Azure).
+    UrlNoPad,
+}
+
+/// Why a binary field was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FieldError {
+    /// Not valid in the field's base64 alphabet (padding where none belongs included).
+    Invalid,
+    /// Decodes to more than the limit.
+    TooLarge {
+        /// The limit in bytes.
+        max: usize,
+    },
+}
+
+impl FieldError {
+    /// A message naming the field, safe to send.
+    pub fn message(&self, name: &str, alphabet: Base64) -> String {
+        match self {
+            FieldError::Invalid => match alphabet {
+                Base64::Standard => format!("{name} is not valid base64"),
+                Base64::UrlNoPad => format!("{name} is not valid unpadded base64url"),
+            },
+            FieldError::TooLarge { max } => {
+                format!("{name} exceeds this proxy's limit of {max} bytes")
+            }
+        }
+    }
+}
+
+/// Decode `value` in `alphabet`, refusing before decoding what would certainly exceed `max`.
+pub fn decode_bounded(value: &str, alphabet: Base64, max: usize) -> Result<Vec<u8>, FieldError> {
+    // Every 4 characters carry at most 3 bytes; padding can make this bound 2 bytes high.
+    let upper = value.len().div_ceil(4).saturating_mul(3);
+    if upper > max.saturating_add(2) {
+        return Err(FieldError::TooLarge { max });
+    }
+    let bytes = match alphabet {
+        Base64::Standard => STANDARD.decode(value),
+        Base64::UrlNoPad => URL_SAFE_NO_PAD.decode(value),
+    }
+    .map_err(|_| FieldError::Invalid)?;
+    if bytes.len() > max {
+        return Err(FieldError::TooLarge { max });
+    }
+    Ok(bytes)
+}
+
+/// Encode `bytes` in `alphabet`.
+pub fn encode(bytes: &[u8], alphabet: Base64) -> String {
+    match alphabet {
+        Base64::Standard => STANDARD.encode(bytes),
+        Base64::UrlNoPad => URL_SAFE_NO_PAD.encode(bytes),
+    }
+}
+
+/// Parse a JSON body; the error is a short message safe to send (it never echoes the input).
+pub fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, &'static str> {
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => "a field is missing or has the wrong type",
+        _ => "request body is not valid JSON",
+    })
+}
+
+/// What a front learned about one request: the fields of its log line and audit event.
+#[derive(Debug, Clone, Default)]
+pub struct RequestFacts {
+    /// Key store, prefix or issuer the request was routed to.
+    pub tenant: String,
+    /// The operation's name in metrics and logs.
+    pub op: &'static str,
+    /// The key asked for (empty when none).
+    pub key: String,
+    /// Who called (empty until authenticated).
+    pub principal: String,
+    /// The caller's request id.
+    pub request_id: String,
+    /// Whether this request is a key operation (its line is an audit event).
+    pub audit: bool,
+    /// Extra context the protocol carries (Azure: correlation id and pool).
+    pub correlation_id: Option<String>,
+    /// See `correlation_id`.
+    pub pool: Option<String>,
+}
+
+/// How a request ended, for the metric and the line.
+#[derive(Debug, Clone, Copy)]
+pub struct Ending<'a> {
+    /// `ok` or the protocol's error name.
+    pub outcome: &'a str,
+    /// The rule that denied it, if a rule did.
+    pub rule: Option<&'a str>,
+}
+
+/// One request's span: every line logged while handling the request carries its front and,
+/// once known, the tenant, key, principal and request id.
+pub fn span(front: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "request",
+        front,
+        tenant = tracing::field::Empty,
+        key = tracing::field::Empty,
+        principal = tracing::field::Empty,
+        request_id = tracing::field::Empty,
+    )
+}
+
+/// Record what is known so far on the request's span.
+pub fn record(span: &tracing::Span, facts: &RequestFacts) {
+    if !facts.tenant.is_empty() {
+        span.record("tenant", facts.tenant.as_str());
+    }
+    if !facts.key.is_empty() {
+        span.record("key", facts.key.as_str());
+    }
+    if !facts.principal.is_empty() {
+        span.record("principal", facts.principal.as_str());
+    }
+    if !facts.request_id.is_empty() {
+        span.record(
+            "request_id",
+            tracing::field::display(LogSafe(&facts.request_id)),
+        );
+    }
+}
+
+/// End a request: one metric observation, and one line (the audit event for a key operation).
+pub fn finish(
+    metrics: &RequestMetrics,
+    front: &'static str,
+    facts: &RequestFacts,
+    ending: Ending<'_>,
+    started: Instant,
+) {
+    let elapsed = started.elapsed();
+    let op = if facts.op.is_empty() {
+        "unknown"
+    } else {
+        facts.op
+    };
+    metrics.observe(front, op, ending.outcome, elapsed.as_secs_f64());
+    let latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+    if facts.audit {
+        audit::record(&AuditEvent {
+            front,
+            tenant: &facts.tenant,
+            op,
+            key: &facts.key,
+            principal: &facts.principal,
+            request_id: &facts.request_id,
+            decision: match (ending.outcome, ending.rule) {
+                (_, Some(_)) => "deny",
+                ("ok", None) => "allow",
+                _ => "error",
+            },
+            outcome: ending.outcome,
+            rule: ending.rule,
+            grant: None,
+            justification: None,
+            resource: None,
+            correlation_id: facts.correlation_id.as_deref(),
+            pool: facts.pool.as_deref(),
+            latency_us,
+        });
+    } else {
+        tracing::info!(
+            front,
+            tenant = %audit::bounded(&facts.tenant),
+            op,
+            request_id = %LogSafe(&facts.request_id),
+            principal = %audit::bounded(&facts.principal),
+            outcome = ending.outcome,
+            latency_us,
+            "request"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64url_is_strict_and_bounded() {
+        assert_eq!(
+            decode_bounded("AQAB", Base64::UrlNoPad, 10).unwrap(),
+            [1, 0, 1]
+        );
+        assert_eq!(
+            decode_bounded("-_8", Base64::UrlNoPad, 10).unwrap(),
+            [0xfb, 0xff]
+        );
+        // Padding, the standard alphabet's + and /, and whitespace are refused.
+        for bad in ["AQ==", "+/8", "AQ AB", "A"] {
+            assert_eq!(
+                decode_bounded(bad, Base64::UrlNoPad, 10),
+                Err(FieldError::Invalid),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            decode_bounded("AAAAAAAA", Base64::UrlNoPad, 5),
+            Err(FieldError::TooLarge { max: 5 })
+        );
+        // Refused before decoding: far too long to be within the limit.
+        assert_eq!(
+            decode_bounded(&"!".repeat(100), Base64::UrlNoPad, 5),
+            Err(FieldError::TooLarge { max: 5 })
+        );
+        assert_eq!(decode_bounded("AQ==", Base64::Standard, 10).unwrap(), [1]);
+        assert_eq!(encode(&[0xfb, 0xff], Base64::UrlNoPad), "-_8");
+        assert_eq!(encode(&[1], Base64::Standard), "AQ==");
+    }
+
+    #[test]
+    fn json_errors_do_not_echo_input() {
+        #[derive(serde::Deserialize, Debug)]
+        struct T {
+            #[allow(dead_code)]
+            a: u8,
+        }
+        assert_eq!(
+            parse_json::<T>(b"{\"a\": \"secret\"}").unwrap_err(),
+            "a field is missing or has the wrong type"
+        );
+        assert_eq!(
+            parse_json::<T>(b"secret{").unwrap_err(),
+            "request body is not valid JSON"
+        );
+    }
+}
