@@ -12,7 +12,9 @@
 use std::time::Instant;
 
 use base64::Engine;
+use base64::alphabet;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 
 use crate::audit::{self, AuditEvent, LogSafe};
 use crate::metrics::RequestMetrics;
@@ -24,6 +26,9 @@ pub enum Base64 {
     Standard,
     /// RFC 4648 §5 without padding (JOSE / RFC 7515: Azure).
     UrlNoPad,
+    /// What proto3 JSON parsers accept for `bytes` (Cloud EKM): standard or URL-safe, padded or
+    /// not.
+    Proto3,
 }
 
 /// Why a binary field was refused.
@@ -43,7 +48,7 @@ impl FieldError {
     pub fn message(&self, name: &str, alphabet: Base64) -> String {
         match self {
             FieldError::Invalid => match alphabet {
-                Base64::Standard => format!("{name} is not valid base64"),
+                Base64::Standard | Base64::Proto3 => format!("{name} is not valid base64"),
                 Base64::UrlNoPad => format!("{name} is not valid unpadded base64url"),
             },
             FieldError::TooLarge { max } => {
@@ -63,6 +68,7 @@ pub fn decode_bounded(value: &str, alphabet: Base64, max: usize) -> Result<Vec<u
     let bytes = match alphabet {
         Base64::Standard => STANDARD.decode(value),
         Base64::UrlNoPad => URL_SAFE_NO_PAD.decode(value),
+        Base64::Proto3 => PROTO3.decode(value).or_else(|_| PROTO3_URL.decode(value)),
     }
     .map_err(|_| FieldError::Invalid)?;
     if bytes.len() > max {
@@ -71,19 +77,39 @@ pub fn decode_bounded(value: &str, alphabet: Base64, max: usize) -> Result<Vec<u
     Ok(bytes)
 }
 
-/// Encode `bytes` in `alphabet`.
+/// Encode `bytes` in `alphabet` (proto3 JSON writes standard base64 with padding).
 pub fn encode(bytes: &[u8], alphabet: Base64) -> String {
     match alphabet {
-        Base64::Standard => STANDARD.encode(bytes),
+        Base64::Standard | Base64::Proto3 => STANDARD.encode(bytes),
         Base64::UrlNoPad => URL_SAFE_NO_PAD.encode(bytes),
     }
 }
 
-/// Parse a JSON body; the error is a short message safe to send (it never echoes the input).
-pub fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, &'static str> {
+/// Standard alphabet, padding optional (proto3 JSON).
+const PROTO3: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+/// URL-safe alphabet, padding optional (proto3 JSON).
+const PROTO3_URL: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::URL_SAFE,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Why a JSON body was refused (each front words its own message; none echoes the input).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JsonError {
+    /// Valid JSON, but a field is missing or has the wrong type.
+    WrongShape,
+    /// Not JSON at all (or truncated).
+    NotJson,
+}
+
+/// Parse a JSON body.
+pub fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, JsonError> {
     serde_json::from_slice(body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => "a field is missing or has the wrong type",
-        _ => "request body is not valid JSON",
+        serde_json::error::Category::Data => JsonError::WrongShape,
+        _ => JsonError::NotJson,
     })
 }
 
@@ -233,12 +259,16 @@ mod tests {
             Err(FieldError::TooLarge { max: 5 })
         );
         assert_eq!(decode_bounded("AQ==", Base64::Standard, 10).unwrap(), [1]);
+        assert_eq!(decode_bounded("AQ", Base64::Standard, 10), Err(FieldError::Invalid));
+        for any in ["+/8=", "+/8", "-_8=", "-_8"] {
+            assert_eq!(decode_bounded(any, Base64::Proto3, 10).unwrap(), [0xfb, 0xff], "{any}");
+        }
         assert_eq!(encode(&[0xfb, 0xff], Base64::UrlNoPad), "-_8");
         assert_eq!(encode(&[1], Base64::Standard), "AQ==");
     }
 
     #[test]
-    fn json_errors_do_not_echo_input() {
+    fn json_errors_are_classified() {
         #[derive(serde::Deserialize, Debug)]
         struct T {
             #[allow(dead_code)]
@@ -246,11 +276,9 @@ mod tests {
         }
         assert_eq!(
             parse_json::<T>(b"{\"a\": \"secret\"}").unwrap_err(),
-            "a field is missing or has the wrong type"
+            JsonError::WrongShape
         );
-        assert_eq!(
-            parse_json::<T>(b"secret{").unwrap_err(),
-            "request body is not valid JSON"
-        );
+        assert_eq!(parse_json::<T>(b"{}").unwrap_err(), JsonError::WrongShape);
+        assert_eq!(parse_json::<T>(b"secret{").unwrap_err(), JsonError::NotJson);
     }
 }

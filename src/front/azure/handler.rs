@@ -24,7 +24,7 @@ use crate::authz::{Facts, Permit};
 use crate::core::{
     Backend, HealthStatus, KeyService, KeyStatus, KeyType, Operation, WrapAlgorithm,
 };
-use crate::front::pipeline::{self, Base64, Ending, RequestFacts};
+use crate::front::pipeline::{self, Base64, Ending, JsonError, RequestFacts};
 use crate::front::{ConnInfo, Request, Response, json_response};
 use crate::metrics::RequestMetrics;
 
@@ -228,8 +228,8 @@ impl<B: Backend> AzureFront<B> {
                 AzureError::new(Code::Unauthorized, e.to_string())
             })?;
         facts.principal = principal.name().to_owned();
-        let body: wire::ContextOnlyRequest<'_> = pipeline::parse_json(req.body())
-            .map_err(|why| AzureError::new(Code::InvalidRequest, why))?;
+        let body: wire::ContextOnlyRequest<'_> =
+            pipeline::parse_json(req.body()).map_err(json_error)?;
         let context = Context::from_wire(body.request_context)?;
         facts.request_id = context.request_id.clone();
         facts.correlation_id = Some(context.correlation_id.clone());
@@ -403,8 +403,7 @@ impl Context {
 
 /// `alg` and the decoded `value` of a wrap or unwrap body.
 fn parse_wrap(body: &[u8]) -> Result<(WrapAlgorithm, Vec<u8>), AzureError> {
-    let parsed: wire::WrapRequest<'_> =
-        pipeline::parse_json(body).map_err(|why| AzureError::new(Code::InvalidRequest, why))?;
+    let parsed: wire::WrapRequest<'_> = pipeline::parse_json(body).map_err(json_error)?;
     let alg = parsed
         .alg
         .as_deref()
@@ -497,6 +496,16 @@ fn route<'s, 'p>(settings: &'s AzureSettings, path: &'p str) -> Result<Routed<'s
         _ => return Err(not_found()),
     };
     Ok(Routed { prefix, op })
+}
+
+fn json_error(e: JsonError) -> AzureError {
+    AzureError::new(
+        Code::InvalidRequest,
+        match e {
+            JsonError::WrongShape => "a field is missing or has the wrong type",
+            JsonError::NotJson => "request body is not valid JSON",
+        },
+    )
 }
 
 fn crypto_error(e: &crate::core::CryptoError) -> AzureError {

@@ -83,6 +83,8 @@ pub struct XksError {
     pub name: XksErrorName,
     /// Short printable-ASCII explanation (KMS logs it to the customer's CloudWatch).
     pub message: String,
+    /// The policy rule that denied the request, when one did (for the audit line; not sent).
+    pub rule: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -101,6 +103,16 @@ impl XksError {
         Self {
             name,
             message: message.into(),
+            rule: None,
+        }
+    }
+
+    /// AccessDeniedException from the policy rule `rule`.
+    pub fn denied(rule: &str, message: impl Into<String>) -> Self {
+        Self {
+            name: XksErrorName::AccessDenied,
+            message: message.into(),
+            rule: Some(rule.to_owned()),
         }
     }
 

@@ -8,6 +8,8 @@
 
 pub mod error;
 pub mod handler;
+mod ops;
+mod request;
 pub mod settings;
 pub mod wire;
 
