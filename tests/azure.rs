@@ -231,6 +231,24 @@ async fn info_and_metadata_report_what_the_hsm_holds() {
     let n = B64URL.decode(md["n"].as_str().unwrap()).unwrap();
     assert_eq!(n.len(), 384);
     assert!(n[0] & 0x80 != 0, "a 3072-bit modulus without leading zeros");
+
+    // key_ops say what the key's attributes allow here: dev-aes-1 may encrypt and decrypt, but
+    // this HSM wraps by C_WrapKey, which needs CKA_WRAP; and wrapping with it is refused alike.
+    let (status, md) = post(
+        &mut c,
+        &format!("/azure/dev-aes-1/metadata?{API}"),
+        &json!({"request_context": context("pool-a")}),
+    )
+    .await;
+    assert_eq!(status, 200, "{md}");
+    assert_eq!(md["key_ops"], json!([]), "{md}");
+    let got = wrap(&mut c, "dev-aes-1", "A256KW", &[1u8; 32]).await;
+    assert_error(&got, 403, "Forbidden", "dev-aes-1 has no CKA_WRAP");
+    assert!(
+        got.1["message"].as_str().unwrap().contains("CKA_WRAP"),
+        "{}",
+        got.1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,10 +357,11 @@ async fn rsa_oaep_against_an_independent_implementation() {
         wrap(&mut c, AZURE_RSA_KEY, "RSA-OAEP-256", &dek).await,
     ] {
         assert_error(&got, 400, "InvalidRequest", "RSA-OAEP-256");
+        let message = got.1["message"].as_str().unwrap();
+        assert!(message.contains("RSA-OAEP-256"), "{}", got.1);
         assert!(
-            got.1["message"].as_str().unwrap().contains("RSA-OAEP-256"),
-            "{}",
-            got.1
+            !message.contains("CKR_"),
+            "PKCS#11 codes stay in the log: {message}"
         );
     }
     // A tampered block fails OAEP decoding inside the HSM.

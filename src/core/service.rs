@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use super::health::{HealthMonitor, HealthReport};
 use super::{
     AeadDecrypt, AeadEncrypt, AeadSealed, Backend, CryptoError, GCM_TAG_LEN, KeyInfo, KeyUnwrap,
-    KeyWrap, Operation, Plaintext, WrapAlgorithm, WrapSupport,
+    KeyWrap, Operation, Plaintext, WrapAlgorithm, WrapPath, WrapSupport,
 };
 use crate::authz::Permit;
 
@@ -217,12 +217,11 @@ impl<B: Backend> KeyService<B> {
         expect_op(permit, &[Operation::Wrap])?;
         let info = self.usable_key(permit.key()).await?;
         alg.check_key(&info).map_err(CryptoError::Unsupported)?;
-        // An RSA pair wraps with its public half, whose attributes the HSM checks.
-        if !(alg.is_rsa() || info.usage.wrap || info.usage.encrypt) {
-            return Err(CryptoError::InvalidKeyUsage(
-                "key allows neither wrapping nor encryption (CKA_WRAP and CKA_ENCRYPT are false)"
-                    .into(),
-            ));
+        if !self.wrap_usage(&info, alg).0 {
+            return Err(CryptoError::InvalidKeyUsage(format!(
+                "the key's attributes do not allow {alg} wrapping on this HSM ({})",
+                self.usage_needed(alg, true)
+            )));
         }
         alg.check_plaintext_len(plaintext.len(), info.bits)
             .map_err(CryptoError::Unsupported)?;
@@ -245,11 +244,11 @@ impl<B: Backend> KeyService<B> {
         expect_op(permit, &[Operation::Unwrap])?;
         let info = self.usable_key(permit.key()).await?;
         alg.check_key(&info).map_err(CryptoError::Unsupported)?;
-        if !(info.usage.unwrap || info.usage.decrypt) {
-            return Err(CryptoError::InvalidKeyUsage(
-                "key allows neither unwrapping nor decryption (CKA_UNWRAP and CKA_DECRYPT are false)"
-                    .into(),
-            ));
+        if !self.wrap_usage(&info, alg).1 {
+            return Err(CryptoError::InvalidKeyUsage(format!(
+                "the key's attributes do not allow {alg} unwrapping on this HSM ({})",
+                self.usage_needed(alg, false)
+            )));
         }
         // A length no wrapping can produce is a malformed input, refused before the HSM.
         if alg.check_wrapped_len(wrapped.len(), info.bits).is_err() {
@@ -267,6 +266,36 @@ impl<B: Backend> KeyService<B> {
     /// What the HSM can wrap with (found by trial at start).
     pub fn wrap_support(&self) -> WrapSupport {
         self.backend.wrap_support()
+    }
+
+    /// Whether `key`'s own attributes let it (wrap, unwrap) with `alg` on this HSM: the
+    /// attribute the HSM checks depends on how it does the algorithm. AES by `C_Encrypt` needs
+    /// `CKA_ENCRYPT`/`CKA_DECRYPT`, by `C_WrapKey` `CKA_WRAP`/`CKA_UNWRAP`; RSA-OAEP unwraps with
+    /// `C_Decrypt` on the private key and wraps with the public key object (whose attributes the
+    /// HSM checks; here: that the pair has one).
+    pub fn wrap_usage(&self, key: &KeyInfo, alg: WrapAlgorithm) -> (bool, bool) {
+        let u = &key.usage;
+        if alg.is_rsa() {
+            return (key.rsa_public.is_some(), u.decrypt);
+        }
+        match self.backend.wrap_support().path(alg) {
+            Some(Some(WrapPath::EncryptDecrypt)) => (u.encrypt, u.decrypt),
+            Some(_) => (u.wrap, u.unwrap),
+            // The HSM cannot do it at all; the backend names the algorithm.
+            None => (true, true),
+        }
+    }
+
+    /// The attribute `wrap_usage` checks, for messages.
+    fn usage_needed(&self, alg: WrapAlgorithm, wrap: bool) -> &'static str {
+        match (alg.is_rsa(), self.backend.wrap_support().path(alg), wrap) {
+            (true, _, true) => "a public key object to wrap with",
+            (true, _, false) => "CKA_DECRYPT",
+            (false, Some(Some(WrapPath::EncryptDecrypt)), true) => "CKA_ENCRYPT",
+            (false, Some(Some(WrapPath::EncryptDecrypt)), false) => "CKA_DECRYPT",
+            (false, _, true) => "CKA_WRAP",
+            (false, _, false) => "CKA_UNWRAP",
+        }
     }
 
     /// The key's attributes, if it may be used now (kill switch, operator, custody).

@@ -132,15 +132,44 @@ pub struct RequestFacts {
     pub correlation_id: Option<String>,
     /// See `correlation_id`.
     pub pool: Option<String>,
+    /// The grant that allowed the request, where the front names grants (Cloud EKM).
+    pub grant: Option<String>,
+    /// The caller's access justification (Cloud EKM KAJ reason).
+    pub justification: Option<String>,
+    /// The caller's resource using the key (Cloud EKM `relativeResourceName`).
+    pub resource: Option<String>,
 }
 
 /// How a request ended, for the metric and the line.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Ending<'a> {
-    /// `ok` or the protocol's error name.
+    /// `ok` or the protocol's error name (the metric's outcome label).
     pub outcome: &'a str,
     /// The rule that denied it, if a rule did.
     pub rule: Option<&'a str>,
+    /// A finer name of the condition for the audit line (Cloud EKM's ErrorInfo reason).
+    pub detail: Option<&'a str>,
+    /// The refusal's message, logged when no rule explains it (Cloud EKM).
+    pub why: Option<&'a str>,
+}
+
+impl<'a> Ending<'a> {
+    /// Success.
+    pub fn ok() -> Self {
+        Self {
+            outcome: "ok",
+            ..Self::default()
+        }
+    }
+
+    /// A failure named `outcome`, denied by `rule` if a rule did.
+    pub fn failed(outcome: &'a str, rule: Option<&'a str>) -> Self {
+        Self {
+            outcome,
+            rule,
+            ..Self::default()
+        }
+    }
 }
 
 /// One request's span: every line logged while handling the request carries its front and,
@@ -204,23 +233,31 @@ pub fn finish(
                 ("ok", None) => "allow",
                 _ => "error",
             },
-            outcome: ending.outcome,
+            // The specific condition (EXPIRED, ACCESS_DENIED, UNWRAP_FAILED…), not just the code.
+            outcome: ending.detail.unwrap_or(ending.outcome),
             rule: ending.rule,
-            grant: None,
-            justification: None,
-            resource: None,
+            grant: facts.grant.as_deref(),
+            justification: facts.justification.as_deref(),
+            resource: facts.resource.as_deref(),
             correlation_id: facts.correlation_id.as_deref(),
             pool: facts.pool.as_deref(),
             latency_us,
         });
+        if let Some(why) = ending.why.filter(|_| ending.rule.is_none()) {
+            // Named here too (not only in the span): operators match this line to its audit
+            // event by request id.
+            tracing::info!(request_id = %LogSafe(&facts.request_id), key = %audit::bounded(&facts.key), why = %audit::bounded(why), "request refused");
+        }
     } else {
         tracing::info!(
             front,
             tenant = %audit::bounded(&facts.tenant),
             op,
+            key = %audit::bounded(&facts.key),
             request_id = %LogSafe(&facts.request_id),
             principal = %audit::bounded(&facts.principal),
             outcome = ending.outcome,
+            why = %audit::bounded(ending.why.unwrap_or("")),
             latency_us,
             "request"
         );
@@ -259,9 +296,16 @@ mod tests {
             Err(FieldError::TooLarge { max: 5 })
         );
         assert_eq!(decode_bounded("AQ==", Base64::Standard, 10).unwrap(), [1]);
-        assert_eq!(decode_bounded("AQ", Base64::Standard, 10), Err(FieldError::Invalid));
+        assert_eq!(
+            decode_bounded("AQ", Base64::Standard, 10),
+            Err(FieldError::Invalid)
+        );
         for any in ["+/8=", "+/8", "-_8=", "-_8"] {
-            assert_eq!(decode_bounded(any, Base64::Proto3, 10).unwrap(), [0xfb, 0xff], "{any}");
+            assert_eq!(
+                decode_bounded(any, Base64::Proto3, 10).unwrap(),
+                [0xfb, 0xff],
+                "{any}"
+            );
         }
         assert_eq!(encode(&[0xfb, 0xff], Base64::UrlNoPad), "-_8");
         assert_eq!(encode(&[1], Base64::Standard), "AQ==");

@@ -170,18 +170,11 @@ impl<B: Backend> AzureFront<B> {
         };
         match result {
             Ok(response) => {
-                let ending = Ending {
-                    outcome: "ok",
-                    rule: None,
-                };
-                pipeline::finish(&self.metrics, FRONT, &facts, ending, started);
+                pipeline::finish(&self.metrics, FRONT, &facts, Ending::ok(), started);
                 response
             }
             Err(e) => {
-                let ending = Ending {
-                    outcome: e.code.as_str(),
-                    rule: e.rule.as_deref(),
-                };
+                let ending = Ending::failed(e.code.as_str(), e.rule.as_deref());
                 pipeline::finish(&self.metrics, FRONT, &facts, ending, started);
                 e.to_response()
             }
@@ -291,11 +284,26 @@ impl<B: Backend> AzureFront<B> {
             tracing::warn!(reason = %why, "metadata of a disabled key refused");
             return Err(AzureError::new(Code::Forbidden, "key is disabled"));
         }
+        // The operations this key can do here: by the algorithms of its type the HSM supports,
+        // and the attributes the HSM checks for them.
+        let support = self.service.wrap_support();
+        let (mut can_wrap, mut can_unwrap) = (false, false);
+        for alg in WrapAlgorithm::ALL {
+            if alg.check_key(&info).is_ok() && support.supports(alg) {
+                let (w, u) = self.service.wrap_usage(&info, alg);
+                can_wrap |= w;
+                can_unwrap |= u;
+            }
+        }
+        let key_ops: Vec<&'static str> = [(can_wrap, "wrapKey"), (can_unwrap, "unwrapKey")]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect();
         let resp = match (&info.key_type, info.bits) {
             (KeyType::Aes, 256) => wire::MetadataResponse {
                 key_type: "oct",
                 key_size: 256,
-                key_ops: ["wrapKey", "unwrapKey"],
+                key_ops,
                 n: None,
                 e: None,
             },
@@ -309,7 +317,7 @@ impl<B: Backend> AzureFront<B> {
                 wire::MetadataResponse {
                     key_type: "RSA",
                     key_size: bits,
-                    key_ops: ["wrapKey", "unwrapKey"],
+                    key_ops,
                     n: Some(pipeline::encode(&public.modulus, Base64::UrlNoPad)),
                     e: Some(pipeline::encode(&public.exponent, Base64::UrlNoPad)),
                 }

@@ -75,8 +75,8 @@ pub struct MetadataResponse {
     pub key_type: &'static str,
     /// Bits.
     pub key_size: u32,
-    /// Always `["wrapKey", "unwrapKey"]`.
-    pub key_ops: [&'static str; 2],
+    /// `wrapKey` and/or `unwrapKey`: what the key's attributes allow on this HSM.
+    pub key_ops: Vec<&'static str>,
     /// RSA modulus, base64url.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub n: Option<String>,

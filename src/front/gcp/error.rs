@@ -8,9 +8,12 @@
 //! version on a permission error, so data errors (tampered blobs) are `INVALID_ARGUMENT` and
 //! operator switches (kill switch, disabled key) are `FAILED_PRECONDITION`.
 
+use std::borrow::Cow;
+
 use http::StatusCode;
 use serde::Serialize;
 
+use crate::auth::jwt::JwtError;
 use crate::core::CryptoError;
 use crate::front::{Response, json_response};
 
@@ -91,6 +94,87 @@ impl Code {
     }
 }
 
+/// The condition an error names in `ErrorInfo.reason` (stable UPPER_SNAKE names; operators and
+/// the conformance script match on them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// No such path under the prefix.
+    UnknownPath,
+    /// A verb other than `:wrap` / `:unwrap`.
+    UnsupportedMethod,
+    /// Not POST.
+    MethodNotAllowed,
+    /// The body exceeds the server's limit.
+    RequestTooLarge,
+    /// The request deadline passed.
+    DeadlineExceeded,
+    /// No external key at this key path.
+    KeyNotFound,
+    /// The key (or the proxy) is switched off, or the HSM refuses the key.
+    KeyDisabled,
+    /// The body is not the API's JSON.
+    MalformedRequest,
+    /// One field is wrong (the `BadRequest` detail names it).
+    InvalidField,
+    /// The blob names a key version this key path does not accept.
+    UnknownKeyVersion,
+    /// A key health check tried to unwrap a blob that is not a health-check blob.
+    HealthCheckBlobRequired,
+    /// Refused by a grant or the Key Access Justifications policy.
+    AccessDenied,
+    /// The token's issuer's signing keys cannot be fetched.
+    JwksUnavailable,
+    /// The bearer token was refused, and why.
+    Token(JwtError),
+    /// The key's HSM key was not found.
+    HsmKeyNotFound,
+    /// The key's attributes forbid the operation.
+    InvalidKeyUsage,
+    /// The blob did not authenticate.
+    UnwrapFailed,
+    /// An operation, algorithm or size the proxy or the HSM does not support.
+    Unsupported,
+    /// The HSM's queue is full.
+    HsmBusy,
+    /// The HSM did not answer in time.
+    HsmTimeout,
+    /// The HSM is unavailable (recovering).
+    HsmUnavailable,
+    /// Anything else.
+    Internal,
+}
+
+impl Reason {
+    /// The `ErrorInfo.reason` text.
+    pub fn as_str(&self) -> Cow<'static, str> {
+        Cow::Borrowed(match self {
+            Reason::UnknownPath => "UNKNOWN_PATH",
+            Reason::UnsupportedMethod => "UNSUPPORTED_METHOD",
+            Reason::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            Reason::RequestTooLarge => "REQUEST_TOO_LARGE",
+            Reason::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Reason::KeyNotFound => "KEY_NOT_FOUND",
+            Reason::KeyDisabled => "KEY_DISABLED",
+            Reason::MalformedRequest => "MALFORMED_REQUEST",
+            Reason::InvalidField => "INVALID_FIELD",
+            Reason::UnknownKeyVersion => "UNKNOWN_KEY_VERSION",
+            Reason::HealthCheckBlobRequired => "HEALTH_CHECK_BLOB_REQUIRED",
+            Reason::AccessDenied => "ACCESS_DENIED",
+            Reason::JwksUnavailable => "JWKS_UNAVAILABLE",
+            // The verifier's own reason names (`expired`, `wrong_audience`, ...), upper-cased.
+            Reason::Token(e) => return Cow::Owned(e.reason().to_ascii_uppercase()),
+            Reason::HsmKeyNotFound => "HSM_KEY_NOT_FOUND",
+            Reason::InvalidKeyUsage => "INVALID_KEY_USAGE",
+            Reason::UnwrapFailed => "UNWRAP_FAILED",
+            Reason::Unsupported => "UNSUPPORTED",
+            Reason::HsmBusy => "HSM_BUSY",
+            Reason::HsmTimeout => "HSM_TIMEOUT",
+            Reason::HsmUnavailable => "HSM_UNAVAILABLE",
+            Reason::Internal => "INTERNAL",
+        })
+    }
+}
+
 /// One error answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GcpError {
@@ -98,23 +182,27 @@ pub struct GcpError {
     pub code: Code,
     /// Human-readable, safe message.
     pub message: String,
-    /// `ErrorInfo.reason`: a stable UPPER_SNAKE name of the condition.
-    pub reason: String,
+    /// `ErrorInfo.reason`: the condition.
+    pub reason: Reason,
     /// `ErrorInfo.metadata` (e.g. the denying rule).
     pub metadata: Vec<(&'static str, String)>,
     /// A `BadRequest` field violation: (field, description).
     pub field: Option<(&'static str, String)>,
+    /// The rule that denied the request (a grant or KAJ policy rule, or `authentication` for a
+    /// refused token), for the audit line.
+    pub rule: Option<String>,
 }
 
 impl GcpError {
     /// An error with a code, a reason and a message.
-    pub fn new(code: Code, reason: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(code: Code, reason: Reason, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
-            reason: reason.into(),
+            reason,
             metadata: Vec::new(),
             field: None,
+            rule: None,
         }
     }
 
@@ -124,10 +212,17 @@ impl GcpError {
         Self {
             code: Code::InvalidArgument,
             message: format!("{field}: {description}"),
-            reason: "INVALID_FIELD".into(),
+            reason: Reason::InvalidField,
             metadata: Vec::new(),
             field: Some((field, description)),
+            rule: None,
         }
+    }
+
+    /// Record the rule that denied the request (audit only; not sent unless also `with`).
+    pub fn denied_by(mut self, rule: impl Into<String>) -> Self {
+        self.rule = Some(rule.into());
+        self
     }
 
     /// Add an `ErrorInfo.metadata` entry.
@@ -144,8 +239,9 @@ impl GcpError {
             .map(|(k, v)| ((*k).to_owned(), v.clone().into()))
             .collect();
         metadata.insert("requestId".into(), request_id.into());
+        let reason = self.reason.as_str();
         let mut details = vec![Detail::ErrorInfo {
-            reason: &self.reason,
+            reason: &reason,
             domain: DOMAIN,
             metadata,
         }];
@@ -207,45 +303,45 @@ pub fn from_crypto(e: &CryptoError) -> GcpError {
     match e {
         CryptoError::KeyNotFound => GcpError::new(
             Code::NotFound,
-            "HSM_KEY_NOT_FOUND",
+            Reason::HsmKeyNotFound,
             "the key's HSM key was not found",
         ),
         CryptoError::KeyDisabled(why) => GcpError::new(
             Code::FailedPrecondition,
-            "KEY_DISABLED",
+            Reason::KeyDisabled,
             format!("key is disabled: {why}"),
         ),
         CryptoError::InvalidKeyUsage(why) => GcpError::new(
             Code::FailedPrecondition,
-            "INVALID_KEY_USAGE",
+            Reason::InvalidKeyUsage,
             format!("key cannot be used for this operation: {why}"),
         ),
         CryptoError::InvalidCiphertext => GcpError::new(
             Code::InvalidArgument,
-            "UNWRAP_FAILED",
+            Reason::UnwrapFailed,
             "wrappedBlob could not be unwrapped: it was altered, or the key path or additionalAuthenticatedData differ from the wrap",
         ),
         CryptoError::Unsupported(what) => GcpError::new(
             Code::Unimplemented,
-            "UNSUPPORTED",
+            Reason::Unsupported,
             format!("unsupported: {what}"),
         ),
         CryptoError::HsmBusy => GcpError::new(
             Code::ResourceExhausted,
-            "HSM_BUSY",
+            Reason::HsmBusy,
             "the HSM is at capacity; retry with backoff",
         ),
         CryptoError::HsmTimeout => GcpError::new(
             Code::DeadlineExceeded,
-            "HSM_TIMEOUT",
+            Reason::HsmTimeout,
             "the HSM did not answer in time",
         ),
         CryptoError::HsmUnavailable(_) => GcpError::new(
             Code::Unavailable,
-            "HSM_UNAVAILABLE",
+            Reason::HsmUnavailable,
             "the HSM is unavailable",
         ),
-        _ => GcpError::new(Code::Internal, "INTERNAL", "internal error"),
+        _ => GcpError::new(Code::Internal, Reason::Internal, "internal error"),
     }
 }
 
@@ -263,7 +359,7 @@ mod tests {
     async fn renders_google_rpc_status() {
         let e = GcpError::new(
             Code::PermissionDenied,
-            "ACCESS_DENIED",
+            Reason::AccessDenied,
             "denied by rule 'grants'",
         )
         .with("rule", "grants");
@@ -289,6 +385,16 @@ mod tests {
             v["details"][1]["fieldViolations"][0]["field"],
             "wrappedBlob"
         );
+    }
+
+    #[test]
+    fn token_reasons_are_the_verifiers_upper_cased() {
+        assert_eq!(Reason::Token(JwtError::Expired).as_str(), "EXPIRED");
+        assert_eq!(
+            Reason::Token(JwtError::WrongAudience).as_str(),
+            "WRONG_AUDIENCE"
+        );
+        assert_eq!(Reason::UnwrapFailed.as_str(), "UNWRAP_FAILED");
     }
 
     #[test]

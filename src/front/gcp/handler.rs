@@ -10,18 +10,20 @@ use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use http::{Method, StatusCode};
+use tracing::Instrument;
 use zeroize::Zeroizing;
 
 use super::blob::{self, FLAG_HEALTH_CHECK};
-use super::error::{Code, GcpError, from_crypto};
+use super::error::{Code, GcpError, Reason, from_crypto};
 use super::settings::{GcpKeySettings, GcpSettings};
 use super::wire::{self, KeyOpRequest, RequestContext};
-use crate::audit::{self, AuditEvent};
+use crate::audit;
 use crate::auth::Principal;
 use crate::auth::jwt::{JwtError, JwtSetupError, JwtVerifier};
 use crate::authz::access_reason::AccessReason;
 use crate::authz::grants::{AccessRequest, Granted};
 use crate::core::{Backend, CryptoError, KeyService, Operation};
+use crate::front::pipeline::{self, Base64, Ending, FieldError, JsonError, RequestFacts};
 use crate::front::{ConnInfo, Request, Response, json_response};
 use crate::metrics::{JwtMetrics, RequestMetrics};
 
@@ -60,19 +62,16 @@ enum Verb {
     Unwrap,
 }
 
-/// What one request produced, for the log line, the audit line and the metrics.
-#[derive(Default)]
-struct Outcome {
-    request_id: String,
-    principal: String,
-    issuer: String,
-    key: String,
-    rule: Option<String>,
-    grant: Option<String>,
-    justification: Option<String>,
-    resource: Option<String>,
-    health_check: bool,
-    audit: bool,
+impl Verb {
+    /// The operation's name in metrics, logs and audit lines (health checks apart).
+    fn op_name(self, health_check: bool) -> &'static str {
+        match (self, health_check) {
+            (Verb::Wrap, false) => "wrap",
+            (Verb::Wrap, true) => "wrap_health_check",
+            (Verb::Unwrap, false) => "unwrap",
+            (Verb::Unwrap, true) => "unwrap_health_check",
+        }
+    }
 }
 
 impl<B: Backend> GcpFront<B> {
@@ -122,7 +121,7 @@ impl<B: Backend> GcpFront<B> {
     pub fn too_large(&self) -> Response {
         GcpError::new(
             Code::InvalidArgument,
-            "REQUEST_TOO_LARGE",
+            Reason::RequestTooLarge,
             "request body exceeds this proxy's size limit",
         )
         .to_response(&self.ids.next())
@@ -132,7 +131,7 @@ impl<B: Backend> GcpFront<B> {
     pub fn timed_out(&self) -> Response {
         GcpError::new(
             Code::DeadlineExceeded,
-            "DEADLINE_EXCEEDED",
+            Reason::DeadlineExceeded,
             "request deadline exceeded",
         )
         .to_response(&self.ids.next())
@@ -140,6 +139,13 @@ impl<B: Backend> GcpFront<B> {
 
     /// Handle one request.
     pub async fn handle(&self, req: Request, conn: &ConnInfo) -> Response {
+        let span = pipeline::span(FRONT);
+        self.handle_in(req, conn, span.clone())
+            .instrument(span)
+            .await
+    }
+
+    async fn handle_in(&self, req: Request, conn: &ConnInfo, span: tracing::Span) -> Response {
         let started = Instant::now();
         let request_id = self.ids.next();
         let state = self.state.load_full();
@@ -147,7 +153,7 @@ impl<B: Backend> GcpFront<B> {
         let (key_path, verb) = match route(&state.settings.prefix, path) {
             Ok(found) => found,
             Err(e) => {
-                tracing::info!(front = FRONT, path = %crate::audit::LogSafe(path), listener = %conn.listener, request_id = %request_id, "unknown Cloud EKM path");
+                tracing::info!(path = %crate::audit::LogSafe(path), listener = %conn.listener, request_id = %request_id, "unknown Cloud EKM path");
                 self.metrics.observe(
                     FRONT,
                     "unknown",
@@ -157,150 +163,171 @@ impl<B: Backend> GcpFront<B> {
                 return e.to_response(&request_id);
             }
         };
-        let mut outcome = Outcome {
-            request_id: request_id.clone(),
+        let mut facts = RequestFacts {
+            op: verb.op_name(false),
             key: key_path.to_owned(),
-            ..Outcome::default()
+            request_id: request_id.clone(),
+            ..RequestFacts::default()
         };
-        let result = if req.method() == Method::POST {
-            self.dispatch(&state, key_path, verb, &req, &mut outcome)
-                .await
-        } else {
-            Err(GcpError::new(
-                Code::Unimplemented,
-                "METHOD_NOT_ALLOWED",
-                "only POST is supported",
-            ))
-        };
-        let elapsed = started.elapsed();
-        let op = match (verb, outcome.health_check) {
-            (Verb::Wrap, false) => "wrap",
-            (Verb::Wrap, true) => "wrap_health_check",
-            (Verb::Unwrap, false) => "unwrap",
-            (Verb::Unwrap, true) => "unwrap_health_check",
-        };
-        let (response, outcome_name, why, detail) = match result {
-            Ok(body) => (body.into_response(&request_id), "ok", None, None),
-            Err(e) => (
-                e.to_response(&request_id),
-                e.code.as_str(),
-                Some(e.message),
-                Some(e.reason),
-            ),
-        };
-        self.metrics
-            .observe(FRONT, op, outcome_name, elapsed.as_secs_f64());
-        let latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        let reason = why.as_deref();
-        if outcome.audit {
-            audit::record(&AuditEvent {
-                front: FRONT,
-                tenant: &outcome.issuer,
-                op,
-                key: &outcome.key,
-                principal: &outcome.principal,
-                request_id: &request_id,
-                decision: match (outcome_name, &outcome.rule) {
-                    (_, Some(_)) => "deny",
-                    ("ok", None) => "allow",
-                    _ => "error",
-                },
-                // The specific condition (EXPIRED, ACCESS_DENIED, UNWRAP_FAILED…), not just the code.
-                outcome: detail.as_deref().unwrap_or(outcome_name),
-                rule: outcome.rule.as_deref(),
-                grant: outcome.grant.as_deref(),
-                justification: outcome.justification.as_deref(),
-                resource: outcome.resource.as_deref(),
-                correlation_id: None,
-                pool: None,
-                latency_us,
-            });
-            if let Some(why) = reason.filter(|_| outcome.rule.is_none()) {
-                tracing::info!(front = FRONT, request_id = %request_id, key = %outcome.key, why = %audit::bounded(why), "request refused");
+        pipeline::record(&span, &facts);
+        // Each stage returns what it learned; the facts stay here, in the request's scope.
+        let result: Result<OkBody, GcpError> = 'request: {
+            if req.method() != Method::POST {
+                break 'request Err(GcpError::new(
+                    Code::Unimplemented,
+                    Reason::MethodNotAllowed,
+                    "only POST is supported",
+                ));
             }
-        } else {
-            tracing::info!(
-                front = FRONT,
-                op,
-                key = %outcome.key,
-                request_id = %request_id,
-                principal = %audit::bounded(&outcome.principal),
-                outcome = outcome_name,
-                why = %audit::bounded(reason.unwrap_or("")),
-                latency_us,
-                "request"
-            );
+            let principal = match self.authenticate(&state, &req, key_path).await {
+                Ok(principal) => principal,
+                Err(e) => {
+                    // A refused token is a decision about a key: audit it like a denial.
+                    facts.audit = true;
+                    break 'request Err(e);
+                }
+            };
+            facts.principal = principal.name().to_owned();
+            if let Principal::Jwt { issuer, .. } = &principal {
+                facts.tenant.clone_from(issuer);
+            }
+            pipeline::record(&span, &facts);
+            let Some(key) = state.key(key_path) else {
+                break 'request Err(GcpError::new(
+                    Code::NotFound,
+                    Reason::KeyNotFound,
+                    "no external key at this key path",
+                ));
+            };
+            facts.audit = true;
+            if !key.enabled {
+                break 'request Err(GcpError::new(
+                    Code::FailedPrecondition,
+                    Reason::KeyDisabled,
+                    "key is disabled by the operator",
+                ));
+            }
+            let body = match Body::parse(req.body(), key_path) {
+                Ok(body) => body,
+                Err(e) => break 'request Err(e),
+            };
+            facts.op = verb.op_name(body.health_check);
+            facts.justification = Some(body.reason.to_string());
+            facts.resource = body.resource().map(printable);
+            let access = Access {
+                principal: &principal,
+                key,
+                resource: body.resource(),
+                reason: &body.reason,
+                health_check: body.health_check,
+            };
+            let prepared = match self.prepare(&state, verb, &access, &body.request) {
+                Ok(prepared) => prepared,
+                Err(e) => break 'request Err(e),
+            };
+            facts.grant = Some(prepared.granted.grant.clone());
+            self.execute(key, prepared).await
+        };
+        match result {
+            Ok(body) => {
+                pipeline::finish(&self.metrics, FRONT, &facts, Ending::ok(), started);
+                body.into_response(&request_id)
+            }
+            Err(e) => {
+                let detail = e.reason.as_str();
+                let ending = Ending {
+                    detail: Some(&detail),
+                    why: Some(&e.message),
+                    ..Ending::failed(e.code.as_str(), e.rule.as_deref())
+                };
+                pipeline::finish(&self.metrics, FRONT, &facts, ending, started);
+                e.to_response(&request_id)
+            }
         }
-        response
     }
 
-    async fn dispatch(
+    /// Everything up to the HSM call: the binary fields decoded, the blob checked (unwrap), and
+    /// the request authorized (the grant it names goes to the audit line).
+    fn prepare(
         &self,
         state: &State,
-        key_path: &str,
         verb: Verb,
-        req: &Request,
-        outcome: &mut Outcome,
-    ) -> Result<OkBody, GcpError> {
-        let principal = self.authenticate(state, req, outcome).await?;
-        outcome.principal = principal.name().to_owned();
-        if let Principal::Jwt { issuer, .. } = &principal {
-            outcome.issuer.clone_from(issuer);
-        }
-        let key = state.key(key_path).ok_or_else(|| {
-            GcpError::new(
-                Code::NotFound,
-                "KEY_NOT_FOUND",
-                "no external key at this key path",
-            )
-        })?;
-        outcome.audit = true;
-        if !key.enabled {
-            return Err(GcpError::new(
-                Code::FailedPrecondition,
-                "KEY_DISABLED",
-                "key is disabled by the operator",
-            ));
-        }
-        let parsed: KeyOpRequest = parse(req.body())?;
-        check_key_path(parsed.key_path.as_deref(), key_path)?;
-        let context = parsed.additional_context.as_ref();
-        let reason = RequestContext::access_reason(context).map_err(|e| {
-            GcpError::invalid_field(
-                "additionalContext.accessReasonContext.reason",
-                e.to_string(),
-            )
-        })?;
-        let health_check = context.and_then(|c| c.is_key_health_check) == Some(true);
-        let resource = context
-            .and_then(|c| c.relative_resource_name.as_deref())
-            .filter(|r| !r.is_empty());
-        outcome.health_check = health_check;
-        outcome.justification = Some(reason.to_string());
-        outcome.resource = resource.map(printable);
+        access: &Access<'_>,
+        request: &KeyOpRequest,
+    ) -> Result<Prepared, GcpError> {
         let limits = state.settings.limits;
+        let key = access.key;
         let aad = decode_optional(
             "additionalAuthenticatedData",
-            parsed.additional_authenticated_data.as_deref(),
+            request.additional_authenticated_data.as_deref(),
             limits.max_aad,
         )?
         .unwrap_or_default();
-        let request = Access {
-            principal: &principal,
-            key,
-            resource,
-            reason: &reason,
-            health_check,
-        };
         match verb {
             Verb::Wrap => {
                 let plaintext = Zeroizing::new(decode_required(
                     "plaintext",
-                    parsed.plaintext.as_deref(),
+                    request.plaintext.as_deref(),
                     limits.max_plaintext,
                 )?);
-                let granted = self.authorize(&request, Operation::Wrap, &key.hsm_key, outcome)?;
-                let flags = if health_check { FLAG_HEALTH_CHECK } else { 0 };
+                let granted = self.authorize(access, Operation::Wrap, &key.hsm_key)?;
+                let flags = if access.health_check {
+                    FLAG_HEALTH_CHECK
+                } else {
+                    0
+                };
+                Ok(Prepared {
+                    granted,
+                    aad,
+                    op: PreparedOp::Wrap { plaintext, flags },
+                })
+            }
+            Verb::Unwrap => {
+                let raw = decode_required(
+                    "wrappedBlob",
+                    request.wrapped_blob.as_deref(),
+                    limits.max_plaintext.saturating_add(BLOB_OVERHEAD),
+                )?;
+                // Checked on a borrowed view, then kept as owned parts for the HSM call.
+                let parsed = blob::parse(&raw)
+                    .map_err(|e| GcpError::invalid_field("wrappedBlob", e.to_string()))?;
+                if !key.accepts_version(parsed.key_version) {
+                    return Err(GcpError::new(
+                        Code::InvalidArgument,
+                        Reason::UnknownKeyVersion,
+                        "wrappedBlob was made by a key version this key path does not accept",
+                    ));
+                }
+                if access.health_check && !parsed.is_health_check() {
+                    // Health checks may skip justification policy, so they must never be able
+                    // to open real data.
+                    return Err(GcpError::new(
+                        Code::InvalidArgument,
+                        Reason::HealthCheckBlobRequired,
+                        "a key health check can only unwrap a blob made by a key health check",
+                    ));
+                }
+                let granted = self.authorize(access, Operation::Unwrap, parsed.key_version)?;
+                Ok(Prepared {
+                    granted,
+                    aad,
+                    op: PreparedOp::Unwrap {
+                        flags: parsed.flags,
+                        key_version: parsed.key_version.to_owned(),
+                        iv: parsed.iv.to_vec(),
+                        ciphertext: parsed.ciphertext.to_vec(),
+                        tag: parsed.tag,
+                    },
+                })
+            }
+        }
+    }
+
+    /// The HSM call and the answer.
+    async fn execute(&self, key: &GcpKeySettings, prepared: Prepared) -> Result<OkBody, GcpError> {
+        let Prepared { granted, aad, op } = prepared;
+        match op {
+            PreparedOp::Wrap { plaintext, flags } => {
                 let full_aad = blob::aad(&key.path, flags, &key.hsm_key, &aad);
                 let sealed = self
                     .service
@@ -318,47 +345,17 @@ impl<B: Backend> GcpFront<B> {
                     wrapped_blob: wire::b64_encode(&blob),
                 }))
             }
-            Verb::Unwrap => {
-                let raw = decode_required(
-                    "wrappedBlob",
-                    parsed.wrapped_blob.as_deref(),
-                    limits.max_plaintext.saturating_add(BLOB_OVERHEAD),
-                )?;
-                let parsed_blob = blob::parse(&raw)
-                    .map_err(|e| GcpError::invalid_field("wrappedBlob", e.to_string()))?;
-                if !key.accepts_version(parsed_blob.key_version) {
-                    return Err(GcpError::new(
-                        Code::InvalidArgument,
-                        "UNKNOWN_KEY_VERSION",
-                        "wrappedBlob was made by a key version this key path does not accept",
-                    ));
-                }
-                if health_check && !parsed_blob.is_health_check() {
-                    // Health checks may skip justification policy, so they must never be able
-                    // to open real data.
-                    return Err(GcpError::new(
-                        Code::InvalidArgument,
-                        "HEALTH_CHECK_BLOB_REQUIRED",
-                        "a key health check can only unwrap a blob made by a key health check",
-                    ));
-                }
-                let granted = self.authorize(
-                    &request,
-                    Operation::Unwrap,
-                    parsed_blob.key_version,
-                    outcome,
-                )?;
-                let full_aad =
-                    blob::aad(&key.path, parsed_blob.flags, parsed_blob.key_version, &aad);
+            PreparedOp::Unwrap {
+                flags,
+                key_version,
+                iv,
+                ciphertext,
+                tag,
+            } => {
+                let full_aad = blob::aad(&key.path, flags, &key_version, &aad);
                 let plaintext = self
                     .service
-                    .decrypt(
-                        &granted.permit,
-                        parsed_blob.iv.to_vec(),
-                        parsed_blob.ciphertext.to_vec(),
-                        parsed_blob.tag,
-                        full_aad,
-                    )
+                    .decrypt(&granted.permit, iv, ciphertext, tag, full_aad)
                     .await
                     .map_err(|e| crypto_error(&e))?;
                 let encoded = Zeroizing::new(wire::b64_encode(&plaintext));
@@ -373,7 +370,7 @@ impl<B: Backend> GcpFront<B> {
         &self,
         state: &State,
         req: &Request,
-        outcome: &mut Outcome,
+        key_path: &str,
     ) -> Result<Principal, GcpError> {
         let mut values = req.headers().get_all(http::header::AUTHORIZATION).iter();
         let header = values.next().map(|v| v.to_str().unwrap_or("\u{0}"));
@@ -385,13 +382,12 @@ impl<B: Backend> GcpFront<B> {
             state.verifier.verify(header, SystemTime::now()).await
         };
         verified.map_err(|e| {
-                self.metrics.auth_failure(FRONT, e.reason());
-                tracing::warn!(front = FRONT, key = %outcome.key, request_id = %outcome.request_id, reason = e.reason(), error = %e, "token refused");
-                // A refused token is a decision about a key: audit it like a denial.
-                outcome.audit = true;
-                outcome.rule = Some("authentication".into());
-                jwt_error(&e)
-            })
+            self.metrics.auth_failure(FRONT, e.reason());
+            // The key path is named on the line itself: with no principal yet, it is what an
+            // operator searches for.
+            tracing::warn!(key = %key_path, reason = e.reason(), error = %e, "token refused");
+            jwt_error(&e).denied_by("authentication")
+        })
     }
 
     fn authorize(
@@ -399,10 +395,8 @@ impl<B: Backend> GcpFront<B> {
         req: &Access<'_>,
         op: Operation,
         hsm_key: &str,
-        outcome: &mut Outcome,
     ) -> Result<Granted, GcpError> {
-        let granted = req
-            .key
+        req.key
             .access
             .authorize(&AccessRequest {
                 principal: req.principal,
@@ -414,14 +408,74 @@ impl<B: Backend> GcpFront<B> {
                 health_check: req.health_check,
             })
             .map_err(|denial| {
-                tracing::warn!(front = FRONT, key = %req.key.path, request_id = %outcome.request_id, principal = %audit::bounded(req.principal.name()), rule = %denial.rule, reason = %audit::bounded(&denial.reason), "request denied by policy");
-                outcome.rule = Some(denial.rule.clone());
-                GcpError::new(Code::PermissionDenied, "ACCESS_DENIED", denial.to_string())
-                    .with("rule", denial.rule)
-            })?;
-        outcome.grant = Some(granted.grant.clone());
-        Ok(granted)
+                tracing::warn!(rule = %denial.rule, reason = %audit::bounded(&denial.reason), "request denied by policy");
+                GcpError::new(
+                    Code::PermissionDenied,
+                    Reason::AccessDenied,
+                    denial.to_string(),
+                )
+                .with("rule", denial.rule.clone())
+                .denied_by(denial.rule)
+            })
     }
+}
+
+/// The body of a wrap or unwrap, parsed and checked against the URL, with its access context.
+struct Body {
+    request: KeyOpRequest,
+    reason: AccessReason,
+    health_check: bool,
+}
+
+impl Body {
+    fn parse(body: &[u8], key_path: &str) -> Result<Body, GcpError> {
+        let request: KeyOpRequest = parse(body)?;
+        check_key_path(request.key_path.as_deref(), key_path)?;
+        let context = request.additional_context.as_ref();
+        let reason = RequestContext::access_reason(context).map_err(|e| {
+            GcpError::invalid_field(
+                "additionalContext.accessReasonContext.reason",
+                e.to_string(),
+            )
+        })?;
+        let health_check = context.and_then(|c| c.is_key_health_check) == Some(true);
+        Ok(Body {
+            reason,
+            health_check,
+            request,
+        })
+    }
+
+    /// The caller's resource using the key (`relativeResourceName`), when given.
+    fn resource(&self) -> Option<&str> {
+        self.request
+            .additional_context
+            .as_ref()
+            .and_then(|c| c.relative_resource_name.as_deref())
+            .filter(|r| !r.is_empty())
+    }
+}
+
+/// A request ready for the HSM.
+struct Prepared {
+    granted: Granted,
+    aad: Vec<u8>,
+    op: PreparedOp,
+}
+
+/// The HSM call a prepared request makes.
+enum PreparedOp {
+    Wrap {
+        plaintext: Zeroizing<Vec<u8>>,
+        flags: u8,
+    },
+    Unwrap {
+        flags: u8,
+        key_version: String,
+        iv: Vec<u8>,
+        ciphertext: Vec<u8>,
+        tag: [u8; crate::core::GCM_TAG_LEN],
+    },
 }
 
 /// The request facts authorization needs.
@@ -473,7 +527,7 @@ fn state_with(settings: &GcpSettings, verifier: JwtVerifier) -> State {
 
 /// Split `<prefix>/<key path>:<verb>`.
 fn route<'p>(prefix: &str, path: &'p str) -> Result<(&'p str, Verb), GcpError> {
-    let unknown = || GcpError::new(Code::NotFound, "UNKNOWN_PATH", "unknown URI path");
+    let unknown = || GcpError::new(Code::NotFound, Reason::UnknownPath, "unknown URI path");
     let rest = path
         .strip_prefix(prefix)
         .and_then(|r| r.strip_prefix('/'))
@@ -487,7 +541,7 @@ fn route<'p>(prefix: &str, path: &'p str) -> Result<(&'p str, Verb), GcpError> {
         "unwrap" => Ok((key_path, Verb::Unwrap)),
         _ => Err(GcpError::new(
             Code::Unimplemented,
-            "UNSUPPORTED_METHOD",
+            Reason::UnsupportedMethod,
             "only :wrap and :unwrap are supported",
         )),
     }
@@ -506,12 +560,12 @@ fn check_key_path(body: Option<&str>, url: &str) -> Result<(), GcpError> {
 }
 
 fn parse(body: &[u8]) -> Result<KeyOpRequest, GcpError> {
-    serde_json::from_slice(body).map_err(|e| {
-        let what = match e.classify() {
-            serde_json::error::Category::Data => "a field has the wrong type",
-            _ => "request body is not valid JSON",
+    pipeline::parse_json(body).map_err(|e| {
+        let what = match e {
+            JsonError::WrongShape => "a field has the wrong type",
+            JsonError::NotJson => "request body is not valid JSON",
         };
-        GcpError::new(Code::InvalidArgument, "MALFORMED_REQUEST", what)
+        GcpError::new(Code::InvalidArgument, Reason::MalformedRequest, what)
     })
 }
 
@@ -535,35 +589,26 @@ fn decode_optional(
 }
 
 fn decode_bounded(name: &'static str, value: &str, max: usize) -> Result<Vec<u8>, GcpError> {
-    // Refuse what is certainly too large before decoding (padding makes the bound 2 bytes high).
-    if wire::decoded_len_upper_bound(value.len()) > max.saturating_add(2) {
-        return Err(GcpError::invalid_field(
-            name,
-            format!("exceeds this proxy's limit of {max} bytes"),
-        ));
-    }
-    let bytes = wire::b64_decode(value)
-        .map_err(|_| GcpError::invalid_field(name, "is not valid base64"))?;
-    if bytes.len() > max {
-        return Err(GcpError::invalid_field(
-            name,
-            format!("exceeds this proxy's limit of {max} bytes"),
-        ));
-    }
-    Ok(bytes)
+    // proto3 JSON `bytes`: standard or URL-safe base64, padded or not.
+    pipeline::decode_bounded(value, Base64::Proto3, max).map_err(|e| match e {
+        FieldError::Invalid => GcpError::invalid_field(name, "is not valid base64"),
+        FieldError::TooLarge { max } => {
+            GcpError::invalid_field(name, format!("exceeds this proxy's limit of {max} bytes"))
+        }
+    })
 }
 
 fn jwt_error(e: &JwtError) -> GcpError {
     if e.is_unavailable() {
         return GcpError::new(
             Code::Unavailable,
-            "JWKS_UNAVAILABLE",
+            Reason::JwksUnavailable,
             "the token issuer's signing keys cannot be fetched; retry later",
         );
     }
     GcpError::new(
         Code::Unauthenticated,
-        e.reason().to_ascii_uppercase(),
+        Reason::Token(*e),
         format!("token refused: {e}"),
     )
 }

@@ -147,16 +147,17 @@ impl<B: Backend> XksFront<B> {
             }
         };
         pipeline::record(&span, &facts);
-        let (response, outcome, rule) = match result {
-            Ok(response) => (response, "ok", None),
-            Err(e) => (e.to_response(), e.name.as_str(), e.rule),
-        };
-        let ending = Ending {
-            outcome,
-            rule: rule.as_deref(),
-        };
-        pipeline::finish(&self.metrics, FRONT, &facts, ending, started);
-        response
+        match result {
+            Ok(response) => {
+                pipeline::finish(&self.metrics, FRONT, &facts, Ending::ok(), started);
+                response
+            }
+            Err(e) => {
+                let ending = Ending::failed(e.name.as_str(), e.rule.as_deref());
+                pipeline::finish(&self.metrics, FRONT, &facts, ending, started);
+                e.to_response()
+            }
+        }
     }
 
     async fn execute(
@@ -184,11 +185,17 @@ impl<B: Backend> XksFront<B> {
             authority: req.uri().authority().map(|a| a.as_str()),
             body: req.body(),
         };
-        store.verifier.verify(&signed, SystemTime::now()).map_err(|e| {
-            self.metrics.auth_failure(FRONT, e.reason());
-            tracing::warn!(reason = e.reason(), "SigV4 authentication failed");
-            XksError::new(N::AuthenticationFailed, format!("signature verification failed: {}", e.reason()))
-        })
+        store
+            .verifier
+            .verify(&signed, SystemTime::now())
+            .map_err(|e| {
+                self.metrics.auth_failure(FRONT, e.reason());
+                tracing::warn!(reason = e.reason(), "SigV4 authentication failed");
+                XksError::new(
+                    N::AuthenticationFailed,
+                    format!("signature verification failed: {}", e.reason()),
+                )
+            })
     }
 }
 
@@ -249,4 +256,3 @@ fn route<'s, 'p>(state: &'s State, path: &'p str) -> Option<(&'s KeyStore, Api<'
         _ => None,
     }
 }
-

@@ -65,10 +65,8 @@ impl<'a> XksRequest<'a> {
         Ok(match api {
             Api::Health => {
                 let parsed: wire::MetadataOnlyRequest<'_> = parse(body)?;
-                let md = required_metadata(
-                    parsed.request_metadata,
-                    &["kmsRequestId", "kmsOperation"],
-                )?;
+                let md =
+                    required_metadata(parsed.request_metadata, &["kmsRequestId", "kmsOperation"])?;
                 XksRequest::Health(md)
             }
             Api::Metadata(_) => {
