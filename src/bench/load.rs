@@ -6,12 +6,16 @@
 //! [`Connection::send_raw`]. XKS bodies are a template rendered by one copy plus an in-place
 //! `kmsRequestId`, signed with a fresh SigV4 signature at send time. Cloud EKM bodies are fixed,
 //! with either one cached bearer token or one minted per request (RS256 signing is then most of the
-//! load generator's cost). Sees the proxy only through the wire, via `client`.
+//! load generator's cost). Azure bodies are a template with an in-place `request_id`, sent on the
+//! Azure target's own mutual-TLS connections with no other credential. Sees the proxy only through
+//! the wire, via `client`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use http::{HeaderMap, HeaderValue, Method, Request};
@@ -19,7 +23,7 @@ use http_body_util::Full;
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinSet;
 
-use super::options::{BenchOptions, GcpOptions, Scenario};
+use super::options::{AzureOptions, BenchOptions, GcpOptions, Scenario, Target};
 use super::stats::LaneStats;
 use super::{BenchError, RunningLane, Window};
 use crate::auth::sigv4;
@@ -40,6 +44,18 @@ const CONNECT_PARALLELISM: usize = 32;
 /// Lifetime of the Cloud EKM tokens: longer than any run.
 const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
+/// Bytes the Azure scenarios wrap: Azure Managed HSM wraps 256-bit AES data encryption keys.
+pub const AZURE_DEK_LEN: usize = 32;
+/// The EKM Proxy API version the Azure requests ask for. Written out rather than taken from the
+/// server's front end, so the benchmark speaks the published API whatever the server says.
+const AZURE_API_VERSION: &str = "0.1-preview";
+/// `request_context.pool_name` of the Azure requests (a rule pinning pool names refuses it, and
+/// the probe says so).
+const AZURE_POOL: &str = "ekm-bench";
+/// Where the Azure request id sits in the body: rewritten per request, as MHSM sends a new one
+/// for each call (the server logs and audits it).
+const AZURE_REQUEST_ID: &str = "/request_context/request_id";
+
 /// The server as the HTTP lane sees it: where, how to connect, and how to sign.
 pub struct HttpTarget {
     connector: Connector,
@@ -57,14 +73,50 @@ pub struct HttpTarget {
 }
 
 impl HttpTarget {
-    /// Read the TLS material named in `opts` and prepare a connector to `addr`.
+    /// Read the TLS material named in `opts` and prepare a connector to `addr` (`--url`: the XKS
+    /// and Cloud EKM scenarios).
     pub fn new(opts: &BenchOptions, addr: SocketAddr) -> Result<Self, BenchError> {
+        let signer = if opts.scenarios.iter().any(|s| s.is_gcp()) {
+            TokenSigner::from_pem_file(&opts.gcp.signer, opts.gcp.kid.as_str())
+                .map_err(|e| e.to_string())
+        } else {
+            Err("no Cloud EKM scenario was selected".to_owned())
+        };
+        Self::build(
+            opts,
+            &opts.target,
+            opts.client_identity.as_ref(),
+            signer,
+            addr,
+        )
+    }
+
+    /// The Azure target (`--azure-url`) at `addr`: its own listener, always presenting a client
+    /// certificate, which is the Azure front's only credential.
+    pub fn azure(opts: &BenchOptions, addr: SocketAddr) -> Result<Self, BenchError> {
+        let az = &opts.azure;
+        Self::build(
+            opts,
+            &az.target,
+            Some(&az.client_identity),
+            Err("the Azure front takes no bearer token".to_owned()),
+            addr,
+        )
+    }
+
+    fn build(
+        opts: &BenchOptions,
+        target: &Target,
+        identity: Option<&(std::path::PathBuf, std::path::PathBuf)>,
+        signer: Result<TokenSigner, String>,
+        addr: SocketAddr,
+    ) -> Result<Self, BenchError> {
         let read = |p: &std::path::Path| {
             std::fs::read(p)
                 .map_err(|e| BenchError::Options(format!("cannot read {}: {e}", p.display())))
         };
-        let tls = if opts.target.tls {
-            let (client_cert_pem, client_key_pem) = match &opts.client_identity {
+        let tls = if target.tls {
+            let (client_cert_pem, client_key_pem) = match identity {
                 Some((c, k)) => (Some(read(c)?), Some(read(k)?)),
                 None => (None, None),
             };
@@ -72,29 +124,23 @@ impl HttpTarget {
                 ca_pem: read(&opts.ca)?,
                 client_cert_pem,
                 client_key_pem,
-                server_name: opts.target.host.clone(),
+                server_name: target.host.clone(),
             })
         } else {
             None
         };
-        let host_header = opts.target.host_header();
+        let host_header = target.host_header();
         let host = HeaderValue::from_str(&host_header).map_err(|_| {
             BenchError::Options(format!("host {host_header:?} is not a valid Host header"))
         })?;
         let connector =
             Connector::new(addr, tls.as_ref()).map_err(|e| BenchError::Options(e.to_string()))?;
-        let signer = if opts.scenarios.iter().any(|s| s.is_gcp()) {
-            TokenSigner::from_pem_file(&opts.gcp.signer, opts.gcp.kid.as_str())
-                .map_err(|e| e.to_string())
-        } else {
-            Err("no Cloud EKM scenario was selected".to_owned())
-        };
         let mut claims = TokenClaims::dev(&opts.gcp.email, &opts.gcp.audience, TOKEN_LIFETIME);
         claims.iss.clone_from(&opts.gcp.issuer);
         Ok(Self {
             connector,
             host,
-            prefix: opts.target.prefix.clone(),
+            prefix: target.prefix.clone(),
             access_key_id: opts.access_key_id.clone(),
             secret: opts.secret.clone(),
             region: opts.region.clone(),
@@ -131,7 +177,7 @@ impl HttpTarget {
         headers.insert(HOST, self.host.clone());
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         let body = match &op.body {
-            OpBody::Xks(template) => template.render(nonce, worker, seq),
+            OpBody::Template(template) => template.render(nonce, worker, seq),
             OpBody::Fixed(b) => b.clone(),
         };
         match &op.auth {
@@ -156,6 +202,7 @@ impl HttpTarget {
                     self.mint(Some(format!("{:x}-{nonce:x}-{worker:x}-{seq:x}", op.pid)))?;
                 headers.insert(AUTHORIZATION, bearer(&token)?);
             }
+            OpAuth::MutualTls => {}
         }
         let mut req = Request::new(Full::new(body));
         *req.method_mut() = Method::POST;
@@ -202,6 +249,9 @@ impl HttpTarget {
     ) -> Result<Operation, String> {
         if scenario.is_gcp() {
             return self.gcp_operation(client, scenario, opts).await;
+        }
+        if scenario.is_azure() {
+            return self.azure_operation(client, scenario, &opts.azure).await;
         }
         let key = &opts.key;
         let plaintext = pattern(opts.plaintext_size, 0);
@@ -256,7 +306,7 @@ impl HttpTarget {
         let path = format!("{}/kms/xks/v1/{suffix}", self.prefix);
         Operation::new(
             path,
-            OpBody::Xks(BodyTemplate::new(body)?),
+            OpBody::Template(BodyTemplate::new(body)?),
             OpAuth::SigV4,
             expect,
         )
@@ -319,6 +369,79 @@ impl HttpTarget {
         let path = gcp::key_url_path(&self.gcp.prefix, &self.gcp.key_path, op);
         Operation::new(path, OpBody::Fixed(Bytes::from(body)), auth, Expect::Ok)
     }
+
+    /// An Azure `wrapkey` of a [`AZURE_DEK_LEN`]-byte key, or an `unwrapkey` of one value wrapped
+    /// through the server first. The unwrap probe must give the key back: a 200 with other bytes
+    /// is a broken server, said once here rather than counted as successes.
+    async fn azure_operation(
+        &self,
+        client: &mut Connection,
+        scenario: Scenario,
+        az: &AzureOptions,
+    ) -> Result<Operation, String> {
+        let dek = pattern(AZURE_DEK_LEN, 0);
+        let wrap = self.azure_op("wrapkey", az, &dek)?;
+        if scenario == Scenario::AzureWrap {
+            self.probe(client, &wrap)
+                .await
+                .map_err(|e| format!("probe request: {e}"))?;
+            return Ok(wrap);
+        }
+        let resp = self
+            .probe(client, &wrap)
+            .await
+            .map_err(|e| format!("wrapping the test key: {e}"))?;
+        let wrapped = azure_value(&resp.body).map_err(|e| format!("wrapkey response: {e}"))?;
+        let unwrap = self.azure_op("unwrapkey", az, &wrapped)?;
+        let resp = self
+            .probe(client, &unwrap)
+            .await
+            .map_err(|e| format!("probe request: {e}"))?;
+        let unwrapped = azure_value(&resp.body).map_err(|e| format!("unwrapkey response: {e}"))?;
+        if unwrapped != dek {
+            return Err("unwrapkey answered 200 with other bytes than were wrapped".to_owned());
+        }
+        Ok(unwrap)
+    }
+
+    /// `POST <prefix>/<key>/<op>?api-version=…` with `value` (base64url, no padding) under the
+    /// scenario's algorithm; no credential but the connection's client certificate.
+    fn azure_op(&self, op: &str, az: &AzureOptions, value: &[u8]) -> Result<Operation, String> {
+        let path = format!(
+            "{}/{}/{op}?api-version={AZURE_API_VERSION}",
+            self.prefix, az.key
+        );
+        let body = serde_json::json!({
+            "request_context": {
+                // Rewritten per request (the template's slot); distinct from the correlation id
+                // so the slot is found unambiguously.
+                "request_id": "00000000-0000-4000-8000-000000000000",
+                "correlation_id": format!("ekm-bench-{}", std::process::id()),
+                "pool_name": AZURE_POOL,
+            },
+            "alg": az.alg.name(),
+            "value": URL_SAFE_NO_PAD.encode(value),
+        });
+        let body = serde_json::to_vec(&body).map_err(|e| format!("request body: {e}"))?;
+        Operation::new(
+            path,
+            OpBody::Template(BodyTemplate::at(body, AZURE_REQUEST_ID)?),
+            OpAuth::MutualTls,
+            Expect::Ok,
+        )
+    }
+}
+
+/// The decoded `value` of an Azure `wrapkey`/`unwrapkey` answer.
+fn azure_value(body: &[u8]) -> Result<Vec<u8>, String> {
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let value = v
+        .get("value")
+        .and_then(serde_json::Value::as_str)
+        .ok_or("no \"value\" field")?;
+    URL_SAFE_NO_PAD
+        .decode(value)
+        .map_err(|e| format!("value is not base64url without padding: {e}"))
 }
 
 /// `Bearer <token>` as a sensitive header value (never printed by `Debug`).
@@ -365,8 +488,8 @@ impl Operation {
 
 /// The body of each request.
 enum OpBody {
-    /// An XKS body whose `kmsRequestId` is rewritten per request.
-    Xks(BodyTemplate),
+    /// A body whose request id (XKS `kmsRequestId`, Azure `request_id`) is rewritten per request.
+    Template(BodyTemplate),
     /// The same bytes every time (Cloud EKM has no request id in the body).
     Fixed(Bytes),
 }
@@ -379,6 +502,8 @@ enum OpAuth {
     Bearer(HeaderValue),
     /// A token minted at send time, with a unique `jti`.
     FreshBearer,
+    /// Nothing in the request: the connection's client certificate is the credential (Azure).
+    MutualTls,
 }
 
 /// Which answers count as success.
@@ -407,10 +532,14 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// `HTTP <status> <errorName | google.rpc.Status | body start>`, for the first unexpected answer.
+/// `HTTP <status> <errorName | google.rpc.Status | Azure code: message | body start>`, for the
+/// first unexpected answer.
 fn describe(resp: &Response) -> String {
     if let Some(name) = resp.error_name() {
         return format!("HTTP {} {name}", resp.status);
+    }
+    if let Some((code, message)) = azure_error(&resp.body) {
+        return format!("HTTP {} {code}: {message}", resp.status);
     }
     match resp.rpc_status() {
         Some(s) => match s.reason() {
@@ -424,7 +553,14 @@ fn describe(resp: &Response) -> String {
     }
 }
 
-/// A request body with a 36-character `kmsRequestId` slot rewritten per request.
+/// `code` and `message` of an Azure error body (`{"code": …, "message": …}`), if it is one.
+fn azure_error(body: &[u8]) -> Option<(String, String)> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let text = |field: &str| v.get(field)?.as_str().map(str::to_owned);
+    Some((text("code")?, text("message")?))
+}
+
+/// A request body with a 36-character request id slot rewritten per request.
 #[derive(Clone, Debug)]
 pub struct BodyTemplate {
     bytes: Vec<u8>,
@@ -437,19 +573,32 @@ pub struct BodyTemplate {
 const ID_LEN: usize = 36;
 
 impl BodyTemplate {
-    /// Find the `kmsRequestId` the body builder put in `body`.
+    /// Find the `kmsRequestId` the XKS body builder put in `body`.
     pub fn new(body: Vec<u8>) -> Result<Self, String> {
+        Self::at(body, "/requestMetadata/kmsRequestId")
+    }
+
+    /// Find the 36-character id at the JSON `pointer` of `body`; its bytes must occur once, so
+    /// the slot rewritten is the id and nothing else.
+    pub fn at(body: Vec<u8>, pointer: &str) -> Result<Self, String> {
         let v: serde_json::Value =
             serde_json::from_slice(&body).map_err(|e| format!("request body: {e}"))?;
         let id = v
-            .pointer("/requestMetadata/kmsRequestId")
+            .pointer(pointer)
             .and_then(|v| v.as_str())
             .filter(|id| id.len() == ID_LEN)
-            .ok_or("request body has no 36-character kmsRequestId")?;
-        let id_at = body
+            .ok_or_else(|| format!("request body has no 36-character id at {pointer}"))?;
+        let mut found = body
             .windows(ID_LEN)
-            .position(|w| w == id.as_bytes())
-            .ok_or("kmsRequestId not found in the body bytes")?;
+            .enumerate()
+            .filter(|(_, w)| *w == id.as_bytes())
+            .map(|(i, _)| i);
+        let id_at = found
+            .next()
+            .ok_or_else(|| format!("the id at {pointer} is not in the body bytes"))?;
+        if found.next().is_some() {
+            return Err(format!("the id at {pointer} occurs twice in the body"));
+        }
         Ok(Self {
             bytes: body,
             id_at,
@@ -857,6 +1006,75 @@ mod tests {
             )
             .unwrap();
         assert_eq!(auth_of(&cached, 1), auth_of(&cached, 2));
+    }
+
+    #[test]
+    fn azure_requests_carry_a_fresh_request_id_and_no_credential() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::dev::certs::ensure_dev_pki(dir.path(), &["localhost"]).unwrap();
+        let file = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+        let opts = BenchOptions::from_cli([
+            "--scenario",
+            "azure-wrap",
+            "--ca",
+            &file("ca.pem"),
+            "--client-cert",
+            &file("client.pem"),
+            "--client-key",
+            &file("client-key.pem"),
+            "--azure-alg",
+            "A256KWP",
+        ])
+        .unwrap();
+        let target = HttpTarget::azure(&opts, "127.0.0.1:1".parse().unwrap()).unwrap();
+        let dek = pattern(AZURE_DEK_LEN, 0);
+        let op = target.azure_op("wrapkey", &opts.azure, &dek).unwrap();
+        let req = target.request(&op, 1, 2, 3).unwrap();
+        assert_eq!(
+            req.uri().path_and_query().unwrap().as_str(),
+            "/azure/dev-aes-kek-1/wrapkey?api-version=0.1-preview"
+        );
+        assert_eq!(req.method(), Method::POST);
+        assert_eq!(req.headers()[HOST], "localhost:9443");
+        assert!(req.headers().get(AUTHORIZATION).is_none());
+        let OpBody::Template(template) = &op.body else {
+            panic!("the request id is rewritten per request");
+        };
+        let body = |seq| -> serde_json::Value {
+            serde_json::from_slice(&template.render(1, 2, seq)).unwrap()
+        };
+        let (a, b) = (body(1), body(2));
+        let id = |v: &serde_json::Value| v["request_context"]["request_id"].clone();
+        assert_ne!(id(&a), id(&b));
+        assert_eq!(id(&a).as_str().unwrap().len(), ID_LEN);
+        assert_eq!(
+            a["request_context"]["correlation_id"],
+            b["request_context"]["correlation_id"]
+        );
+        assert_eq!(a["request_context"]["pool_name"], AZURE_POOL);
+        assert_eq!(a["alg"], "A256KWP");
+        assert_eq!(
+            URL_SAFE_NO_PAD
+                .decode(a["value"].as_str().unwrap())
+                .unwrap(),
+            dek
+        );
+        assert_eq!(azure_value(br#"{"value":"AAEC"}"#).unwrap(), vec![0, 1, 2]);
+        assert!(azure_value(br#"{"value":"AAEC=="}"#).is_err());
+        assert!(azure_value(br#"{"code":"Forbidden"}"#).is_err());
+        assert_eq!(
+            describe(&response(
+                403,
+                r#"{"code":"Forbidden","message":"key is disabled"}"#
+            )),
+            "HTTP 403 Forbidden: key is disabled"
+        );
+        // A request id that occurs twice cannot be a slot.
+        let twice = format!(
+            r#"{{"request_context":{{"request_id":"{id}","correlation_id":"{id}"}}}}"#,
+            id = "00000000-0000-4000-8000-000000000000"
+        );
+        assert!(BodyTemplate::at(twice.into_bytes(), AZURE_REQUEST_ID).is_err());
     }
 
     #[test]

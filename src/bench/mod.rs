@@ -1,14 +1,16 @@
 //! `ekm-proxy bench`: the benchmark (DESIGN.md §8, issue 3).
 //!
 //! Drives a running proxy over HTTPS (or HTTP) with keep-alive connections and properly signed XKS
-//! requests or Cloud EKM requests with RS256 bearer tokens, and in the same run measures the **raw
-//! HSM lane**: the same AES-GCM operation through [`crate::hsm::Pkcs11Backend`] with no HTTP. Per scenario × concurrency it reports throughput,
+//! requests, Cloud EKM requests with RS256 bearer tokens, or Azure Managed HSM key wrapping over
+//! mutual TLS (on its own listener, `--azure-url`), and in the same run measures the **raw HSM
+//! lane**: the same AES-GCM or key-wrapping operation through [`crate::hsm::Pkcs11Backend`] with
+//! no HTTP. Per scenario × concurrency it reports throughput,
 //! latency percentiles, errors by status, the server's CPU µs per request and RSS (from `/proc`),
 //! and the ratio proxy/raw, which is the only form in which performance is claimed.
 //!
 //! - [`options`]: the command line and the validated [`BenchOptions`].
 //! - `load`: the HTTP lane (signing at send time, a fresh `kmsRequestId` per request; Cloud EKM
-//!   with one cached token or a token minted per request).
+//!   with one cached token or a token minted per request; Azure with a fresh `request_id`).
 //! - `raw`: the raw HSM lane.
 //! - [`stats`]: per-worker HDR histograms and error counts, merged at the end.
 //! - [`procstat`]: CPU time and RSS of a process from `/proc`.
@@ -33,7 +35,9 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
-pub use options::{BenchArgs, BenchOptions, GcpOptions, RawLane, Scenario, SpawnOptions, Target};
+pub use options::{
+    AzureOptions, BenchArgs, BenchOptions, GcpOptions, RawLane, Scenario, SpawnOptions, Target,
+};
 pub use report::{IdleReport, LaneReport, RawReport, ScenarioReport};
 
 use load::HttpTarget;
@@ -167,8 +171,11 @@ pub async fn run_with(
     let mut server = None;
     if let Some(sp) = &opts.spawn {
         let conf = spawn::softhsm_conf_for_child(sp)?;
-        let needs_gcp = opts.scenarios.iter().any(|s| s.is_gcp());
-        spawn::ensure_dev_profile(sp, conf.as_deref(), needs_gcp)?;
+        let needs = spawn::Needs {
+            gcp: opts.scenarios.iter().any(|s| s.is_gcp()),
+            azure: opts.scenarios.iter().any(|s| s.is_azure()),
+        };
+        spawn::ensure_dev_profile(sp, conf.as_deref(), needs)?;
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             return Err(BenchError::Spawn(format!(
                 "something already listens on {addr}; stop it, or drop --spawn to benchmark it"
@@ -190,12 +197,24 @@ pub async fn run_with(
             .map_err(|e| BenchError::Connect(format!("{addr}: {e}")))?;
     }
 
+    // After the server is up: with --spawn, `dev init` may have just written the dev client
+    // certificate the Azure target presents.
+    let azure = if opts.scenarios.iter().any(|s| s.is_azure()) {
+        Some(azure_target(&opts).await?)
+    } else {
+        None
+    };
+
     let raw = start_raw_lane(&opts).await;
     let result = match raw {
         Ok(raw) => {
+            let targets = Targets {
+                main: &target,
+                azure: azure.as_ref(),
+            };
             let r = measure_all(
                 &opts,
-                &target,
+                &targets,
                 server.as_mut(),
                 raw.as_ref(),
                 &mut on_report,
@@ -212,6 +231,44 @@ pub async fn run_with(
         s.stop().await;
     }
     result
+}
+
+/// The HTTP lane's targets: `--url`, and `--azure-url` when an Azure scenario is selected.
+struct Targets<'a> {
+    main: &'a Arc<HttpTarget>,
+    /// The Azure target, or why there is none: reported by the Azure scenarios only, as a missing
+    /// token signer is by the Cloud EKM ones, so a default run against a server without an Azure
+    /// listener still measures everything else.
+    azure: Option<&'a Result<Arc<HttpTarget>, String>>,
+}
+
+impl Targets<'_> {
+    /// The target `scenario` is sent to.
+    fn of(&self, scenario: Scenario) -> Result<&Arc<HttpTarget>, String> {
+        if !scenario.is_azure() {
+            return Ok(self.main);
+        }
+        match self.azure {
+            Some(Ok(t)) => Ok(t),
+            Some(Err(e)) => Err(e.clone()),
+            None => Err("internal: no Azure target was prepared".to_owned()),
+        }
+    }
+}
+
+/// The Azure target, or why it cannot be used (unresolvable host, unreadable client certificate)
+/// as the Azure scenarios' error. A non-loopback `--azure-url` without `--allow-remote` is an
+/// options error, as it is for `--url`.
+async fn azure_target(opts: &BenchOptions) -> Result<Result<Arc<HttpTarget>, String>, BenchError> {
+    let az = &opts.azure;
+    let addr = match resolve(&az.target, opts.allow_remote).await {
+        Ok(addr) => addr,
+        Err(e @ BenchError::Options(_)) => return Err(e),
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    Ok(HttpTarget::azure(opts, addr)
+        .map(Arc::new)
+        .map_err(|e| format!("{e} (--client-cert/--client-key)")))
 }
 
 /// The raw lane's backend, if any scenario has one and it is not switched off.
@@ -240,7 +297,7 @@ async fn start_raw_lane(opts: &BenchOptions) -> Result<Option<RawHsm>, BenchErro
 
 async fn measure_all(
     opts: &BenchOptions,
-    target: &Arc<HttpTarget>,
+    targets: &Targets<'_>,
     mut server: Option<&mut SpawnedServer>,
     raw: Option<&RawHsm>,
     on_report: &mut impl FnMut(&ScenarioReport),
@@ -257,7 +314,7 @@ async fn measure_all(
     // Idle connections are opened once and held until the end, so every scenario runs with them.
     let (idle_clients, mut idle) = if opts.idle_connections > 0 {
         let before = server_watch.as_ref().and_then(|w| w.rss_bytes().ok());
-        let (clients, failed) = load::open_connections(target, opts.idle_connections).await;
+        let (clients, failed) = load::open_connections(targets.main, opts.idle_connections).await;
         // Let the server finish setting the connections up before reading its memory.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let after = server_watch.as_ref().and_then(|w| w.rss_bytes().ok());
@@ -278,11 +335,32 @@ async fn measure_all(
     let mut reports = Vec::new();
     let mut nonce: u16 = 0;
     for &scenario in &opts.scenarios {
+        // The Azure listener is a second address: when it cannot be reached, say which one and
+        // which option names it (a refused probe is the server's answer and says enough).
+        let unreachable = |e: String| {
+            if scenario.is_azure() {
+                format!("Azure target {} (--azure-url): {e}", opts.azure.url)
+            } else {
+                e
+            }
+        };
         // One connection to prepare the scenario (pre-encrypt, probe): a failure here is one
         // clear line instead of a table of errors.
-        let prepared = match target.connect().await {
-            Ok(mut c) => target.operation(&mut c, scenario, opts).await.map(Arc::new),
-            Err(e) => Err(format!("connect: {e}")),
+        let prepared = match targets.of(scenario) {
+            Ok(target) => match target.connect().await {
+                Ok(mut c) => target
+                    .operation(&mut c, scenario, opts)
+                    .await
+                    .map(|op| (target, Arc::new(op))),
+                Err(e) => Err(unreachable(format!("connect: {e}"))),
+            },
+            Err(e) => Err(unreachable(e)),
+        };
+        // Azure wraps a fixed-size key with no AAD; the rows say what was sent.
+        let (plaintext_size, aad_size) = if scenario.is_azure() {
+            (load::AZURE_DEK_LEN, 0)
+        } else {
+            (opts.plaintext_size, opts.aad_size)
         };
         let raw_op = match raw {
             Some(raw) => raw
@@ -298,8 +376,9 @@ async fn measure_all(
                 scenario,
                 concurrency,
                 connections,
-                plaintext_size: opts.plaintext_size,
-                aad_size: opts.aad_size,
+                plaintext_size,
+                aad_size,
+                alg: scenario.is_azure().then(|| opts.azure.alg.name()),
                 window_s: opts.duration.as_secs_f64(),
                 proxy: None,
                 server_cpu_us_per_req: None,
@@ -313,7 +392,7 @@ async fn measure_all(
             };
             let mut errors = Vec::new();
             match &prepared {
-                Ok(op) => {
+                Ok((target, op)) => {
                     let reopens_before = admin_counter(opts.admin, SESSION_REOPENS).await;
                     let lane = load::start_lane(
                         target,
@@ -498,6 +577,16 @@ pub fn main(args: BenchArgs) -> i32 {
         opts.plaintext_size,
         opts.aad_size
     );
+    if opts.scenarios.iter().any(|s| s.is_azure()) {
+        eprintln!(
+            "bench: Azure scenarios: {} with key {} at {}, {}-byte key, client certificate {}",
+            opts.azure.alg,
+            opts.azure.key,
+            opts.azure.url,
+            load::AZURE_DEK_LEN,
+            opts.azure.client_identity.0.display()
+        );
+    }
     let json = args.json;
     let mut header_done = false;
     let print = move |r: &ScenarioReport| {

@@ -3,7 +3,9 @@
 //!
 //! Everything a run needs is decided here, before any connection is opened, so a typo costs no
 //! server start-up. Depends on clap, `hsm::HsmSettings` (the raw lane may be given settings
-//! directly, e.g. by a test) and `dev::profile` (the defaults are the dev profile's).
+//! directly, e.g. by a test), `dev::profile` (the defaults are the dev profile's), and
+//! `core::WrapAlgorithm` and the Azure front's key-identifier rule (so `--azure-alg` and
+//! `--azure-key` are refused here, not by a probe request).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,6 +13,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use super::BenchError;
+use crate::core::WrapAlgorithm;
 use crate::dev::profile;
 use crate::hsm::HsmSettings;
 use crate::secret::SecretString;
@@ -36,11 +39,15 @@ pub enum Scenario {
     GcpUnwrap,
     /// Cloud EKM unwrap with a freshly minted token per request.
     GcpUnwrapFresh,
+    /// Azure Managed HSM `wrapkey` of a 32-byte DEK (mutual TLS, `--azure-*` options).
+    AzureWrap,
+    /// Azure Managed HSM `unwrapkey` of one value wrapped before measuring.
+    AzureUnwrap,
 }
 
 impl Scenario {
     /// Every scenario, in the order a default run measures them.
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::Encrypt,
         Scenario::Decrypt,
         Scenario::DecryptBadTag,
@@ -50,6 +57,8 @@ impl Scenario {
         Scenario::GcpWrapFresh,
         Scenario::GcpUnwrap,
         Scenario::GcpUnwrapFresh,
+        Scenario::AzureWrap,
+        Scenario::AzureUnwrap,
     ];
 
     /// The name used on the command line, in the table and in JSON.
@@ -64,6 +73,8 @@ impl Scenario {
             Scenario::GcpWrapFresh => "gcp-wrap-fresh",
             Scenario::GcpUnwrap => "gcp-unwrap",
             Scenario::GcpUnwrapFresh => "gcp-unwrap-fresh",
+            Scenario::AzureWrap => "azure-wrap",
+            Scenario::AzureUnwrap => "azure-unwrap",
         }
     }
 
@@ -76,6 +87,11 @@ impl Scenario {
                 | Scenario::GcpUnwrap
                 | Scenario::GcpUnwrapFresh
         )
+    }
+
+    /// Whether this is an Azure Managed HSM scenario (its own mTLS listener, `--azure-*` options).
+    pub fn is_azure(self) -> bool {
+        matches!(self, Scenario::AzureWrap | Scenario::AzureUnwrap)
     }
 
     /// Whether every request carries a newly minted token.
@@ -148,6 +164,17 @@ pub struct BenchArgs {
     /// `iss` of the tokens.
     #[arg(long, default_value = profile::GCP_ISSUER)]
     pub gcp_issuer: String,
+    /// Azure Managed HSM target (azure-* scenarios): https, host:port of the mTLS listener and the
+    /// path prefix. Those scenarios present --client-cert/--client-key, by default the dev
+    /// profile's certs/dev/client.pem and client-key.pem.
+    #[arg(long, default_value = DEV_AZURE_URL)]
+    pub azure_url: String,
+    /// Azure key identifier (the HSM key label) the azure-* scenarios wrap and unwrap with.
+    #[arg(long, default_value = profile::AZURE_AES_KEY)]
+    pub azure_key: String,
+    /// Azure wrapping algorithm: A256KW, A256KWP (AES-256 key), RSA-OAEP, RSA-OAEP-256 (RSA key).
+    #[arg(long, default_value = "A256KW", value_parser = parse_wrap_algorithm)]
+    pub azure_alg: WrapAlgorithm,
     /// Scenarios to run (repeatable or comma-separated); default: all.
     #[arg(long = "scenario", value_enum, value_delimiter = ',')]
     pub scenarios: Vec<Scenario>,
@@ -223,9 +250,14 @@ pub struct Target {
 }
 
 impl Target {
-    /// Parse `scheme://host[:port][/prefix]`.
+    /// Parse `scheme://host[:port][/prefix]` (the value of `--url`).
     pub fn parse(url: &str) -> Result<Self, BenchError> {
-        let bad = |why: &str| BenchError::Options(format!("--url {url:?}: {why}"));
+        Self::parse_flag("--url", url)
+    }
+
+    /// [`Target::parse`] for the value of the option `flag`, which error messages name.
+    pub fn parse_flag(flag: &str, url: &str) -> Result<Self, BenchError> {
+        let bad = |why: &str| BenchError::Options(format!("{flag} {url:?}: {why}"));
         let uri: http::Uri = url.parse().map_err(|e| bad(&format!("{e}")))?;
         let tls = match uri.scheme_str() {
             Some("https") => true,
@@ -292,6 +324,21 @@ pub struct GcpOptions {
     pub issuer: String,
 }
 
+/// What the Azure Managed HSM scenarios send, where, and with which client certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AzureOptions {
+    /// `--azure-url` as given, for messages.
+    pub url: String,
+    /// The mTLS listener and path prefix (always https).
+    pub target: Target,
+    /// Key identifier, which is also the HSM key label (the raw lane's key).
+    pub key: String,
+    /// The wrapping algorithm.
+    pub alg: WrapAlgorithm,
+    /// Client certificate and key files: `--client-cert`/`--client-key`, or the dev profile's.
+    pub client_identity: (PathBuf, PathBuf),
+}
+
 /// How to start the dev-profile server as a child.
 #[derive(Clone, Debug)]
 pub struct SpawnOptions {
@@ -326,6 +373,8 @@ pub struct BenchOptions {
     pub key: String,
     /// The Cloud EKM scenarios' key and token.
     pub gcp: GcpOptions,
+    /// The Azure scenarios' listener, key and algorithm.
+    pub azure: AzureOptions,
     /// Scenarios, in run order.
     pub scenarios: Vec<Scenario>,
     /// Concurrency levels, in run order.
@@ -355,6 +404,15 @@ pub struct BenchOptions {
     /// Allow a non-loopback target.
     pub allow_remote: bool,
 }
+
+/// The dev profile's Azure target: its mTLS listener and Azure path prefix
+/// ([`profile::AZURE_PREFIX`]).
+pub const DEV_AZURE_URL: &str = "https://localhost:9443/azure";
+/// The dev client certificate the azure-* scenarios present when `--client-cert` is not given
+/// (relative to the repository root, like the other dev defaults).
+pub const DEV_CLIENT_CERT: &str = "certs/dev/client.pem";
+/// Its private key.
+pub const DEV_CLIENT_KEY: &str = "certs/dev/client-key.pem";
 
 /// The dev profile's admin port (`hsm-config/dev.toml`).
 pub const DEV_ADMIN_PORT: u16 = 9090;
@@ -449,6 +507,26 @@ impl BenchOptions {
         if a.gcp_key.is_empty() || a.gcp_key.contains(['?', '#', ' ', ':']) {
             return opt(format!("--gcp-key {:?} is not a key path", a.gcp_key));
         }
+        let azure_target = Target::parse_flag("--azure-url", &a.azure_url)?;
+        // The Azure front authenticates callers by their client certificate only.
+        if !azure_target.tls {
+            return opt(format!(
+                "--azure-url {:?}: the Azure front is mutual TLS only; use https",
+                a.azure_url
+            ));
+        }
+        if !crate::front::azure::settings::valid_prefix(&azure_target.prefix) {
+            return opt(format!(
+                "--azure-url {:?}: needs the Azure path prefix, e.g. {DEV_AZURE_URL}",
+                a.azure_url
+            ));
+        }
+        if !crate::front::azure::settings::valid_key_id(&a.azure_key) {
+            return opt(format!(
+                "--azure-key {:?}: a key identifier is 1 to 64 characters of A-Z, a-z, 0-9 and -",
+                a.azure_key
+            ));
+        }
         let mut scenarios = if a.scenarios.is_empty() {
             Scenario::ALL.to_vec()
         } else {
@@ -462,6 +540,11 @@ impl BenchOptions {
             (None, None) => None,
             _ => return opt("--client-cert and --client-key go together".into()),
         };
+        // Only the Azure scenarios fall back to the dev client certificate: the XKS and Cloud
+        // EKM listeners keep presenting none unless asked, as before.
+        let azure_identity = client_identity
+            .clone()
+            .unwrap_or_else(|| (DEV_CLIENT_CERT.into(), DEV_CLIENT_KEY.into()));
         let spawn = if a.spawn {
             Some(SpawnOptions {
                 exe: std::env::current_exe().map_err(|e| {
@@ -492,6 +575,13 @@ impl BenchOptions {
                 email: a.gcp_email.clone(),
                 audience: a.gcp_audience.clone(),
                 issuer: a.gcp_issuer.clone(),
+            },
+            azure: AzureOptions {
+                url: a.azure_url.clone(),
+                target: azure_target,
+                key: a.azure_key.clone(),
+                alg: a.azure_alg,
+                client_identity: azure_identity,
             },
             scenarios,
             concurrency,
@@ -528,6 +618,14 @@ fn dedup_keep_order<T: PartialEq + Copy>(v: &mut Vec<T>) {
             true
         }
     });
+}
+
+/// Parse a JOSE wrapping algorithm name, exactly as the Azure API spells it.
+pub fn parse_wrap_algorithm(s: &str) -> Result<WrapAlgorithm, String> {
+    WrapAlgorithm::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = WrapAlgorithm::ALL.iter().map(|a| a.name()).collect();
+        format!("{s:?} is not one of {}", names.join(", "))
+    })
 }
 
 /// Parse `5s`, `300ms`, `1.5s`, `2m`, `250us`, or bare seconds (`5`).
@@ -666,6 +764,74 @@ mod tests {
             vec!["--gcp-prefix", "gcp"],
             vec!["--gcp-key", "k:wrap"],
             vec!["--gcp-key", ""],
+        ] {
+            assert!(
+                BenchOptions::from_cli(bad.clone()).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn azure_scenarios() {
+        let o = BenchOptions::from_cli(["--scenario", "azure-wrap,azure-unwrap"]).unwrap();
+        assert_eq!(
+            o.scenarios,
+            vec![Scenario::AzureWrap, Scenario::AzureUnwrap]
+        );
+        assert!(o.scenarios.iter().all(|s| s.is_azure() && s.has_raw_lane()));
+        assert!(!Scenario::GcpWrap.is_azure() && !Scenario::AzureWrap.is_gcp());
+        // The dev profile: its mTLS listener, Azure prefix and AES key-encryption key, and its
+        // client certificate for these scenarios only.
+        assert_eq!(
+            DEV_AZURE_URL,
+            format!("https://localhost:9443{}", profile::AZURE_PREFIX)
+        );
+        assert_eq!(o.azure.target.port, 9443);
+        assert_eq!(o.azure.target.prefix, profile::AZURE_PREFIX);
+        assert_eq!(o.azure.key, profile::AZURE_AES_KEY);
+        assert_eq!(o.azure.alg, WrapAlgorithm::A256Kw);
+        assert_eq!(
+            o.azure.client_identity,
+            (DEV_CLIENT_CERT.into(), DEV_CLIENT_KEY.into())
+        );
+        assert!(
+            o.client_identity.is_none(),
+            "the XKS target keeps no client certificate"
+        );
+
+        let o = BenchOptions::from_cli([
+            "--azure-url",
+            "https://127.0.0.1:4443/mhsm/pool-a/",
+            "--azure-key",
+            profile::AZURE_RSA_KEY,
+            "--azure-alg",
+            "RSA-OAEP-256",
+            "--client-cert",
+            "c.pem",
+            "--client-key",
+            "k.pem",
+        ])
+        .unwrap();
+        assert_eq!(o.azure.target.prefix, "/mhsm/pool-a");
+        assert_eq!(o.azure.alg, WrapAlgorithm::RsaOaep256);
+        assert_eq!(o.azure.client_identity, ("c.pem".into(), "k.pem".into()));
+        assert_eq!(o.client_identity, Some(("c.pem".into(), "k.pem".into())));
+        for alg in ["A256KW", "A256KWP", "RSA-OAEP", "RSA-OAEP-256"] {
+            let o = BenchOptions::from_cli(["--azure-alg", alg]).unwrap();
+            assert_eq!(o.azure.alg.name(), alg);
+        }
+        for bad in [
+            vec!["--azure-alg", "a256kw"],
+            vec!["--azure-alg", "RSA1_5"],
+            vec!["--azure-url", "http://localhost:9443/azure"],
+            vec!["--azure-url", "https://localhost:9443"],
+            vec![
+                "--azure-url",
+                "https://localhost:9443/azure?api-version=0.1-preview",
+            ],
+            vec!["--azure-key", "dev_aes"],
+            vec!["--azure-key", ""],
         ] {
             assert!(
                 BenchOptions::from_cli(bad.clone()).is_err(),

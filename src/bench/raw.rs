@@ -2,7 +2,8 @@
 //! [`Pkcs11Backend`] in this process (no HTTP, TLS, SigV4, JWT or JSON), at the same concurrency.
 //! Cloud EKM wrap is an encrypt and unwrap a decrypt, under the key behind the key path, with the
 //! AAD the front end binds a blob with ([`crate::front::gcp::blob::aad`]), so the HSM processes the
-//! same bytes in both lanes.
+//! same bytes in both lanes. Azure wrapkey and unwrapkey are the backend's `key_wrap` and
+//! `key_unwrap` of the same 32-byte key, under the same key and algorithm.
 //!
 //! It goes through the backend's queue and worker threads on purpose: that is the floor the proxy
 //! adds its front end to, so `proxy rps / raw rps` is what the front end costs. The backend opens
@@ -19,7 +20,9 @@ use super::options::{BenchOptions, Scenario};
 use super::stats::LaneStats;
 use super::{BenchError, RunningLane, Window};
 use crate::core::framing::{AadFraming, full_aad};
-use crate::core::{AeadDecrypt, AeadEncrypt, Backend, CryptoError, GCM_TAG_LEN};
+use crate::core::{
+    AeadDecrypt, AeadEncrypt, Backend, CryptoError, GCM_TAG_LEN, KeyUnwrap, KeyWrap, WrapAlgorithm,
+};
 use crate::front::gcp::blob;
 use crate::hsm::{HsmSettings, Pkcs11Backend};
 
@@ -57,6 +60,9 @@ impl RawHsm {
     ) -> Result<Option<RawOp>, String> {
         if !scenario.has_raw_lane() {
             return Ok(None);
+        }
+        if scenario.is_azure() {
+            return self.azure_operation(scenario, opts).await.map(Some);
         }
         let plaintext = super::load::pattern(opts.plaintext_size, 0);
         let aad_field = (opts.aad_size > 0).then(|| super::load::pattern(opts.aad_size, 7));
@@ -110,6 +116,37 @@ impl RawHsm {
         Ok(Some(op))
     }
 
+    /// The key wrap (or unwrap of one value wrapped here first) the Azure scenario asks the
+    /// server for: same key, algorithm and key length.
+    async fn azure_operation(
+        &self,
+        scenario: Scenario,
+        opts: &BenchOptions,
+    ) -> Result<RawOp, String> {
+        let az = &opts.azure;
+        let mut op = RawOp {
+            key: az.key.clone(),
+            plaintext: super::load::pattern(super::load::AZURE_DEK_LEN, 0),
+            aad: Vec::new(),
+            kind: RawKind::Wrap(az.alg),
+        };
+        if scenario == Scenario::AzureUnwrap {
+            let wrapped = self
+                .backend
+                .key_wrap(op.wrap_request(az.alg))
+                .await
+                .map_err(|e| format!("wrapping the test key: {e}"))?;
+            op.kind = RawKind::Unwrap {
+                alg: az.alg,
+                wrapped,
+            };
+        }
+        op.run(&self.backend)
+            .await
+            .map_err(|(kind, detail)| format!("probe ({kind}): {detail}"))?;
+        Ok(op)
+    }
+
     /// Start `concurrency` tasks that run `op` back to back; warm-up now, then the window.
     pub fn start_lane(
         &self,
@@ -144,6 +181,13 @@ enum RawKind {
         tag: [u8; GCM_TAG_LEN],
         expect_invalid: bool,
     },
+    /// `key_wrap` of the plaintext.
+    Wrap(WrapAlgorithm),
+    /// `key_unwrap` of a value wrapped before measuring.
+    Unwrap {
+        alg: WrapAlgorithm,
+        wrapped: Vec<u8>,
+    },
 }
 
 impl RawOp {
@@ -152,6 +196,14 @@ impl RawOp {
             key: self.key.clone(),
             plaintext: Zeroizing::new(self.plaintext.clone()),
             aad: self.aad.clone(),
+        }
+    }
+
+    fn wrap_request(&self, alg: WrapAlgorithm) -> KeyWrap {
+        KeyWrap {
+            key: self.key.clone(),
+            alg,
+            plaintext: Zeroizing::new(self.plaintext.clone()),
         }
     }
 
@@ -186,6 +238,20 @@ impl RawOp {
                     (Err(e), _) => Err(fail(e)),
                 }
             }
+            RawKind::Wrap(alg) => backend
+                .key_wrap(self.wrap_request(*alg))
+                .await
+                .map(drop)
+                .map_err(fail),
+            RawKind::Unwrap { alg, wrapped } => backend
+                .key_unwrap(KeyUnwrap {
+                    key: self.key.clone(),
+                    alg: *alg,
+                    wrapped: wrapped.clone(),
+                })
+                .await
+                .map(drop)
+                .map_err(fail),
         }
     }
 }

@@ -93,6 +93,8 @@ pub struct ScenarioReport {
     pub plaintext_size: usize,
     /// AAD bytes.
     pub aad_size: usize,
+    /// The wrapping algorithm (`A256KW`…) of the Azure scenarios; `None` for the others.
+    pub alg: Option<&'static str>,
     /// Length of the measured window (s).
     pub window_s: f64,
     /// The proxy over HTTP(S); `None` if the scenario could not be set up.
@@ -282,6 +284,7 @@ mod tests {
             connections: 32,
             plaintext_size: 32,
             aad_size: 64,
+            alg: None,
             window_s: 1.0,
             proxy: Some(LaneReport::from_stats(&stats, 1.0)),
             server_cpu_us_per_req: Some(55.25),
@@ -312,6 +315,7 @@ mod tests {
         assert_eq!(v["raw"]["rps"], 400.0);
         assert_eq!(v["raw"]["cpu_us_per_op"], 9.0);
         assert!(v["client_cpu_us_per_req"].is_null());
+        assert!(v["alg"].is_null());
         assert!(!r.to_json().contains('\n'));
     }
 

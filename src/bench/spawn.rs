@@ -55,13 +55,23 @@ pub fn ensure_softhsm_conf(path: &Path) -> Result<PathBuf, BenchError> {
     Ok(path)
 }
 
-/// Run `dev init` when the configuration is the dev profile's and does not exist yet, or (when
-/// `needs_gcp`) predates its Cloud EKM section or lacks the JWT signer: `dev init` is idempotent
-/// and rewrites only the generated `dev.toml`, keeping the token, keys and certificates.
+/// Which optional parts of the dev profile the selected scenarios use.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Needs {
+    /// The `[gcp]` section and the JWT signer.
+    pub gcp: bool,
+    /// The `[azure]` section, its keys and the dev client certificate.
+    pub azure: bool,
+}
+
+/// Run `dev init` when the configuration is the dev profile's and does not exist yet, or predates
+/// a section the selected scenarios need (Cloud EKM with its JWT signer, Azure with its client
+/// certificate): `dev init` is idempotent, rewrites only the generated `dev.toml` and adds what is
+/// missing (the Azure keys), keeping the token, the other keys and the certificates.
 pub fn ensure_dev_profile(
     opts: &SpawnOptions,
     softhsm_conf: Option<&Path>,
-    needs_gcp: bool,
+    needs: Needs,
 ) -> Result<(), BenchError> {
     let parent = opts.config.parent();
     let is_dev_default = opts.config.file_name().is_some_and(|n| n == "dev.toml")
@@ -78,11 +88,16 @@ pub fn ensure_dev_profile(
     });
     let why = if !opts.config.is_file() {
         "is missing"
-    } else if needs_gcp
+    } else if needs.gcp
         && let Some(root) = root
         && !has_gcp_profile(&opts.config, root)
     {
         "has no Cloud EKM section or JWT signer (it predates them)"
+    } else if needs.azure
+        && let Some(root) = root
+        && !has_azure_profile(&opts.config, root)
+    {
+        "has no Azure section or dev client certificate (it predates them)"
     } else {
         return Ok(());
     };
@@ -120,6 +135,14 @@ fn has_gcp_profile(config: &Path, root: &Path) -> bool {
     let text = std::fs::read_to_string(config).unwrap_or_default();
     text.lines().any(|l| l.trim() == "[gcp]")
         && root.join(crate::dev::profile::JWT_SIGNER_PATH).is_file()
+}
+
+/// Whether the dev configuration has the `[azure]` section and the dev client certificate exists.
+fn has_azure_profile(config: &Path, root: &Path) -> bool {
+    let text = std::fs::read_to_string(config).unwrap_or_default();
+    text.lines().any(|l| l.trim() == "[azure]")
+        && root.join(super::options::DEV_CLIENT_CERT).is_file()
+        && root.join(super::options::DEV_CLIENT_KEY).is_file()
 }
 
 /// The server child. Dropping it kills the child.
@@ -334,16 +357,20 @@ mod tests {
             log: None,
             ready_timeout: Duration::from_secs(1),
         };
-        let err = ensure_dev_profile(&opts, None, true)
+        let all = Needs {
+            gcp: true,
+            azure: true,
+        };
+        let err = ensure_dev_profile(&opts, None, all)
             .unwrap_err()
             .to_string();
         assert!(err.contains("only the dev profile"), "{err}");
-        // An existing non-dev config is used as it is, gcp or not.
+        // An existing non-dev config is used as it is, gcp, azure or not.
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("prod.toml");
         std::fs::write(&config, "").unwrap();
         let opts = SpawnOptions { config, ..opts };
-        ensure_dev_profile(&opts, None, true).unwrap();
+        ensure_dev_profile(&opts, None, all).unwrap();
     }
 
     #[test]
@@ -359,5 +386,25 @@ mod tests {
         std::fs::create_dir_all(signer.parent().unwrap()).unwrap();
         std::fs::write(&signer, "").unwrap();
         assert!(has_gcp_profile(&config, dir.path()));
+    }
+
+    #[test]
+    fn a_dev_profile_without_azure_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("hsm-config/dev.toml");
+        std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+        std::fs::write(&config, "[hsm]\n[gcp]\n").unwrap();
+        assert!(!has_azure_profile(&config, dir.path()));
+        std::fs::write(&config, "[hsm]\n[azure]\nekm_vendor = \"x\"\n").unwrap();
+        assert!(
+            !has_azure_profile(&config, dir.path()),
+            "no client certificate yet"
+        );
+        let certs = dir.path().join("certs/dev");
+        std::fs::create_dir_all(&certs).unwrap();
+        std::fs::write(certs.join("client.pem"), "").unwrap();
+        assert!(!has_azure_profile(&config, dir.path()), "no client key yet");
+        std::fs::write(certs.join("client-key.pem"), "").unwrap();
+        assert!(has_azure_profile(&config, dir.path()));
     }
 }
