@@ -461,3 +461,176 @@ async fn gcp_conformance_client_passes_with_the_dev_signer_and_an_https_jwks() {
     dev_proxy.stop().await;
     https_proxy.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Azure Managed HSM (EKM Proxy API 0.1-preview)
+// ---------------------------------------------------------------------------------------------
+
+const AZURE_SCRIPT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/conformance/azure-conformance.sh"
+);
+/// A wrap/unwrap key imported with a value the script knows (`AZURE_KEK_KEY`/`AZURE_KEK_HEX`):
+/// the RFC 3394 §4.6 KEK, so the script checks the RFC's answer as well as openssl's.
+const AZURE_KEK_LABEL: &str = "kat-kek-1";
+const AZURE_KEK_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+/// Runs the Azure script against `https://localhost:<mtls_port><AZURE_PREFIX>` with the test
+/// client certificate, and `https://localhost:<no_cert_port><AZURE_PREFIX>` (a listener that asks
+/// for no certificate) as `AZURE_NO_CERT_URL`.
+fn run_azure_script(mtls_port: u16, no_cert_port: u16, ca_pem: &Path, client: &ClientFiles) -> Run {
+    let url = format!("https://localhost:{mtls_port}{}", profile::AZURE_PREFIX);
+    let no_cert_url = format!("https://localhost:{no_cert_port}{}", profile::AZURE_PREFIX);
+    let mut cmd = Command::new("bash");
+    cmd.arg(AZURE_SCRIPT)
+        .env("AZURE_URL", &url)
+        .env("AZURE_CA", ca_pem)
+        .env("AZURE_CERT", &client.cert)
+        .env("AZURE_KEY", &client.key)
+        .env("AZURE_AES_KEY", profile::AZURE_AES_KEY)
+        .env("AZURE_RSA_KEY", profile::AZURE_RSA_KEY)
+        .env("AZURE_POOL", "dev-pool")
+        .env("AZURE_NO_CERT_URL", &no_cert_url)
+        .env("AZURE_KEK_KEY", AZURE_KEK_LABEL)
+        .env("AZURE_KEK_HEX", AZURE_KEK_HEX)
+        .env_remove("AZURE_NO_WRAP_KEY")
+        .env_remove("AZURE_ALGORITHMS")
+        .env_remove("AZURE_CURL_OPTS")
+        .env("AZURE_VERBOSE", "0");
+    for var in [
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("NO_PROXY", "*").env("no_proxy", "*");
+    let what = format!("AZURE_URL={url} AZURE_NO_CERT_URL={no_cert_url} bash {AZURE_SCRIPT}");
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {what}: {e}"));
+    Run {
+        what,
+        code: out.status.code(),
+        output: format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// Azure cases that must run (and pass) on SoftHSM 2.6.1, which has A256KW, A256KWP and
+/// RSA-OAEP but not RSA-OAEP-256.
+const AZURE_TESTS: &[&str] = &[
+    "info_ok",
+    "metadata_aes_key",
+    "metadata_rsa_key",
+    "metadata_unknown_key",
+    "round_trip_a256kw",
+    "a256kw_plaintext_lengths",
+    "tampered_a256kw_refused",
+    "round_trip_a256kwp",
+    "a256kwp_unaligned_lengths",
+    "tampered_a256kwp_refused",
+    "kw_and_kwp_are_distinct",
+    "a256kw_known_answer",
+    "a256kwp_known_answer",
+    "round_trip_rsa_oaep",
+    "rsa_oaep_openssl_interop",
+    "rsa_oaep_max_length",
+    "tampered_rsa_oaep_refused",
+    "unsupported_algorithms_refused",
+    "missing_api_version",
+    "other_api_version",
+    "unknown_key",
+    "invalid_key_id",
+    "padded_base64url",
+    "missing_request_context",
+    "unknown_alg",
+    "wrong_algorithm_for_key_type",
+    "other_methods_are_405",
+    "http1_and_http2",
+    "oversized_body_answered",
+    "mtls_client_cert_accepted",
+    "mtls_no_client_cert_refused",
+    "mtls_self_signed_client_cert_refused",
+    "mtls_unknown_ca_client_cert_refused",
+    "no_client_cert_unauthorized",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn azure_conformance_client_passes_on_the_mtls_listener() {
+    require_tools();
+    // The dev profile's Azure keys and prefix, as `ekm-proxy dev init` writes them, plus a KEK
+    // of known value for the known-answer tests.
+    let token = common::softhsm::TestToken::new();
+    for spec in profile::azure_dev_key_specs() {
+        token.add_key(&spec);
+    }
+    let kek = ekm_proxy::hsm::KeySpec::aes256(AZURE_KEK_LABEL)
+        .with_usage(["wrap", "unwrap"])
+        .unwrap();
+    ekm_proxy::hsm::import_aes_key(
+        &token.module,
+        &ekm_proxy::hsm::TokenSelector::Label(token.label.clone()),
+        &token.pin(),
+        &kek,
+        &hex::decode(AZURE_KEK_HEX).unwrap(),
+    )
+    .unwrap();
+    let tables = format!(
+        r#"
+[azure]
+ekm_vendor = "SoftHSM"
+ekm_product = "SoftHSMv2"
+
+[[azure.prefix]]
+name = "dev-pool"
+path_prefix = "{prefix}"
+allowed_subjects = ["{subject}"]
+keys = ["*"]
+"#,
+        prefix = profile::AZURE_PREFIX,
+        subject = common::proxy::CLIENT_SUBJECT,
+    );
+    let proxy = TestProxy::start_on(
+        token,
+        ProxyOptions {
+            tables,
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    let client = write_client_files(&proxy);
+    let ca_pem = proxy.pki.ca_pem.clone();
+    let mtls_port = proxy.addr("mtls").port();
+    let tls_port = proxy.addr("tls").port();
+    let run = tokio::time::timeout(
+        Duration::from_secs(600),
+        tokio::task::spawn_blocking(move || {
+            let run = run_azure_script(mtls_port, tls_port, &ca_pem, &client);
+            drop(client);
+            run
+        }),
+    )
+    .await
+    .expect("the Azure conformance client did not finish within 10 minutes")
+    .expect("Azure run panicked");
+    println!(
+        "--- Azure, mTLS listener ({}) ---\n{}",
+        run.what, run.output
+    );
+    assert_passed(&run, AZURE_TESTS);
+    assert!(
+        run.output
+            .lines()
+            .any(|l| l == "algorithms: A256KW A256KWP RSA-OAEP (/info)"),
+        "the script learned SoftHSM's algorithms from /info:\n{}",
+        run.output
+    );
+    proxy.stop().await;
+}
