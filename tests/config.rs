@@ -403,7 +403,16 @@ fn the_example_config_uses_only_known_keys_and_a_valid_gcp_section() {
     for p in &problems {
         assert_ne!(p.path, "(syntax)", "{p}");
         assert!(!p.path.starts_with("gcp"), "{p}");
+        // The Azure section's only problem here is the CA file it names, which does not exist.
+        assert!(
+            !p.path.starts_with("azure") || p.path.ends_with(".ca_bundle"),
+            "{p}"
+        );
     }
+    assert!(
+        problems.iter().any(|p| p.path == "azure.prefix[0].ca_bundle"),
+        "the Azure section was validated: {problems:?}"
+    );
 }
 
 /// A config around one vendor profile's `[hsm]` section: the module path and PIN replaced by ones
