@@ -11,18 +11,15 @@ use std::time::{Instant, SystemTime};
 use arc_swap::ArcSwap;
 use http::{Method, StatusCode};
 use tracing::Instrument;
-use zeroize::Zeroizing;
 
-use super::blob::{self, FLAG_HEALTH_CHECK};
+use super::blob;
 use super::error::{Code, GcpError, Reason, from_crypto};
+use super::ops::{Access, Body};
 use super::settings::{GcpKeySettings, GcpSettings};
-use super::wire::{self, KeyOpRequest, RequestContext};
-use crate::audit;
+use super::wire::KeyOpRequest;
 use crate::auth::Principal;
 use crate::auth::jwt::{JwtError, JwtSetupError, JwtVerifier};
-use crate::authz::access_reason::AccessReason;
-use crate::authz::grants::{AccessRequest, Granted};
-use crate::core::{Backend, CryptoError, KeyService, Operation};
+use crate::core::{Backend, CryptoError, KeyService};
 use crate::front::pipeline::{self, Base64, Ending, FieldError, JsonError, RequestFacts};
 use crate::front::{ConnInfo, Request, Response, json_response};
 use crate::metrics::{JwtMetrics, RequestMetrics};
@@ -30,11 +27,11 @@ use crate::metrics::{JwtMetrics, RequestMetrics};
 /// Front name in metrics, logs and audit lines.
 const FRONT: &str = "gcp";
 /// The most a blob adds to its plaintext: header (3) + key version id (≤ 255) + IV + tag.
-const BLOB_OVERHEAD: usize = 3 + 255 + blob::IV_LEN + crate::core::GCM_TAG_LEN;
+pub(super) const BLOB_OVERHEAD: usize = 3 + 255 + blob::IV_LEN + crate::core::GCM_TAG_LEN;
 
 /// Everything that can be replaced by a reload.
-struct State {
-    settings: GcpSettings,
+pub(super) struct State {
+    pub(super) settings: GcpSettings,
     /// Index into `settings.keys` by key path.
     keys: HashMap<String, usize>,
     verifier: JwtVerifier,
@@ -49,7 +46,7 @@ impl State {
 /// The Cloud EKM front end.
 pub struct GcpFront<B: Backend> {
     state: ArcSwap<State>,
-    service: Arc<KeyService<B>>,
+    pub(super) service: Arc<KeyService<B>>,
     metrics: RequestMetrics,
     jwt_metrics: JwtMetrics,
     ids: RequestIds,
@@ -57,7 +54,7 @@ pub struct GcpFront<B: Backend> {
 
 /// The two operations of the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verb {
+pub(super) enum Verb {
     Wrap,
     Unwrap,
 }
@@ -246,126 +243,6 @@ impl<B: Backend> GcpFront<B> {
         }
     }
 
-    /// Everything up to the HSM call: the binary fields decoded, the blob checked (unwrap), and
-    /// the request authorized (the grant it names goes to the audit line).
-    fn prepare(
-        &self,
-        state: &State,
-        verb: Verb,
-        access: &Access<'_>,
-        request: &KeyOpRequest,
-    ) -> Result<Prepared, GcpError> {
-        let limits = state.settings.limits;
-        let key = access.key;
-        let aad = decode_optional(
-            "additionalAuthenticatedData",
-            request.additional_authenticated_data.as_deref(),
-            limits.max_aad,
-        )?
-        .unwrap_or_default();
-        match verb {
-            Verb::Wrap => {
-                let plaintext = Zeroizing::new(decode_required(
-                    "plaintext",
-                    request.plaintext.as_deref(),
-                    limits.max_plaintext,
-                )?);
-                let granted = self.authorize(access, Operation::Wrap, &key.hsm_key)?;
-                let flags = if access.health_check {
-                    FLAG_HEALTH_CHECK
-                } else {
-                    0
-                };
-                Ok(Prepared {
-                    granted,
-                    aad,
-                    op: PreparedOp::Wrap { plaintext, flags },
-                })
-            }
-            Verb::Unwrap => {
-                let raw = decode_required(
-                    "wrappedBlob",
-                    request.wrapped_blob.as_deref(),
-                    limits.max_plaintext.saturating_add(BLOB_OVERHEAD),
-                )?;
-                // Checked on a borrowed view, then kept as owned parts for the HSM call.
-                let parsed = blob::parse(&raw)
-                    .map_err(|e| GcpError::invalid_field("wrappedBlob", e.to_string()))?;
-                if !key.accepts_version(parsed.key_version) {
-                    return Err(GcpError::new(
-                        Code::InvalidArgument,
-                        Reason::UnknownKeyVersion,
-                        "wrappedBlob was made by a key version this key path does not accept",
-                    ));
-                }
-                if access.health_check && !parsed.is_health_check() {
-                    // Health checks may skip justification policy, so they must never be able
-                    // to open real data.
-                    return Err(GcpError::new(
-                        Code::InvalidArgument,
-                        Reason::HealthCheckBlobRequired,
-                        "a key health check can only unwrap a blob made by a key health check",
-                    ));
-                }
-                let granted = self.authorize(access, Operation::Unwrap, parsed.key_version)?;
-                Ok(Prepared {
-                    granted,
-                    aad,
-                    op: PreparedOp::Unwrap {
-                        flags: parsed.flags,
-                        key_version: parsed.key_version.to_owned(),
-                        iv: parsed.iv.to_vec(),
-                        ciphertext: parsed.ciphertext.to_vec(),
-                        tag: parsed.tag,
-                    },
-                })
-            }
-        }
-    }
-
-    /// The HSM call and the answer.
-    async fn execute(&self, key: &GcpKeySettings, prepared: Prepared) -> Result<OkBody, GcpError> {
-        let Prepared { granted, aad, op } = prepared;
-        match op {
-            PreparedOp::Wrap { plaintext, flags } => {
-                let full_aad = blob::aad(&key.path, flags, &key.hsm_key, &aad);
-                let sealed = self
-                    .service
-                    .encrypt(&granted.permit, plaintext, full_aad, false)
-                    .await
-                    .map_err(|e| crypto_error(&e))?;
-                let blob = blob::encode(
-                    flags,
-                    &key.hsm_key,
-                    &sealed.iv,
-                    &sealed.ciphertext,
-                    &sealed.tag,
-                );
-                Ok(OkBody::json(&wire::WrapResponse {
-                    wrapped_blob: wire::b64_encode(&blob),
-                }))
-            }
-            PreparedOp::Unwrap {
-                flags,
-                key_version,
-                iv,
-                ciphertext,
-                tag,
-            } => {
-                let full_aad = blob::aad(&key.path, flags, &key_version, &aad);
-                let plaintext = self
-                    .service
-                    .decrypt(&granted.permit, iv, ciphertext, tag, full_aad)
-                    .await
-                    .map_err(|e| crypto_error(&e))?;
-                let encoded = Zeroizing::new(wire::b64_encode(&plaintext));
-                Ok(OkBody::json(&wire::UnwrapResponse {
-                    plaintext: &encoded,
-                }))
-            }
-        }
-    }
-
     async fn authenticate(
         &self,
         state: &State,
@@ -389,109 +266,13 @@ impl<B: Backend> GcpFront<B> {
             jwt_error(&e).denied_by("authentication")
         })
     }
-
-    fn authorize(
-        &self,
-        req: &Access<'_>,
-        op: Operation,
-        hsm_key: &str,
-    ) -> Result<Granted, GcpError> {
-        req.key
-            .access
-            .authorize(&AccessRequest {
-                principal: req.principal,
-                key: &req.key.path,
-                hsm_key,
-                op,
-                resource_name: req.resource,
-                reason: req.reason,
-                health_check: req.health_check,
-            })
-            .map_err(|denial| {
-                tracing::warn!(rule = %denial.rule, reason = %audit::bounded(&denial.reason), "request denied by policy");
-                GcpError::new(
-                    Code::PermissionDenied,
-                    Reason::AccessDenied,
-                    denial.to_string(),
-                )
-                .with("rule", denial.rule.clone())
-                .denied_by(denial.rule)
-            })
-    }
-}
-
-/// The body of a wrap or unwrap, parsed and checked against the URL, with its access context.
-struct Body {
-    request: KeyOpRequest,
-    reason: AccessReason,
-    health_check: bool,
-}
-
-impl Body {
-    fn parse(body: &[u8], key_path: &str) -> Result<Body, GcpError> {
-        let request: KeyOpRequest = parse(body)?;
-        check_key_path(request.key_path.as_deref(), key_path)?;
-        let context = request.additional_context.as_ref();
-        let reason = RequestContext::access_reason(context).map_err(|e| {
-            GcpError::invalid_field(
-                "additionalContext.accessReasonContext.reason",
-                e.to_string(),
-            )
-        })?;
-        let health_check = context.and_then(|c| c.is_key_health_check) == Some(true);
-        Ok(Body {
-            reason,
-            health_check,
-            request,
-        })
-    }
-
-    /// The caller's resource using the key (`relativeResourceName`), when given.
-    fn resource(&self) -> Option<&str> {
-        self.request
-            .additional_context
-            .as_ref()
-            .and_then(|c| c.relative_resource_name.as_deref())
-            .filter(|r| !r.is_empty())
-    }
-}
-
-/// A request ready for the HSM.
-struct Prepared {
-    granted: Granted,
-    aad: Vec<u8>,
-    op: PreparedOp,
-}
-
-/// The HSM call a prepared request makes.
-enum PreparedOp {
-    Wrap {
-        plaintext: Zeroizing<Vec<u8>>,
-        flags: u8,
-    },
-    Unwrap {
-        flags: u8,
-        key_version: String,
-        iv: Vec<u8>,
-        ciphertext: Vec<u8>,
-        tag: [u8; crate::core::GCM_TAG_LEN],
-    },
-}
-
-/// The request facts authorization needs.
-struct Access<'a> {
-    principal: &'a Principal,
-    key: &'a GcpKeySettings,
-    resource: Option<&'a str>,
-    reason: &'a AccessReason,
-    health_check: bool,
 }
 
 /// A success body, turned into a response once the request id is known.
-struct OkBody(Vec<u8>);
+pub(super) struct OkBody(Vec<u8>);
 
 impl OkBody {
-    fn json<T: serde::Serialize>(value: &T) -> Self {
+    pub(super) fn json<T: serde::Serialize>(value: &T) -> Self {
         // Serializing our own response structs of strings cannot fail; an empty body would be
         // refused by any client rather than misread.
         Self(serde_json::to_vec(value).unwrap_or_default())
@@ -548,7 +329,7 @@ fn route<'p>(prefix: &str, path: &'p str) -> Result<(&'p str, Verb), GcpError> {
 }
 
 /// A `keyPath` in the body must name the key the URL names (it may be qualified by a prefix).
-fn check_key_path(body: Option<&str>, url: &str) -> Result<(), GcpError> {
+pub(super) fn check_key_path(body: Option<&str>, url: &str) -> Result<(), GcpError> {
     match body.filter(|p| !p.is_empty()) {
         None => Ok(()),
         Some(p) if p == url || p.ends_with(&format!("/{url}")) => Ok(()),
@@ -559,7 +340,7 @@ fn check_key_path(body: Option<&str>, url: &str) -> Result<(), GcpError> {
     }
 }
 
-fn parse(body: &[u8]) -> Result<KeyOpRequest, GcpError> {
+pub(super) fn parse(body: &[u8]) -> Result<KeyOpRequest, GcpError> {
     pipeline::parse_json(body).map_err(|e| {
         let what = match e {
             JsonError::WrongShape => "a field has the wrong type",
@@ -569,7 +350,7 @@ fn parse(body: &[u8]) -> Result<KeyOpRequest, GcpError> {
     })
 }
 
-fn decode_required(
+pub(super) fn decode_required(
     name: &'static str,
     value: Option<&str>,
     max: usize,
@@ -580,7 +361,7 @@ fn decode_required(
     }
 }
 
-fn decode_optional(
+pub(super) fn decode_optional(
     name: &'static str,
     value: Option<&str>,
     max: usize,
@@ -613,7 +394,7 @@ fn jwt_error(e: &JwtError) -> GcpError {
     )
 }
 
-fn crypto_error(e: &CryptoError) -> GcpError {
+pub(super) fn crypto_error(e: &CryptoError) -> GcpError {
     match e {
         CryptoError::Internal(_) => {
             tracing::error!(front = FRONT, error = %e, "key operation failed");

@@ -10,6 +10,7 @@
 pub mod blob;
 pub mod error;
 pub mod handler;
+mod ops;
 pub mod settings;
 pub mod wire;
 
