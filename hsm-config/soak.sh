@@ -11,6 +11,13 @@
 #
 #   hsm-config/soak.sh                      # the 30-minute soak (release build)
 #   hsm-config/soak.sh --minutes 2 --outage-secs 10 --debug   # the short version CI runs
+#   hsm-config/soak.sh --session-copies     # with hsm.session_key_copies = true (see below)
+#
+# The proxy runs with the production default hsm.session_key_copies = false. With copies, every
+# session reopened by a recovery makes new session copies of the keys, and SoftHSMv2 keeps every
+# session object it ever made in memory until C_Finalize (about 240 bytes each, inside our
+# process): an error storm with thousands of recoveries then grows RSS by megabytes that are
+# SoftHSM's, not the proxy's (RELIABILITY.md, run 3).
 #
 # Everything lives in a temp dir (token, config, certificates, control files); the proxy listens
 # on free loopback ports.
@@ -22,13 +29,15 @@ minutes=30
 outage=30
 report=""
 profile=release
+copies=false
 while [ $# -gt 0 ]; do
   case "$1" in
+    --session-copies) copies=true; shift ;;
     --minutes) minutes="$2"; shift 2 ;;
     --outage-secs) outage="$2"; shift 2 ;;
     --report) report="$2"; shift 2 ;;
     --debug) profile=debug; shift ;;
-    *) echo "usage: $0 [--minutes N] [--outage-secs S] [--report FILE] [--debug]" >&2; exit 64 ;;
+    *) echo "usage: $0 [--minutes N] [--outage-secs S] [--report FILE] [--debug] [--session-copies]" >&2; exit 64 ;;
   esac
 done
 total=$((minutes * 60))
@@ -47,7 +56,9 @@ trap cleanup EXIT
 
 fault_profile "$work" "$profile"
 # A hung-call limit the hang bursts reach, and a recovery backoff that keeps outages short.
-sed -i -e 's#^\[hsm\]#[hsm]\nhung_call_ms = 4000\nrecovery_backoff_max_ms = 2000#' "$cfg"
+sed -i -e 's#^\[hsm\]#[hsm]\nhung_call_ms = 4000\nrecovery_backoff_max_ms = 2000#' \
+  -e "s#^session_key_copies = .*#session_key_copies = $copies#" "$cfg"
+grep -q "^session_key_copies = $copies" "$cfg" || { echo "soak: could not set session_key_copies" >&2; exit 1; }
 start_proxy "$work/server.log"
 port="$tls_port"
 
@@ -128,9 +139,9 @@ ready="$(curl -s -o /dev/null -w '%{http_code}' "http://$admin/readyz")"
 
 status=0
 python3 - "$work" "$minutes" "$outage" "$rss_start" "${rss_warm:-$rss_start}" "$rss_end" \
-  "$sessions_start" "$sessions_end" "$ready" "$recoveries" "${replaced:-0}" "$profile" >"$work/report.md" <<'PY' || status=$?
+  "$sessions_start" "$sessions_end" "$ready" "$recoveries" "${replaced:-0}" "$profile" "$copies" >"$work/report.md" <<'PY' || status=$?
 import json, sys, pathlib
-work, minutes, outage, rss0, rssw, rss1, s0, s1, ready, recov, replaced, profile = sys.argv[1:]
+work, minutes, outage, rss0, rssw, rss1, s0, s1, ready, recov, replaced, profile, copies = sys.argv[1:]
 work = pathlib.Path(work)
 retryable = {"xks": {"500", "503", "429"}, "gcp": {"503", "504", "429"}}
 rows, problems = [], []
@@ -160,7 +171,7 @@ if tot_hung: problems.append(f"{tot_hung} requests hung (no answer within 10 s)"
 if growth >= 10: problems.append(f"RSS grew {growth:.1f} % after warm-up")
 if s0 != s1: problems.append(f"sessions open on the token: {s0} at the start, {s1} at the end")
 if ready != "200": problems.append(f"/readyz answered {ready} at the end")
-print(f"# Soak report: {minutes} min, c=32, outage {outage} s ({profile} build)\n")
+print(f"# Soak report: {minutes} min, c=32, outage {outage} s ({profile} build, session_key_copies = {copies})\n")
 print("| scenario | sent | answered | 200 | errors by class | hung | p99 ms (successes) |")
 print("|---|---:|---:|---:|---|---:|---:|")
 print("\n".join(rows))
