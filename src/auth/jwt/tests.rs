@@ -1265,3 +1265,74 @@ async fn url_source_refuses_an_untrusted_server() {
     );
     assert_eq!(server.requests(), 0);
 }
+
+#[test]
+fn a_jwks_file_may_be_exactly_the_size_limit_but_not_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = json!({ "keys": [jwk(SIGNER_1, "k1", Some("RS256"))] }).to_string();
+    let limit = jwks::MAX_JWKS_BYTES;
+    // Padded with JSON whitespace: still a valid set, exactly at the limit and one byte over.
+    let at_limit = dir.path().join("at-limit.json");
+    std::fs::write(
+        &at_limit,
+        format!("{body}{}", " ".repeat(limit - body.len())),
+    )
+    .unwrap();
+    assert_eq!(check_jwks_file(&at_limit), Ok(1));
+    let over = dir.path().join("over.json");
+    std::fs::write(
+        &over,
+        format!("{body}{}", " ".repeat(limit + 1 - body.len())),
+    )
+    .unwrap();
+    let err = check_jwks_file(&over).unwrap_err();
+    assert!(err.contains("larger than"), "{err}");
+}
+
+#[test]
+fn a_reload_carries_a_fetched_key_set_over_only_to_the_same_issuer_and_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = |u: &str| JwksSource::Url {
+        url: u.into(),
+        ca_file: None,
+    };
+    let settings = |name: &str, source: JwksSource| JwtSettings {
+        issuers: vec![IssuerSettings {
+            name: name.into(),
+            jwks: source,
+            ..issuer_settings(dir.path().join("unused.json"))
+        }],
+        token_cache_capacity: 10,
+    };
+    let metrics = Metrics::standalone();
+    let first = JwtVerifier::new(
+        &settings("google", url("https://keys.example/a")),
+        metrics.jwt.clone(),
+    )
+    .unwrap();
+    let set = KeySet::parse(
+        json!({ "keys": [jwk(SIGNER_1, "k1", Some("RS256"))] })
+            .to_string()
+            .as_bytes(),
+        "google",
+    )
+    .unwrap();
+    first.issuers[0].keys.seed(Arc::new(set));
+    let carried = |name: &str, source: JwksSource| {
+        JwtVerifier::replacing(&settings(name, source), metrics.jwt.clone(), &first)
+            .unwrap()
+            .issuers[0]
+            .keys
+            .last_good()
+            .is_some()
+    };
+    assert!(carried("google", url("https://keys.example/a")));
+    assert!(
+        !carried("google", url("https://keys.example/b")),
+        "another URL"
+    );
+    assert!(
+        !carried("other", url("https://keys.example/a")),
+        "another issuer"
+    );
+}

@@ -803,3 +803,54 @@ fn cached_signer_matches_the_free_function_across_dates() {
     assert!(verify(&h).is_ok());
     assert!(!format!("{signer:?}").contains(SECRET));
 }
+
+#[test]
+fn fuzz_support_parses_renders_and_canonicalizes_like_the_verifier() {
+    use super::fuzz_support as fs;
+    let value = "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, \
+                 SignedHeaders=host;x-amz-date, \
+                 Signature=5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31";
+    let parsed = fs::parse(value).unwrap();
+    assert!(
+        parsed.credential_ok && parsed.signed_headers_ok,
+        "{parsed:?}"
+    );
+    assert_eq!(
+        parsed.credential,
+        "AKIDEXAMPLE/20150830/us-east-1/service/aws4_request"
+    );
+    // Rendering is a fixed point of parsing.
+    assert_eq!(fs::parse(&fs::render(&parsed)).unwrap(), parsed);
+    // A credential without a valid scope parses, but says so.
+    let no_scope = fs::parse(
+        "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE, SignedHeaders=host;x-amz-date, \
+         Signature=5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31",
+    )
+    .unwrap();
+    assert!(!no_scope.credential_ok, "{no_scope:?}");
+    assert!(no_scope.signed_headers_ok, "{no_scope:?}");
+    assert!(fs::signed_headers_ok("host;x-amz-date"));
+    assert!(!fs::signed_headers_ok("x-amz-date;host"), "must be sorted");
+    assert!(!fs::signed_headers_ok(""));
+
+    let mut headers = HeaderMap::new();
+    headers.insert("x-amz-date", HeaderValue::from_static("20150830T123600Z"));
+    let canonical = fs::canonical_request(
+        "GET",
+        "/",
+        "",
+        &headers,
+        Some("example.amazonaws.com"),
+        "host;x-amz-date",
+    )
+    .unwrap();
+    let text = String::from_utf8(canonical).unwrap();
+    assert!(
+        text.starts_with("GET\n/\n\nhost:example.amazonaws.com\nx-amz-date:20150830T123600Z\n"),
+        "{text}"
+    );
+    assert!(
+        fs::canonical_request("GET", "/", "", &headers, None, "host;x-amz-date;x-missing").is_err(),
+        "a signed header that is absent"
+    );
+}
