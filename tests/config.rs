@@ -410,7 +410,9 @@ fn the_example_config_uses_only_known_keys_and_a_valid_gcp_section() {
         );
     }
     assert!(
-        problems.iter().any(|p| p.path == "azure.prefix[0].ca_bundle"),
+        problems
+            .iter()
+            .any(|p| p.path == "azure.prefix[0].ca_bundle"),
         "the Azure section was validated: {problems:?}"
     );
 }
