@@ -173,7 +173,7 @@ impl<'a> Ending<'a> {
 }
 
 /// One request's span: every line logged while handling the request carries its front and,
-/// once known, the tenant, key, principal and request id.
+/// once known, the tenant, key, principal and request id (and Azure's correlation id and pool).
 pub fn span(front: &'static str) -> tracing::Span {
     tracing::info_span!(
         "request",
@@ -182,6 +182,8 @@ pub fn span(front: &'static str) -> tracing::Span {
         key = tracing::field::Empty,
         principal = tracing::field::Empty,
         request_id = tracing::field::Empty,
+        correlation_id = tracing::field::Empty,
+        pool = tracing::field::Empty,
     )
 }
 
@@ -201,6 +203,12 @@ pub fn record(span: &tracing::Span, facts: &RequestFacts) {
             "request_id",
             tracing::field::display(LogSafe(&facts.request_id)),
         );
+    }
+    if let Some(id) = &facts.correlation_id {
+        span.record("correlation_id", tracing::field::display(LogSafe(id)));
+    }
+    if let Some(pool) = &facts.pool {
+        span.record("pool", tracing::field::display(LogSafe(pool)));
     }
 }
 
@@ -309,6 +317,80 @@ mod tests {
         }
         assert_eq!(encode(&[0xfb, 0xff], Base64::UrlNoPad), "-_8");
         assert_eq!(encode(&[1], Base64::Standard), "AQ==");
+    }
+
+    /// A buffer the fmt layer writes into.
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_audit_line_and_the_span_carry_the_request_context() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || writer.clone())
+            .finish();
+        let facts = RequestFacts {
+            tenant: "pool-a".into(),
+            op: "wrapkey",
+            key: "kek-1".into(),
+            principal: "mhsm.example".into(),
+            request_id: "req-7".into(),
+            audit: true,
+            correlation_id: Some("corr-9".into()),
+            pool: Some("pool-a-name".into()),
+            ..RequestFacts::default()
+        };
+        let metrics = crate::metrics::Metrics::standalone().requests;
+        tracing::subscriber::with_default(subscriber, || {
+            let span = span("azure");
+            let _entered = span.enter();
+            record(&span, &facts);
+            tracing::info!("inside");
+            finish(
+                &metrics,
+                "azure",
+                &facts,
+                Ending::failed("Forbidden", Some("r1")),
+                Instant::now(),
+            );
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let audit = lines
+            .iter()
+            .find(|l| l["fields"]["message"] == "audit")
+            .unwrap_or_else(|| panic!("no audit line: {text}"));
+        assert_eq!(audit["fields"]["correlation_id"], "corr-9");
+        assert_eq!(audit["fields"]["pool"], "pool-a-name");
+        assert_eq!(audit["fields"]["request_id"], "req-7");
+        assert_eq!(audit["fields"]["decision"], "deny");
+        assert_eq!(audit["fields"]["rule"], "r1");
+        let inside = lines
+            .iter()
+            .find(|l| l["fields"]["message"] == "inside")
+            .unwrap_or_else(|| panic!("no inner line: {text}"));
+        assert_eq!(inside["span"]["correlation_id"], "corr-9");
+        assert_eq!(inside["span"]["pool"], "pool-a-name");
+        assert_eq!(inside["span"]["key"], "kek-1");
+        assert_eq!(inside["span"]["principal"], "mhsm.example");
     }
 
     #[test]
