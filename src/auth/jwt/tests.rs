@@ -1336,3 +1336,26 @@ fn a_reload_carries_a_fetched_key_set_over_only_to_the_same_issuer_and_url() {
         "another issuer"
     );
 }
+
+#[test]
+fn fuzz_support_counts_keys_and_finds_them_like_the_verifier() {
+    let two = json!({ "keys": [
+        jwk(SIGNER_1, "k1", Some("RS256")),
+        jwk(SIGNER_2, "k2", Some("RS256")),
+    ] })
+    .to_string();
+    assert_eq!(fuzz_support::jwks(two.as_bytes()), Ok(2));
+    assert!(fuzz_support::jwks(b"{\"keys\": []}").is_err());
+    assert!(fuzz_support::jwks(b"not json").is_err());
+    assert!(fuzz_support::jwks_has(
+        two.as_bytes(),
+        "k2",
+        Algorithm::RS256
+    ));
+    assert!(!fuzz_support::jwks_has(
+        two.as_bytes(),
+        "k3",
+        Algorithm::RS256
+    ));
+    assert!(!fuzz_support::jwks_has(b"not json", "k1", Algorithm::RS256));
+}
