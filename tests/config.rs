@@ -52,6 +52,19 @@ fn a_good_config_validates() {
         vec![0x01],
         "spec framing writes a version byte"
     );
+    // `["*"]` exposes every key but the health-check key; a list exposes only what it names.
+    let all = &settings.xks.key_stores[0].keys;
+    assert!(all.allows("dev-aes-1") && all.allows("anything"));
+    assert!(!all.allows("ekm-health-check"));
+    let listed = ekm_proxy::config::from_str(
+        &good_config().replace(r#"keys = ["*"]"#, r#"keys = ["dev-aes-1", "team-*"]"#),
+        Path::new("t.toml"),
+        Path::new("/"),
+    )
+    .unwrap();
+    let listed = &listed.xks.key_stores[0].keys;
+    assert!(listed.allows("dev-aes-1") && listed.allows("team-7"));
+    assert!(!listed.allows("other") && !listed.allows("ekm-health-check"));
     let debug = format!("{settings:?}");
     assert!(
         !debug.contains("devXksSecretAccessKey"),
