@@ -35,6 +35,7 @@ pub mod bench;
 #[cfg(feature = "tools")]
 pub mod client;
 pub mod config;
+pub mod connect_info;
 pub mod core;
 #[cfg(feature = "tools")]
 pub mod dev;

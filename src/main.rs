@@ -35,6 +35,19 @@ enum Command {
         #[arg(long, env = "EKM_PROXY_CONFIG")]
         config: PathBuf,
     },
+    /// Print what each cloud's console asks for to connect: XKS endpoint, path and proxy
+    /// configuration file, Alibaba fingerprint, Cloud EKM key URIs, Azure URIs and CA.
+    ConnectInfo {
+        /// Configuration file.
+        #[arg(long, env = "EKM_PROXY_CONFIG")]
+        config: PathBuf,
+        /// Only the XKS key store, Cloud EKM key path or Azure prefix with this name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Include the SigV4 secret in the XKS proxy configuration file.
+        #[arg(long)]
+        with_secret: bool,
+    },
     /// List, create and import keys on the configured token.
     Keys {
         #[command(subcommand)]
@@ -139,6 +152,11 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Serve { config } => serve(&config),
         Command::CheckConfig { config } => check_config(&config),
+        Command::ConnectInfo {
+            config,
+            name,
+            with_secret,
+        } => connect_info(&config, name, with_secret),
         Command::Keys {
             command: KeysCommand::List { config },
         } => keys_list(&config),
@@ -211,6 +229,24 @@ fn check_config(path: &std::path::Path) -> i32 {
             0
         }
         Err(code) => code,
+    }
+}
+
+fn connect_info(path: &std::path::Path, name: Option<String>, with_secret: bool) -> i32 {
+    let settings = match load(path) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let options = ekm_proxy::connect_info::Options { name, with_secret };
+    match ekm_proxy::connect_info::render(&settings, &options) {
+        Ok(text) => {
+            print!("{text}");
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            e.exit_code()
+        }
     }
 }
 
