@@ -657,3 +657,43 @@ fn xks_prefixes_that_normalize_alike_are_refused() {
         );
     }
 }
+
+#[test]
+fn azure_problems_are_reported_with_their_paths() {
+    // No mTLS listener, a prefix breaking the API's rules, the health key, a rule on an unknown
+    // attribute and operation: each is reported at its own key path.
+    let text = format!(
+        r#"{base}
+[azure]
+[[azure.prefix]]
+name = "p"
+path_prefix = "/bad_prefix/"
+allowed_subjects = []
+keys = ["k1", "ekm-health-check"]
+[[azure.prefix.rule]]
+name = "r"
+attribute = "awsPrincipalArn"
+allow = ["x"]
+operations = ["encrypt"]
+"#,
+        base = good_config()
+    );
+    let err = ekm_proxy::config::from_str(&text, Path::new("t.toml"), Path::new("/")).unwrap_err();
+    let at = |path: &str| {
+        err.problems
+            .iter()
+            .find(|p| p.path == path)
+            .unwrap_or_else(|| panic!("no problem at {path}: {err}"))
+            .message
+            .clone()
+    };
+    assert!(at("azure").contains("mutual TLS"));
+    assert!(at("azure.prefix[0].path_prefix").contains("64 characters"));
+    assert!(at("azure.prefix[0].allowed_subjects").contains("at least one"));
+    assert!(at("azure.prefix[0].keys[1]").contains("health-check key"));
+    assert!(at("azure.prefix[0].rule[0].attribute").contains("clientCertificateSubject"));
+    assert_eq!(
+        at("azure.prefix[0].rule[0].operations"),
+        "'encrypt' is not metadata, wrap or unwrap"
+    );
+}

@@ -6,13 +6,12 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use super::raw::{RawAzure, RawAzurePrefix, RawRule};
-use super::validate::{Collector, resolve};
+use super::raw::{RawAzure, RawAzurePrefix};
+use super::validate::{Collector, exposed_keys, policy_rule, resolve};
 use crate::auth::client_cert::CertificateAuth;
-use crate::authz::{Pattern, Policy, Rule};
+use crate::authz::{Policy, Rule};
 use crate::core::Operation;
 use crate::front::azure::settings::{AzureSettings, MAX_PREFIX_LEN, PrefixSettings, valid_prefix};
-use crate::front::xks::KeyAllowList;
 use crate::server::tls::load_ca_roots;
 
 /// The request attributes an `[[azure.prefix.rule]]` may constrain.
@@ -99,30 +98,21 @@ fn prefix(
             None
         }
     };
-    if let Some(j) = p.keys.iter().position(|k| k == health_key) {
-        c.add(
-            format!("{at}.keys[{j}]"),
-            format!(
-                "'{health_key}' is the health-check key (health.key); it cannot be a customer key"
-            ),
-        );
-    }
-    let keys = if p.keys.iter().any(|k| k == "*") {
-        KeyAllowList::any(health_key)
-    } else if p.keys.is_empty() {
-        c.add(
-            format!("{at}.keys"),
-            "list the exposed key labels, or [\"*\"] for all",
-        );
-        KeyAllowList::any(health_key)
-    } else {
-        KeyAllowList::only(p.keys.iter().map(Pattern::new).collect(), health_key)
-    };
+    let keys = exposed_keys(&p.keys, at, health_key, c);
+    const OPERATIONS: [Operation; 3] = [Operation::KeyMetadata, Operation::Wrap, Operation::Unwrap];
     let rules: Vec<Rule> = p
         .rule
         .iter()
         .enumerate()
-        .map(|(j, r)| rule(r, &format!("{at}.rule[{j}]"), c))
+        .map(|(j, r)| {
+            policy_rule(
+                r,
+                &format!("{at}.rule[{j}]"),
+                &RULE_ATTRIBUTES,
+                &OPERATIONS,
+                c,
+            )
+        })
         .collect();
     (c.problems.len() == before)
         .then_some(auth)
@@ -135,47 +125,4 @@ fn prefix(
             policy: Policy::new(rules),
             enabled: p.enabled.unwrap_or(true),
         })
-}
-
-fn rule(r: &RawRule, at: &str, c: &mut Collector) -> Rule {
-    if !RULE_ATTRIBUTES.contains(&r.attribute.as_str()) {
-        c.add(
-            format!("{at}.attribute"),
-            format!(
-                "'{}' is not one of {}",
-                r.attribute,
-                RULE_ATTRIBUTES.join(", ")
-            ),
-        );
-    }
-    if r.allow.is_empty() {
-        c.add(
-            format!("{at}.allow"),
-            "an empty allow list denies every request; list at least one pattern",
-        );
-    }
-    let operations = r.operations.as_ref().map(|ops| {
-        ops.iter()
-            .filter_map(|op| match Operation::parse(op) {
-                Some(o @ (Operation::KeyMetadata | Operation::Wrap | Operation::Unwrap)) => Some(o),
-                _ => {
-                    c.add(
-                        format!("{at}.operations"),
-                        format!("'{op}' is not metadata, wrap or unwrap"),
-                    );
-                    None
-                }
-            })
-            .collect()
-    });
-    Rule {
-        name: r.name.clone(),
-        keys: r.keys.as_ref().map_or_else(
-            || vec![Pattern::new("*")],
-            |k| k.iter().map(Pattern::new).collect(),
-        ),
-        operations,
-        attribute: r.attribute.clone(),
-        allow: r.allow.iter().map(Pattern::new).collect(),
-    }
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{RawConfig, RawKeyStore, RawListener};
+use super::raw::{RawConfig, RawKeyStore, RawListener, RawRule};
 use super::{ConfigError, CoreSettings, LogFormat, LoggingSettings, Problem, Settings};
 use crate::auth::sigv4::{RegionPolicy, SigV4Credential};
 use crate::authz::{Pattern, Policy, Rule};
@@ -653,26 +653,7 @@ fn key_store(
             }
         }
     };
-    if let Some(j) = ks.keys.iter().position(|k| k == health_key) {
-        c.add(
-            format!("{at}.keys[{j}]"),
-            format!(
-                "'{health_key}' is the health-check key (health.key); it cannot be a customer key"
-            ),
-        );
-    }
-    // Wildcards never match the health-check key (the allow list holds it out).
-    let keys = if ks.keys.iter().any(|k| k == "*") {
-        KeyAllowList::any(health_key)
-    } else if ks.keys.is_empty() {
-        c.add(
-            format!("{at}.keys"),
-            "list the exposed key labels, or [\"*\"] for all",
-        );
-        KeyAllowList::any(health_key)
-    } else {
-        KeyAllowList::only(ks.keys.iter().map(Pattern::new).collect(), health_key)
-    };
+    let keys = exposed_keys(&ks.keys, at, health_key, c);
     let limits = XksLimits {
         max_plaintext: ks
             .max_plaintext_bytes
@@ -703,37 +684,14 @@ fn key_store(
             "kmsRequestId",
             "kmsViaService",
         ];
-        if !ATTRIBUTES.contains(&r.attribute.as_str()) {
-            c.add(
-                format!("{rat}.attribute"),
-                format!("'{}' is not one of {}", r.attribute, ATTRIBUTES.join(", ")),
-            );
-        }
-        if r.allow.is_empty() {
-            c.add(
-                format!("{rat}.allow"),
-                "an empty allow list denies every request; list at least one pattern",
-            );
-        }
-        let operations = match &r.operations {
-            None => None,
-            Some(ops) => {
-                let mut parsed = Vec::new();
-                for op in ops {
-                    match Operation::parse(op) {
-                        Some(
-                            o @ (Operation::KeyMetadata | Operation::Encrypt | Operation::Decrypt),
-                        ) => parsed.push(o),
-                        _ => c.add(
-                            format!("{rat}.operations"),
-                            format!("'{op}' is not metadata, encrypt or decrypt"),
-                        ),
-                    }
-                }
-                Some(parsed)
-            }
-        };
-        let covers_metadata = operations
+        const OPERATIONS: [Operation; 3] = [
+            Operation::KeyMetadata,
+            Operation::Encrypt,
+            Operation::Decrypt,
+        ];
+        let rule = policy_rule(r, &rat, &ATTRIBUTES, &OPERATIONS, c);
+        let covers_metadata = rule
+            .operations
             .as_ref()
             .is_none_or(|ops| ops.contains(&Operation::KeyMetadata));
         if r.attribute == "kmsKeyArn" && covers_metadata {
@@ -744,16 +702,7 @@ fn key_store(
                 "a kmsKeyArn rule must not apply to metadata (CreateKey sends no kmsKeyArn); set operations = [\"encrypt\", \"decrypt\"]",
             );
         }
-        rules.push(Rule {
-            name: r.name.clone(),
-            keys: r.keys.as_ref().map_or_else(
-                || vec![Pattern::new("*")],
-                |k| k.iter().map(Pattern::new).collect(),
-            ),
-            operations,
-            attribute: r.attribute.clone(),
-            allow: r.allow.iter().map(Pattern::new).collect(),
-        });
+        rules.push(rule);
     }
     (c.problems.len() == before).then(|| KeyStoreSettings {
         name: ks.name.clone(),
@@ -767,6 +716,86 @@ fn key_store(
         limits,
         enabled: ks.enabled.unwrap_or(true),
     })
+}
+
+/// The keys a key store or prefix exposes: `["*"]` for all, else the listed globs; never the
+/// health-check key (wildcards do not match it, and naming it is a config error).
+pub(super) fn exposed_keys(
+    keys: &[String],
+    at: &str,
+    health_key: &str,
+    c: &mut Collector,
+) -> KeyAllowList {
+    if let Some(j) = keys.iter().position(|k| k == health_key) {
+        c.add(
+            format!("{at}.keys[{j}]"),
+            format!(
+                "'{health_key}' is the health-check key (health.key); it cannot be a customer key"
+            ),
+        );
+    }
+    if keys.iter().any(|k| k == "*") {
+        KeyAllowList::any(health_key)
+    } else if keys.is_empty() {
+        c.add(
+            format!("{at}.keys"),
+            "list the exposed key labels, or [\"*\"] for all",
+        );
+        KeyAllowList::any(health_key)
+    } else {
+        KeyAllowList::only(keys.iter().map(Pattern::new).collect(), health_key)
+    }
+}
+
+/// One `[[….rule]]`: its attribute must be one of `attributes`, its operations among
+/// `operations`, its allow list non-empty.
+pub(super) fn policy_rule(
+    r: &RawRule,
+    at: &str,
+    attributes: &[&str],
+    operations: &[Operation],
+    c: &mut Collector,
+) -> Rule {
+    if !attributes.contains(&r.attribute.as_str()) {
+        c.add(
+            format!("{at}.attribute"),
+            format!("'{}' is not one of {}", r.attribute, attributes.join(", ")),
+        );
+    }
+    if r.allow.is_empty() {
+        c.add(
+            format!("{at}.allow"),
+            "an empty allow list denies every request; list at least one pattern",
+        );
+    }
+    // "metadata, encrypt or decrypt"
+    let names: Vec<&str> = operations.iter().map(Operation::as_str).collect();
+    let names = match names.split_last() {
+        Some((last, [])) => (*last).to_owned(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    };
+    let parsed = r.operations.as_ref().map(|ops| {
+        ops.iter()
+            .filter_map(|op| match Operation::parse(op) {
+                Some(o) if operations.contains(&o) => Some(o),
+                _ => {
+                    c.add(format!("{at}.operations"), format!("'{op}' is not {names}"));
+                    None
+                }
+            })
+            .collect()
+    });
+    Rule {
+        name: r.name.clone(),
+        keys: r.keys.as_ref().map_or_else(
+            || vec![Pattern::new("*")],
+            |k| k.iter().map(Pattern::new).collect(),
+        ),
+        operations: parsed,
+        attribute: r.attribute.clone(),
+        allow: r.allow.iter().map(Pattern::new).collect(),
+    }
 }
 
 fn secret_ok(secret: &SecretString) -> bool {
