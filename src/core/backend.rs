@@ -5,6 +5,7 @@
 //! PKCS#11 types.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use super::{
     AeadDecrypt, AeadEncrypt, AeadSealed, CryptoError, HsmHealth, KeyInfo, KeyUnwrap, KeyWrap,
@@ -35,8 +36,9 @@ pub trait Backend: Send + Sync + 'static {
         req: KeyUnwrap,
     ) -> impl Future<Output = Result<Plaintext, CryptoError>> + Send;
 
-    /// The key-wrapping algorithms the HSM supports (found by trial at start; cheap).
-    fn wrap_support(&self) -> WrapSupport;
+    /// The key-wrapping algorithms the HSM supports (found by trial at start; a shared handle,
+    /// cheap on the request path).
+    fn wrap_support(&self) -> Arc<WrapSupport>;
 
     /// The key's attributes (cached; no per-request object search).
     fn key_info(&self, key: &str) -> impl Future<Output = Result<KeyInfo, CryptoError>> + Send;

@@ -264,7 +264,7 @@ impl<B: Backend> KeyService<B> {
     }
 
     /// What the HSM can wrap with (found by trial at start).
-    pub fn wrap_support(&self) -> WrapSupport {
+    pub fn wrap_support(&self) -> Arc<WrapSupport> {
         self.backend.wrap_support()
     }
 

@@ -55,7 +55,7 @@ struct Inner {
     /// Token identity read at start, for health reports when no worker can answer.
     identity: TokenSummary,
     /// What the token can wrap with, found by trial at start.
-    wrap_support: WrapSupport,
+    wrap_support: Arc<WrapSupport>,
 }
 
 impl std::fmt::Debug for Pkcs11Backend {
@@ -169,7 +169,7 @@ impl Pkcs11Backend {
                 op_timeout: settings.op_timeout,
                 max_data_bytes: settings.max_data_bytes,
                 identity,
-                wrap_support,
+                wrap_support: Arc::new(wrap_support),
             }),
         })
     }
@@ -432,8 +432,8 @@ impl Backend for Pkcs11Backend {
         .await
     }
 
-    fn wrap_support(&self) -> WrapSupport {
-        self.inner.wrap_support.clone()
+    fn wrap_support(&self) -> Arc<WrapSupport> {
+        Arc::clone(&self.inner.wrap_support)
     }
 
     async fn aead_encrypt(&self, req: AeadEncrypt) -> Result<AeadSealed, CryptoError> {
