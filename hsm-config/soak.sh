@@ -20,7 +20,8 @@
 # SoftHSM's, not the proxy's (RELIABILITY.md, run 3).
 #
 # Everything lives in a temp dir (token, config, certificates, control files); the proxy listens
-# on free loopback ports.
+# on free loopback ports. Its log (server.log, kept with SOAK_KEEP=1) leaves out the lines of
+# successful requests, which would be gigabytes; every refusal, error and event line is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . hsm-config/lib.sh
@@ -59,7 +60,7 @@ fault_profile "$work" "$profile"
 sed -i -e 's#^\[hsm\]#[hsm]\nhung_call_ms = 4000\nrecovery_backoff_max_ms = 2000#' \
   -e "s#^session_key_copies = .*#session_key_copies = $copies#" "$cfg"
 grep -q "^session_key_copies = $copies" "$cfg" || { echo "soak: could not set session_key_copies" >&2; exit 1; }
-start_proxy "$work/server.log"
+start_proxy "$work/server.log" --no-ok-lines
 port="$tls_port"
 
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$server_pid/status" 2>/dev/null || echo 0; }
