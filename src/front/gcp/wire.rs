@@ -5,23 +5,10 @@
 //! names also accepted; unknown fields ignored; bytes in standard base64 (URL-safe accepted too,
 //! padding optional). Only data shapes live here: no HTTP, no policy, no HSM.
 
-use base64::Engine as _;
-use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
-use base64::engine::{DecodePaddingMode, general_purpose};
 use serde::{Deserialize, Serialize};
 
 use crate::authz::access_reason::{AccessReason, MalformedReason};
-
-/// Standard alphabet, padding optional.
-const STANDARD: GeneralPurpose = GeneralPurpose::new(
-    &base64::alphabet::STANDARD,
-    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
-);
-/// URL-safe alphabet, padding optional.
-const URL_SAFE: GeneralPurpose = GeneralPurpose::new(
-    &base64::alphabet::URL_SAFE,
-    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
-);
+use crate::front::pipeline::{self, Base64, FieldError};
 
 /// `WrapRequest` (also `UnwrapRequest`: the two differ only in `plaintext` / `wrappedBlob`).
 #[derive(Debug, Deserialize, Serialize, Default)]
@@ -121,12 +108,12 @@ pub struct UnwrapResponse<'a> {
 
 /// Encode bytes as standard base64 with padding (the proto3 JSON form).
 pub fn b64_encode(bytes: &[u8]) -> String {
-    general_purpose::STANDARD.encode(bytes)
+    pipeline::encode(bytes, Base64::Proto3)
 }
 
-/// Decode standard or URL-safe base64, padded or not.
-pub fn b64_decode(text: &str) -> Result<Vec<u8>, base64::DecodeError> {
-    STANDARD.decode(text).or_else(|_| URL_SAFE.decode(text))
+/// Decode standard or URL-safe base64, padded or not (the pipeline's proto3 decoder, unbounded).
+pub fn b64_decode(text: &str) -> Result<Vec<u8>, FieldError> {
+    pipeline::decode_bounded(text, Base64::Proto3, usize::MAX / 2)
 }
 
 /// An upper bound of the decoded size of `len` base64 characters.

@@ -8,9 +8,9 @@
 
 use std::borrow::Cow;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
+
+use crate::front::pipeline::{self, Base64, FieldError};
 
 /// A JSON string field, borrowed from the body unless it contained escapes.
 pub type Field<'a> = Option<Cow<'a, str>>;
@@ -179,14 +179,15 @@ pub struct DecryptResponse<'a> {
     pub plaintext: &'a str,
 }
 
-/// Strict base64 (RFC 4648 §4, standard alphabet, canonical padding).
-pub fn b64_decode(s: &str) -> Result<Vec<u8>, base64::DecodeError> {
-    STANDARD.decode(s)
+/// Strict base64 (RFC 4648 §4, standard alphabet, canonical padding): the pipeline's decoder,
+/// unbounded.
+pub fn b64_decode(s: &str) -> Result<Vec<u8>, FieldError> {
+    pipeline::decode_bounded(s, Base64::Standard, usize::MAX / 2)
 }
 
 /// Standard base64 with padding.
 pub fn b64_encode(bytes: &[u8]) -> String {
-    STANDARD.encode(bytes)
+    pipeline::encode(bytes, Base64::Standard)
 }
 
 /// The decoded length of a base64 string of `encoded_len` characters, rounded up: a cheap
