@@ -10,7 +10,11 @@ use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::audit::Audit;
+use crate::audit::sink::{ChainSettings, ChainSink};
+use crate::background::{self, Checkpointer};
 use crate::config::Settings;
+use crate::core::state::FleetState;
 use crate::core::{HealthMonitor, KeyService, KillSwitch};
 use crate::front::azure::AzureFront;
 use crate::front::gcp::GcpFront;
@@ -55,6 +59,9 @@ pub enum StartError {
     /// A start-up task failed.
     #[error("start-up task failed: {0}")]
     Task(String),
+    /// The audit file cannot be opened, or required auditing cannot be provided.
+    #[error("audit: {0}")]
+    Audit(String),
 }
 
 /// A running proxy.
@@ -70,6 +77,12 @@ pub struct Running {
     tls: HashMap<String, Arc<ArcSwap<rustls::ServerConfig>>>,
     metrics: Metrics,
     alpn: Vec<Vec<u8>>,
+    audit: Audit,
+    /// Stops the checkpoint task (after the listeners drained) and waits for its last checkpoint.
+    checkpoints: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
 }
 
 /// Build and start everything described by `settings`.
@@ -92,33 +105,40 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         settings.core.health_key.clone(),
         settings.core.health_max_age,
     );
+    // Key operations wait for the first read of the fleet state (FleetState::default is "not
+    // loaded"); it is made here, before the listeners open, and retried by the poller.
     let service = Arc::new(KeyService::new(
         backend.clone(),
         settings.core.keys.clone(),
         kill.clone(),
         health,
+        FleetState::default(),
     ));
-    let xks = Arc::new(XksFront::new(
-        &settings.xks,
-        service.clone(),
-        metrics.requests.clone(),
-    ));
+    let instance = instance_name();
+    let (audit, checkpointer) = open_audit(&settings, &backend, &metrics, &instance).await?;
+    background::refresh_fleet_state(&service, &audit, &metrics.fleet).await;
+    let xks = Arc::new(
+        XksFront::new(&settings.xks, service.clone(), metrics.requests.clone())
+            .with_audit(audit.clone()),
+    );
     let gcp = match &settings.gcp {
         None => None,
-        Some(g) => Some(Arc::new(GcpFront::new(
-            g,
-            service.clone(),
-            metrics.requests.clone(),
-            metrics.jwt.clone(),
-        )?)),
+        Some(g) => Some(Arc::new(
+            GcpFront::new(
+                g,
+                service.clone(),
+                metrics.requests.clone(),
+                metrics.jwt.clone(),
+            )?
+            .with_audit(audit.clone()),
+        )),
     };
     let azure = settings.azure.as_ref().map(|a| {
-        Arc::new(AzureFront::new(
-            a,
-            service.clone(),
-            metrics.requests.clone(),
-        ))
+        Arc::new(
+            AzureFront::new(a, service.clone(), metrics.requests.clone()).with_audit(audit.clone()),
+        )
     });
+    record_certificate_expiry(&settings, &metrics);
     let router = Arc::new(Router {
         xks: (!settings.xks.key_stores.is_empty()).then(|| xks.clone()),
         gcp: gcp.clone(),
@@ -218,8 +238,27 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             }
         });
     }
+    {
+        let stop = shutdown.clone();
+        tasks.spawn(background::poll_fleet_state(
+            service.clone(),
+            audit.clone(),
+            metrics.fleet.clone(),
+            settings.core.state_poll,
+            async move { stop.wait().await },
+        ));
+    }
+    let checkpoints = checkpointer.map(|c| {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let interval = settings.logging.audit_checkpoint;
+        let handle = tokio::spawn(c.run(interval, async move {
+            let _ = stop_rx.await;
+        }));
+        (stop_tx, handle)
+    });
     if let Some(path) = settings.core.kill_switch_file.clone() {
         let kill = kill.clone();
+        let fleet_metrics = metrics.fleet.clone();
         let shutdown = shutdown.clone();
         // Checked at start so requests never race the first poll.
         kill.set(path.exists());
@@ -235,6 +274,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
                 }
                 let now = tokio::fs::try_exists(&path).await.unwrap_or(true);
                 kill.set(now);
+                fleet_metrics.kill_switch("local", now);
                 if now != was {
                     if now {
                         tracing::warn!(file = %path.display(), "kill switch ENGAGED: every key operation is refused");
@@ -259,7 +299,70 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         tls: tls_configs,
         metrics,
         alpn,
+        audit,
+        checkpoints,
     })
+}
+
+/// This replica's name in audit lines: host name and process id.
+fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown-host".into());
+    format!("{host}/{}", std::process::id())
+}
+
+/// The audit handle: the chained file with its checkpoint task when `logging.audit_file` is set,
+/// the operational log otherwise. With `audit_required` the HMAC key must work now: a replica
+/// that cannot protect its audit trail must not serve.
+async fn open_audit(
+    settings: &Settings,
+    backend: &Arc<Pkcs11Backend>,
+    metrics: &Metrics,
+    instance: &str,
+) -> Result<(Audit, Option<Checkpointer<Pkcs11Backend>>), StartError> {
+    let logging = &settings.logging;
+    let Some(path) = logging.audit_file.clone() else {
+        return Ok((Audit::to_log(), None));
+    };
+    let chain = ChainSettings {
+        path: path.clone(),
+        max_bytes: logging.audit_max_bytes,
+    };
+    let sink = ChainSink::open(chain, instance, metrics.audit.clone())
+        .map_err(|e| StartError::Audit(format!("cannot open {}: {e}", path.display())))?;
+    let checkpointer = Checkpointer {
+        backend: backend.clone(),
+        sink: Arc::new(sink),
+        key: logging.audit_hmac_key.clone(),
+        metrics: metrics.audit.clone(),
+        instance: instance.to_owned(),
+    };
+    // The start line is the first to cover; this also proves the key works.
+    if let Err(e) = checkpointer.checkpoint().await {
+        if logging.audit_required {
+            return Err(StartError::Audit(format!(
+                "{e} (logging.audit_required is set; create the key with `ekm-proxy keys create --type hmac-sha256 --label {}`)",
+                logging.audit_hmac_key
+            )));
+        }
+        tracing::error!(error = %e, "audit checkpoints are failing: the audit file is chained but not protected by the HSM");
+    }
+    let audit = Audit::to_chain(checkpointer.sink.clone(), logging.audit_required);
+    Ok((audit, Some(checkpointer)))
+}
+
+/// The expiry metric of every listener's server certificate.
+fn record_certificate_expiry(settings: &Settings, metrics: &Metrics) {
+    for l in &settings.listeners {
+        if let Some(not_after) = l
+            .tls
+            .as_ref()
+            .and_then(|t| tls::leaf_not_after(&t.cert_chain))
+        {
+            metrics.fleet.certificate_expiry(&l.name, not_after);
+        }
+    }
 }
 
 fn build_tls(
@@ -336,6 +439,7 @@ impl Running {
             tokio::spawn(async move { front.prefetch().await });
         }
         self.service.reload(new.core.keys.clone());
+        record_certificate_expiry(new, &self.metrics);
         tracing::info!("configuration reloaded");
         Ok(())
     }
@@ -344,7 +448,22 @@ impl Running {
     pub async fn shutdown(mut self) {
         self.shutdown.trigger();
         while self.tasks.join_next().await.is_some() {}
+        // After the drain: the last checkpoint covers the last request's line.
+        if let Some((stop, handle)) = self.checkpoints.take() {
+            let _ = stop.send(());
+            let _ = handle.await;
+        }
         self.service.backend().shutdown();
+    }
+
+    /// The audit handle (tests read the chain's file through it).
+    pub fn audit(&self) -> &Audit {
+        &self.audit
+    }
+
+    /// Read the fleet state from the HSM now instead of at the next poll (tests, drills).
+    pub async fn refresh_fleet_state(&self) -> bool {
+        background::refresh_fleet_state(&self.service, &self.audit, &self.metrics.fleet).await
     }
 
     /// A handle that triggers shutdown (for signal handlers).

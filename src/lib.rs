@@ -11,7 +11,8 @@
 //!   [`authz::Permit`].
 //! - [`core`]: protocol-neutral key operations, key state and framing over the [`core::Backend`] seam.
 //! - [`hsm`]: the PKCS#11 backend; the only module that imports the PKCS#11 bindings.
-//! - [`config`], [`app`]: configuration parsing/validation and the composition root.
+//! - [`config`], [`app`]: configuration parsing/validation and the composition root;
+//!   [`background`]: the tasks it starts (fleet-state polling, audit checkpoints).
 //! - [`metrics`], [`audit`]: leaves every module may use.
 //! - `dev`, `client`, `bench` (cargo feature `tools`, on by default, off in the production
 //!   build): the dev profile (token, keys, certificates, JWT signer), XKS and Cloud EKM clients,
@@ -30,6 +31,7 @@ pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod authz;
+pub mod background;
 #[cfg(feature = "tools")]
 pub mod bench;
 #[cfg(feature = "tools")]
@@ -39,6 +41,7 @@ pub mod connect_info;
 pub mod core;
 #[cfg(feature = "tools")]
 pub mod dev;
+pub mod fleet_admin;
 pub mod front;
 #[doc(hidden)]
 pub mod fuzzing;

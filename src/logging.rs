@@ -1,6 +1,6 @@
-//! Log and audit output: the operational log on stderr (text or JSON) and, when configured, audit
-//! events as JSON lines in their own file. Writers are non-blocking so a slow disk or terminal
-//! never stalls request handling.
+//! The operational log on stderr (text or JSON). The writer is non-blocking so a slow terminal
+//! never stalls request handling. With `logging.audit_file`, audit events go to the chained file
+//! (`audit::sink`, opened by `app`) and are kept out of this log; without it they are part of it.
 
 use std::io::{BufWriter, IsTerminal};
 
@@ -25,6 +25,7 @@ pub fn init(settings: &LoggingSettings) -> std::io::Result<LogGuard> {
     let (stderr, guard) =
         tracing_appender::non_blocking(BufWriter::with_capacity(64 * 1024, std::io::stderr()));
     guards.push(guard);
+    // Audit events reach tracing only when there is no audit file; keep them out regardless.
     let audit_elsewhere = settings.audit_file.is_some();
     let not_audit = FilterFn::new(move |meta| !(audit_elsewhere && meta.target() == audit::TARGET));
     let ops = match settings.format {
@@ -39,28 +40,9 @@ pub fn init(settings: &LoggingSettings) -> std::io::Result<LogGuard> {
             .with_filter(not_audit)
             .boxed(),
     };
-    let audit_layer = match &settings.audit_file {
-        None => None,
-        Some(path) => {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)?;
-            let (writer, guard) =
-                tracing_appender::non_blocking(BufWriter::with_capacity(64 * 1024, file));
-            guards.push(guard);
-            Some(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_writer(writer)
-                    .with_filter(FilterFn::new(|meta| meta.target() == audit::TARGET)),
-            )
-        }
-    };
     let _ = tracing_subscriber::registry()
         .with(filter)
         .with(ops)
-        .with(audit_layer)
         .try_init();
     Ok(LogGuard { _guards: guards })
 }

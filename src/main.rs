@@ -7,8 +7,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use ekm_proxy::config::{self, EXIT_CONFIG};
+use ekm_proxy::core::state::StateTarget;
 #[cfg(feature = "tools")]
 use ekm_proxy::dev::profile;
+use ekm_proxy::fleet_admin;
 
 #[derive(Parser)]
 #[command(
@@ -48,10 +50,35 @@ enum Command {
         #[arg(long)]
         with_secret: bool,
     },
-    /// List, create and import keys on the configured token.
+    /// List, create, import, disable and enable keys on the configured token.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// Disable or enable a key store fleet-wide (an XKS key store, `gcp`, or an Azure prefix):
+    /// the state lives in the HSM and every replica on the token obeys within
+    /// `security.state_poll_secs`.
+    Keystore {
+        #[command(subcommand)]
+        command: SwitchCommand,
+    },
+    /// Engage or release the fleet-wide kill switch (in the HSM; the local kill-switch file
+    /// stays as break-glass).
+    Killswitch {
+        #[command(subcommand)]
+        command: KillCommand,
+    },
+    /// Show the fleet state in the HSM: disabled keys and key stores, the kill switch, who set
+    /// them, when and why.
+    State {
+        /// Configuration file.
+        #[arg(long, env = "EKM_PROXY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Check the tamper-evident audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
     },
     /// Dev profile helpers (dev only: fixed, public credentials).
     #[cfg(feature = "tools")]
@@ -85,6 +112,68 @@ enum KeysCommand {
         #[arg(long)]
         key_file: PathBuf,
     },
+    /// Refuse every operation with this key on every replica (state in the HSM): XKS
+    /// InvalidStateException and GetKeyMetadata DISABLED, Cloud EKM FAILED_PRECONDITION, Azure 403.
+    Disable(SwitchArgs),
+    /// Undo `keys disable`.
+    Enable(SwitchArgs),
+}
+
+#[derive(Subcommand)]
+enum SwitchCommand {
+    /// Refuse every request to the key store on every replica.
+    Disable(SwitchArgs),
+    /// Undo `disable`.
+    Enable(SwitchArgs),
+}
+
+/// What `disable`/`enable` act on, and the record they leave.
+#[derive(clap::Args)]
+struct SwitchArgs {
+    /// Key label, or key store name (XKS key store, `gcp`, Azure prefix; `xks:NAME` or
+    /// `azure:NAME` when a name is on both).
+    name: String,
+    #[command(flatten)]
+    record: RecordArgs,
+}
+
+#[derive(Subcommand)]
+enum KillCommand {
+    /// Refuse every key operation on every replica.
+    Engage(RecordArgs),
+    /// Undo `engage`.
+    Release(RecordArgs),
+}
+
+/// The configuration naming the HSM, and the record a state change leaves in it.
+#[derive(clap::Args)]
+struct RecordArgs {
+    /// Configuration file (its [hsm] section names the module, token and PIN).
+    #[arg(long, env = "EKM_PROXY_CONFIG")]
+    config: PathBuf,
+    /// Who makes the change, for the audit trail (default: $SUDO_USER or $USER @ host).
+    #[arg(long)]
+    by: Option<String>,
+    /// Why, for the audit trail.
+    #[arg(long, default_value = "")]
+    reason: String,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check order, hashes and HSM-made checkpoints of audit files (oldest first) and report the
+    /// first break by file and line. Exit 0: intact; 1: broken; 2: could not check.
+    Verify {
+        /// Audit files, oldest first (default: the configured audit file and its rotations).
+        files: Vec<PathBuf>,
+        /// Configuration: checks each checkpoint's MAC in its HSM (without it, only the chain).
+        #[arg(long, env = "EKM_PROXY_CONFIG")]
+        config: Option<PathBuf>,
+        /// The last file is still being written: lines after its last checkpoint are noted, not
+        /// a break.
+        #[arg(long)]
+        live: bool,
+    },
 }
 
 /// The key a `keys create` or `keys import` makes.
@@ -96,7 +185,8 @@ struct KeyArgs {
     /// CKA_LABEL: the key's external id.
     #[arg(long)]
     label: String,
-    /// aes256, rsa2048, rsa3072 or rsa4096 (import: aes256 only).
+    /// aes256, rsa2048, rsa3072, rsa4096 or hmac-sha256 (the audit checkpoint key; import:
+    /// aes256 only).
     #[arg(long = "type", default_value = "aes256")]
     kind: String,
     /// Comma-separated usage: encrypt, decrypt, wrap, unwrap (default: encrypt,decrypt for AES;
@@ -166,6 +256,33 @@ fn main() -> ExitCode {
         Command::Keys {
             command: KeysCommand::Import { key, key_file },
         } => keys_make(&key, Some(&key_file)),
+        Command::Keys {
+            command: KeysCommand::Disable(a),
+        } => switch(&a.name, &a.record, true, key_target),
+        Command::Keys {
+            command: KeysCommand::Enable(a),
+        } => switch(&a.name, &a.record, false, key_target),
+        Command::Keystore {
+            command: SwitchCommand::Disable(a),
+        } => switch(&a.name, &a.record, true, store_target),
+        Command::Keystore {
+            command: SwitchCommand::Enable(a),
+        } => switch(&a.name, &a.record, false, store_target),
+        Command::Killswitch {
+            command: KillCommand::Engage(a),
+        } => switch("", &a, true, kill_target),
+        Command::Killswitch {
+            command: KillCommand::Release(a),
+        } => switch("", &a, false, kill_target),
+        Command::State { config } => state_show(&config),
+        Command::Audit {
+            command:
+                AuditCommand::Verify {
+                    files,
+                    config,
+                    live,
+                },
+        } => audit_verify(&files, config.as_deref(), live),
         #[cfg(feature = "tools")]
         Command::Dev {
             command: DevCommand::Init { root, module },
@@ -291,6 +408,88 @@ fn keys_list(path: &std::path::Path) -> i32 {
     })
 }
 
+fn store_target(
+    settings: &config::Settings,
+    name: &str,
+) -> Result<StateTarget, fleet_admin::AdminError> {
+    fleet_admin::resolve_store(settings, name).map(StateTarget::Store)
+}
+
+/// `keys|keystore disable|enable` and `killswitch engage|release`: one line on success.
+fn switch(
+    name: &str,
+    args: &RecordArgs,
+    disable: bool,
+    target: impl Fn(&config::Settings, &str) -> Result<StateTarget, fleet_admin::AdminError>,
+) -> i32 {
+    let settings = match load(&args.config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    ekm_proxy::logging::init_cli("warn");
+    let by = fleet_admin::operator(args.by.as_deref());
+    let done = target(&settings, name)
+        .and_then(|t| fleet_admin::set_state(&settings, &t, disable, &by, &args.reason));
+    report(done)
+}
+
+fn key_target(_: &config::Settings, name: &str) -> Result<StateTarget, fleet_admin::AdminError> {
+    Ok(StateTarget::Key(name.to_owned()))
+}
+
+fn kill_target(_: &config::Settings, _: &str) -> Result<StateTarget, fleet_admin::AdminError> {
+    Ok(StateTarget::KillSwitch)
+}
+
+fn state_show(path: &std::path::Path) -> i32 {
+    let settings = match load(path) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    ekm_proxy::logging::init_cli("warn");
+    match fleet_admin::show_state(&settings) {
+        Ok(text) => {
+            print!("{text}");
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn report(done: Result<String, fleet_admin::AdminError>) -> i32 {
+    match done {
+        Ok(line) => {
+            println!("{line}");
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn audit_verify(files: &[PathBuf], config: Option<&std::path::Path>, live: bool) -> i32 {
+    let settings = match config.map(load).transpose() {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    ekm_proxy::logging::init_cli("warn");
+    match fleet_admin::verify_audit(files, settings.as_ref(), live) {
+        Ok(report) => {
+            print!("{}", fleet_admin::render_report(&report));
+            if report.ok() { 0 } else { 1 }
+        }
+        Err(e) => {
+            eprintln!("cannot verify: {e}");
+            2
+        }
+    }
+}
+
 /// `keys create` (no key file) or `keys import`: one readable line on success.
 fn keys_make(args: &KeyArgs, key_file: Option<&std::path::Path>) -> i32 {
     use ekm_proxy::hsm::{KeyKind, KeySpec};
@@ -309,6 +508,10 @@ fn keys_make(args: &KeyArgs, key_file: Option<&std::path::Path>) -> i32 {
         return 64;
     };
     let mut spec = KeySpec::new(args.label.clone(), kind);
+    if kind == KeyKind::HmacSha256 && !args.usage.is_empty() {
+        eprintln!("an hmac-sha256 key signs and verifies only; --usage does not apply");
+        return 64;
+    }
     if !args.usage.is_empty() {
         match spec.with_usage(args.usage.iter().map(String::as_str)) {
             Ok(s) => spec = s,

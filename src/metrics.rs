@@ -26,6 +26,29 @@ pub struct Metrics {
     pub cache: CacheMetrics,
     /// JWT verification and JWKS metrics.
     pub jwt: JwtMetrics,
+    /// The audit chain.
+    pub audit: AuditMetrics,
+    /// Fleet state read from the HSM, and the listeners' certificates.
+    pub fleet: FleetMetrics,
+}
+
+/// `ekm_audit_*`: lines written and dropped, checkpoints made in the HSM.
+#[derive(Clone)]
+pub struct AuditMetrics {
+    lines: IntCounter,
+    dropped: IntCounter,
+    checkpoints: IntCounterVec,
+    last_checkpoint: IntGauge,
+}
+
+/// `ekm_fleet_*`, `ekm_kill_switch_engaged`, `ekm_tls_certificate_expiry_timestamp_seconds`.
+#[derive(Clone)]
+pub struct FleetMetrics {
+    reads: IntCounterVec,
+    last_read: IntGauge,
+    disabled: IntGaugeVec,
+    kill_switch: IntGaugeVec,
+    cert_expiry: IntGaugeVec,
 }
 
 /// `ekm_requests_total`, `ekm_request_duration_seconds`, `ekm_auth_failures_total`.
@@ -208,6 +231,83 @@ impl Metrics {
             )?,
             cache: cache.clone(),
         };
+        let audit = AuditMetrics {
+            lines: IntCounter::new(
+                "ekm_audit_lines_total",
+                "Lines written to the audit chain (decisions, state changes, checkpoints)",
+            )?,
+            dropped: IntCounter::new(
+                "ekm_audit_dropped_total",
+                "Audit lines that could not be written (with logging.audit_required the request \
+                 failed instead of completing unrecorded)",
+            )?,
+            checkpoints: IntCounterVec::new(
+                Opts::new(
+                    "ekm_audit_checkpoints_total",
+                    "Audit checkpoints by outcome (ok; error: the HSM could not MAC the chain head \
+                     or the line could not be written)",
+                ),
+                &["outcome"],
+            )?,
+            last_checkpoint: IntGauge::new(
+                "ekm_audit_last_checkpoint_timestamp_seconds",
+                "Unix time of the last audit checkpoint written",
+            )?,
+        };
+        let fleet = FleetMetrics {
+            reads: IntCounterVec::new(
+                Opts::new(
+                    "ekm_fleet_state_reads_total",
+                    "Reads of the fleet state (disabled keys and key stores, kill switch) from \
+                     the HSM, by outcome",
+                ),
+                &["outcome"],
+            )?,
+            last_read: IntGauge::new(
+                "ekm_fleet_state_last_read_timestamp_seconds",
+                "Unix time of the last successful read of the fleet state from the HSM",
+            )?,
+            disabled: IntGaugeVec::new(
+                Opts::new(
+                    "ekm_fleet_disabled",
+                    "Targets disabled fleet-wide in the HSM, by kind (key, keystore)",
+                ),
+                &["kind"],
+            )?,
+            kill_switch: IntGaugeVec::new(
+                Opts::new(
+                    "ekm_kill_switch_engaged",
+                    "1 while the kill switch is engaged, by source (local file, fleet)",
+                ),
+                &["source"],
+            )?,
+            cert_expiry: IntGaugeVec::new(
+                Opts::new(
+                    "ekm_tls_certificate_expiry_timestamp_seconds",
+                    "notAfter of each listener's server certificate, as Unix time",
+                ),
+                &["listener"],
+            )?,
+        };
+        for outcome in ["ok", "error"] {
+            audit.checkpoints.with_label_values(&[outcome]);
+            fleet.reads.with_label_values(&[outcome]);
+        }
+        for kind in ["key", "keystore"] {
+            fleet.disabled.with_label_values(&[kind]);
+        }
+        for source in ["local", "fleet"] {
+            fleet.kill_switch.with_label_values(&[source]);
+        }
+        registry.register(Box::new(audit.lines.clone()))?;
+        registry.register(Box::new(audit.dropped.clone()))?;
+        registry.register(Box::new(audit.checkpoints.clone()))?;
+        registry.register(Box::new(audit.last_checkpoint.clone()))?;
+        registry.register(Box::new(fleet.reads.clone()))?;
+        registry.register(Box::new(fleet.last_read.clone()))?;
+        registry.register(Box::new(fleet.disabled.clone()))?;
+        registry.register(Box::new(fleet.kill_switch.clone()))?;
+        registry.register(Box::new(fleet.cert_expiry.clone()))?;
         registry.register(Box::new(requests.total.clone()))?;
         registry.register(Box::new(requests.duration.clone()))?;
         registry.register(Box::new(requests.auth_failures.clone()))?;
@@ -237,6 +337,8 @@ impl Metrics {
             hsm,
             cache,
             jwt,
+            audit,
+            fleet,
         })
     }
 
@@ -253,6 +355,66 @@ impl Metrics {
         // Encoding into a Vec only fails on invalid metric data, which typed families cannot produce.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+impl AuditMetrics {
+    /// Count one line written.
+    pub fn line_written(&self) {
+        self.lines.inc();
+    }
+
+    /// Count one line that could not be written.
+    pub fn line_dropped(&self) {
+        self.dropped.inc();
+    }
+
+    /// Count one checkpoint attempt.
+    pub fn checkpoint(&self, ok: bool) {
+        self.checkpoints
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+        if ok {
+            self.last_checkpoint.set(unix_now());
+        }
+    }
+}
+
+impl FleetMetrics {
+    /// Count one read of the fleet state; on success record what it holds.
+    pub fn read(&self, ok: bool, keys: usize, stores: usize) {
+        self.reads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+        if ok {
+            self.last_read.set(unix_now());
+            self.disabled
+                .with_label_values(&["key"])
+                .set(i64::try_from(keys).unwrap_or(i64::MAX));
+            self.disabled
+                .with_label_values(&["keystore"])
+                .set(i64::try_from(stores).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Whether the kill switch is engaged by `source` (`local` or `fleet`).
+    pub fn kill_switch(&self, source: &str, engaged: bool) {
+        self.kill_switch
+            .with_label_values(&[source])
+            .set(i64::from(engaged));
+    }
+
+    /// The server certificate of `listener` expires at `not_after` (Unix time).
+    pub fn certificate_expiry(&self, listener: &str, not_after: i64) {
+        self.cert_expiry
+            .with_label_values(&[listener])
+            .set(not_after);
     }
 }
 

@@ -62,6 +62,8 @@ pub struct CoreSettings {
     pub health_max_age: Duration,
     /// When this file exists every key operation is refused.
     pub kill_switch_file: Option<PathBuf>,
+    /// How often the fleet state (disabled keys and key stores, kill switch) is read from the HSM.
+    pub state_poll: Duration,
 }
 
 /// Log output format.
@@ -80,8 +82,16 @@ pub struct LoggingSettings {
     pub format: LogFormat,
     /// `tracing` filter directive, e.g. `info` or `info,ekm_audit=off`.
     pub level: String,
-    /// Write audit events (JSON lines) to this file instead of the operational log.
+    /// Write audit events as a tamper-evident chain to this file instead of the operational log.
     pub audit_file: Option<PathBuf>,
+    /// Key operations fail (closed) when their audit line cannot be written.
+    pub audit_required: bool,
+    /// Label of the HSM key (`CKM_SHA256_HMAC`) that MACs the chain's checkpoints.
+    pub audit_hmac_key: String,
+    /// Interval between checkpoints (at most one second).
+    pub audit_checkpoint: Duration,
+    /// Rotate the audit file once it is this large (0: never).
+    pub audit_max_bytes: u64,
 }
 
 /// One configuration problem, with the key path it concerns.

@@ -174,6 +174,8 @@ pub struct RawSecurity {
     /// Keys refused for every operation.
     #[serde(default)]
     pub disabled_keys: Vec<String>,
+    /// How often the fleet state is read from the HSM.
+    pub state_poll_secs: Option<u64>,
 }
 
 /// `[logging]`
@@ -186,6 +188,14 @@ pub struct RawLogging {
     pub level: Option<String>,
     /// Separate audit file.
     pub audit_file: Option<String>,
+    /// Fail key operations whose audit line cannot be written.
+    pub audit_required: Option<bool>,
+    /// Label of the HSM key that MACs the audit checkpoints.
+    pub audit_hmac_key: Option<String>,
+    /// Interval between audit checkpoints.
+    pub audit_checkpoint_ms: Option<u64>,
+    /// Rotate the audit file past this size.
+    pub audit_max_bytes: Option<u64>,
 }
 
 /// `[xks]`

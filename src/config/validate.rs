@@ -56,7 +56,7 @@ pub fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Settings, 
             }
         });
     let hsm = hsm(&raw, base, &mut c);
-    let core = core(&raw, base, &mut c);
+    let mut core = core(&raw, base, &mut c);
     let xks = xks(&raw, base, &core.health_key, &mut c);
     let gcp = raw
         .gcp
@@ -81,6 +81,10 @@ pub fn validate(raw: RawConfig, source: &Path, base: &Path) -> Result<Settings, 
         );
     }
     let logging = logging(&raw, base, &mut c);
+    // The audit trail's MAC key serves no front, whatever their key lists say.
+    core.keys
+        .reserved_keys
+        .insert(logging.audit_hmac_key.clone());
     if let Some(limit) = hsm.as_ref().and_then(|h| h.max_data_bytes) {
         // What a front end lets through must fit into one HSM call: plaintext ‖ 16-byte tag on
         // decrypt (XKS and Cloud EKM both seal with AES-GCM).
@@ -435,6 +439,13 @@ fn core(raw: &RawConfig, base: &Path, c: &mut Collector) -> CoreSettings {
     if interval.is_zero() {
         c.add("health.interval_secs", "must be greater than 0");
     }
+    let state_poll = Duration::from_secs(raw.security.state_poll_secs.unwrap_or(5));
+    if state_poll.is_zero() || state_poll > Duration::from_secs(300) {
+        c.add(
+            "security.state_poll_secs",
+            "must be between 1 and 300 (replicas obey a disabled key within this time)",
+        );
+    }
     if max_age > Duration::from_secs(60) {
         c.add(
             "health.max_age_secs",
@@ -444,6 +455,7 @@ fn core(raw: &RawConfig, base: &Path, c: &mut Collector) -> CoreSettings {
     CoreSettings {
         keys: KeyServiceSettings {
             disabled_keys: raw.security.disabled_keys.iter().cloned().collect(),
+            reserved_keys: Default::default(),
         },
         health_key: h.key.clone().unwrap_or_else(|| "ekm-health-check".into()),
         health_interval: interval,
@@ -453,6 +465,7 @@ fn core(raw: &RawConfig, base: &Path, c: &mut Collector) -> CoreSettings {
             .kill_switch_file
             .as_deref()
             .map(|p| resolve(base, p)),
+        state_poll,
     }
 }
 
@@ -476,10 +489,36 @@ fn logging(raw: &RawConfig, base: &Path, c: &mut Collector) -> LoggingSettings {
             format!("'{level}' is not a valid filter (e.g. 'info' or 'warn,ekm_audit=info')"),
         );
     }
+    let audit_file = l.audit_file.as_deref().map(|p| resolve(base, p));
+    let audit_required = l.audit_required.unwrap_or(false);
+    if audit_required && audit_file.is_none() {
+        c.add(
+            "logging.audit_required",
+            "needs logging.audit_file (only a file write can be confirmed before answering)",
+        );
+    }
+    let audit_checkpoint = Duration::from_millis(l.audit_checkpoint_ms.unwrap_or(1000));
+    if audit_checkpoint.is_zero() || audit_checkpoint > Duration::from_secs(1) {
+        c.add(
+            "logging.audit_checkpoint_ms",
+            "must be between 1 and 1000 (a checkpoint at least once a second)",
+        );
+    }
+    let audit_hmac_key = l
+        .audit_hmac_key
+        .clone()
+        .unwrap_or_else(|| "ekm-audit-hmac".into());
+    if audit_hmac_key.is_empty() {
+        c.add("logging.audit_hmac_key", "must not be empty");
+    }
     LoggingSettings {
         format,
         level,
-        audit_file: l.audit_file.as_deref().map(|p| resolve(base, p)),
+        audit_file,
+        audit_required,
+        audit_hmac_key,
+        audit_checkpoint,
+        audit_max_bytes: l.audit_max_bytes.unwrap_or(256 * 1024 * 1024),
     }
 }
 

@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use super::state::StateMark;
 use super::{
     AeadDecrypt, AeadEncrypt, AeadSealed, CryptoError, HsmHealth, KeyInfo, KeyUnwrap, KeyWrap,
     Plaintext, WrapSupport,
@@ -48,4 +49,16 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Token and session state (cheap; no cryptographic operation).
     fn health(&self) -> impl Future<Output = HsmHealth> + Send;
+
+    /// The fleet state every replica shares (disabled keys and key stores, the kill switch),
+    /// read from the HSM now.
+    fn fleet_state(&self) -> impl Future<Output = Result<Vec<StateMark>, CryptoError>> + Send;
+
+    /// HMAC-SHA-256 of `data` with the secret key labelled `key`, computed inside the HSM (the
+    /// audit chain's checkpoints).
+    fn hmac_sha256(
+        &self,
+        key: &str,
+        data: Vec<u8>,
+    ) -> impl Future<Output = Result<[u8; 32], CryptoError>> + Send;
 }

@@ -10,6 +10,7 @@ pub mod framing;
 pub mod health;
 pub mod keywrap;
 pub mod service;
+pub mod state;
 pub mod types;
 
 pub use backend::Backend;

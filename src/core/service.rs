@@ -1,7 +1,8 @@
 //! `KeyService`: the protocol-neutral key operations every front end calls.
 //!
 //! It enforces what must hold whatever the protocol: the operation matches the [`Permit`], the
-//! kill switch is off, the key is not disabled by the operator, the key passes the custody check,
+//! kill switch is off (the local break-glass file and the fleet's, in the HSM), the key is not
+//! disabled by the operator (in the configuration or fleet-wide), the key passes the custody check,
 //! and the key's own attributes allow the operation (decided here, deterministically, rather than
 //! from whatever error code an HSM returns). Then it calls the [`Backend`].
 //!
@@ -14,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use arc_swap::ArcSwap;
 
 use super::health::{HealthMonitor, HealthReport};
+use super::state::{FleetState, StateChange, StateTarget, StoreId, describe};
 use super::{
     AeadDecrypt, AeadEncrypt, AeadSealed, Backend, CryptoError, GCM_TAG_LEN, KeyInfo, KeyUnwrap,
     KeyWrap, Operation, Plaintext, WrapAlgorithm, WrapPath, WrapSupport,
@@ -25,6 +27,9 @@ use crate::authz::Permit;
 pub struct KeyServiceSettings {
     /// Keys the operator has disabled, by label: every operation is refused with `KeyDisabled`.
     pub disabled_keys: HashSet<String>,
+    /// Keys that serve the proxy itself (the audit chain's MAC key): no front may use or even
+    /// see them (`KeyNotFound`).
+    pub reserved_keys: HashSet<String>,
 }
 
 /// Whether a key may be used now, as reported by [`KeyService::key_metadata`].
@@ -36,20 +41,39 @@ pub enum KeyStatus {
     Disabled(String),
 }
 
-/// The kill switch: when engaged every key operation is refused. Shared with whatever flips it
-/// (the file watcher in `app`, the admin listener).
+/// The kill switch: when engaged every key operation is refused. Two sources, either engages it:
+/// the local break-glass file (one host, watched by `app`) and the fleet's switch in the HSM
+/// (every replica, set by `ekm-proxy killswitch engage`).
 #[derive(Debug, Default)]
-pub struct KillSwitch(AtomicBool);
+pub struct KillSwitch {
+    local: AtomicBool,
+    fleet: AtomicBool,
+}
 
 impl KillSwitch {
-    /// Engage or release.
+    /// Engage or release the local (break-glass file) switch.
     pub fn set(&self, engaged: bool) {
-        self.0.store(engaged, Ordering::Relaxed);
+        self.local.store(engaged, Ordering::Relaxed);
     }
 
-    /// Whether engaged.
+    /// Engage or release the fleet switch (from the HSM's state).
+    pub fn set_fleet(&self, engaged: bool) {
+        self.fleet.store(engaged, Ordering::Relaxed);
+    }
+
+    /// Whether engaged, by either source.
     pub fn engaged(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.local.load(Ordering::Relaxed) || self.fleet.load(Ordering::Relaxed)
+    }
+
+    /// Whether the local file engaged it.
+    pub fn local(&self) -> bool {
+        self.local.load(Ordering::Relaxed)
+    }
+
+    /// Whether the fleet switch in the HSM engaged it.
+    pub fn fleet(&self) -> bool {
+        self.fleet.load(Ordering::Relaxed)
     }
 }
 
@@ -58,23 +82,57 @@ pub struct KeyService<B: Backend> {
     backend: Arc<B>,
     settings: ArcSwap<KeyServiceSettings>,
     kill: Arc<KillSwitch>,
+    fleet: ArcSwap<FleetState>,
     health: HealthMonitor<B>,
 }
 
 impl<B: Backend> KeyService<B> {
-    /// Build the service. `health` runs deep checks against the same backend.
+    /// Build the service. `health` runs deep checks against the same backend. `fleet` is the
+    /// shared state known at start: [`FleetState::default`] (not loaded: key operations wait for
+    /// the first read from the HSM) for a server, a loaded one for tools.
     pub fn new(
         backend: Arc<B>,
         settings: KeyServiceSettings,
         kill: Arc<KillSwitch>,
         health: HealthMonitor<B>,
+        fleet: FleetState,
     ) -> Self {
+        kill.set_fleet(fleet.get(&StateTarget::KillSwitch).is_some());
         Self {
             backend,
             settings: ArcSwap::from_pointee(settings),
             kill,
+            fleet: ArcSwap::from_pointee(fleet),
             health,
         }
+    }
+
+    /// Adopt a fresh read of the fleet state; returns what changed since the last one (nothing
+    /// on the first read: that is the state the replica starts from, not a change).
+    pub fn set_fleet_state(&self, state: FleetState) -> Vec<StateChange> {
+        let before = self.fleet.load();
+        let changes = if before.loaded {
+            state.changes_since(&before)
+        } else {
+            Vec::new()
+        };
+        self.kill
+            .set_fleet(state.get(&StateTarget::KillSwitch).is_some());
+        self.fleet.store(Arc::new(state));
+        changes
+    }
+
+    /// The fleet state as last read.
+    pub fn fleet_state(&self) -> Arc<FleetState> {
+        self.fleet.load_full()
+    }
+
+    /// Why the key store `store` may not be used now, if it is disabled fleet-wide.
+    pub fn store_refusal(&self, store: &StoreId) -> Option<String> {
+        self.fleet
+            .load()
+            .get(&StateTarget::Store(store.clone()))
+            .map(|record| describe("key store disabled fleet-wide", record))
     }
 
     /// Replace the run-time settings (SIGHUP).
@@ -103,14 +161,48 @@ impl<B: Backend> KeyService<B> {
         let mut report = self.health.report().await;
         if self.kill.engaged() {
             report.status = super::HealthStatus::Unavailable;
-            report.detail = "the kill switch is engaged".into();
+            report.detail = self.kill_reason();
         }
         report
+    }
+
+    /// Why the kill switch is engaged (local file, or the fleet's, by whom).
+    fn kill_reason(&self) -> String {
+        if self.kill.local() {
+            return "the kill switch is engaged (local file)".into();
+        }
+        match self.fleet.load().get(&StateTarget::KillSwitch) {
+            Some(record) => describe("the kill switch was engaged fleet-wide", record),
+            None => "the kill switch is engaged".into(),
+        }
+    }
+
+    fn not_reserved(&self, key: &str) -> Result<(), CryptoError> {
+        if self.settings.load().reserved_keys.contains(key) {
+            Err(CryptoError::KeyNotFound)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Key operations wait for the first read of the fleet state: until then a key the fleet has
+    /// disabled could be served. The wait answers the protocols' retryable error.
+    fn fleet_loaded(&self) -> Result<(), CryptoError> {
+        if self.fleet.load().loaded {
+            Ok(())
+        } else {
+            Err(CryptoError::HsmUnavailable(
+                "the fleet state (disabled keys, kill switch) has not been read from the HSM yet"
+                    .into(),
+            ))
+        }
     }
 
     /// The key's attributes and whether it may be used now.
     pub async fn key_metadata(&self, permit: &Permit) -> Result<(KeyInfo, KeyStatus), CryptoError> {
         expect_op(permit, &[Operation::KeyMetadata])?;
+        self.not_reserved(permit.key())?;
+        self.fleet_loaded()?;
         let info = self.backend.key_info(permit.key()).await?;
         let status = match self.refusal(&info) {
             Some(reason) => KeyStatus::Disabled(reason),
@@ -302,10 +394,10 @@ impl<B: Backend> KeyService<B> {
     async fn usable_key(&self, key: &str) -> Result<KeyInfo, CryptoError> {
         // The kill switch is checked before touching the backend at all.
         if self.kill.engaged() {
-            return Err(CryptoError::KeyDisabled(
-                "the kill switch is engaged".into(),
-            ));
+            return Err(CryptoError::KeyDisabled(self.kill_reason()));
         }
+        self.not_reserved(key)?;
+        self.fleet_loaded()?;
         let info = self.backend.key_info(key).await?;
         if let Some(reason) = self.refusal(&info) {
             return Err(CryptoError::KeyDisabled(reason));
@@ -327,10 +419,13 @@ impl<B: Backend> KeyService<B> {
     /// Why the key may not be used now, if it may not.
     fn refusal(&self, info: &KeyInfo) -> Option<String> {
         if self.kill.engaged() {
-            return Some("the kill switch is engaged".into());
+            return Some(self.kill_reason());
         }
         if self.settings.load().disabled_keys.contains(&info.label) {
             return Some("key disabled by the operator".into());
+        }
+        if let Some(record) = self.fleet.load().get(&StateTarget::Key(info.label.clone())) {
+            return Some(describe("key disabled fleet-wide", record));
         }
         info.custody_violation.clone()
     }

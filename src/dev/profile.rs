@@ -24,6 +24,8 @@ pub const PREFIX: &str = "/dev-keystore";
 pub const CLIENT_SUBJECT: &str = "ekm-dev-client";
 /// The dedicated health-check key.
 pub const HEALTH_KEY: &str = "ekm-health-check";
+/// The audit chain's checkpoint key (`CKM_SHA256_HMAC`).
+pub const AUDIT_HMAC_KEY: &str = "ekm-audit-hmac";
 
 /// Google Cloud EKM key URI path prefix: key URI `https://localhost:8443/gcp/v0/keys/<key path>`.
 pub const GCP_PREFIX: &str = "/gcp/v0/keys";
@@ -161,7 +163,12 @@ pub fn init(root: &Path, module: Option<PathBuf>) -> Result<DevReport, DevError>
     let user = SecretString::from(USER_PIN);
     let token = bootstrap::ensure_token(&module, TOKEN_LABEL, &so, &user)?;
     lines.push(token.to_string());
-    for spec in dev_key_specs().into_iter().chain(azure_dev_key_specs()) {
+    let audit_key = KeySpec::new(AUDIT_HMAC_KEY, KeyKind::HmacSha256);
+    for spec in dev_key_specs()
+        .into_iter()
+        .chain(azure_dev_key_specs())
+        .chain([audit_key])
+    {
         let key = bootstrap::ensure_key(&module, TOKEN_LABEL, &user, &spec)?;
         lines.push(key.to_string());
     }
@@ -238,8 +245,16 @@ session_key_copies = true
 key = "{HEALTH_KEY}"
 
 [security]
-# Create this file to refuse every key operation at once; delete it to resume.
+# Create this file to refuse every key operation at once; delete it to resume. Fleet-wide, and
+# recorded with who did it: `ekm-proxy killswitch engage --config hsm-config/dev.toml`.
 kill_switch_file = "KILL-SWITCH"
+
+# The tamper-evident audit trail: hash-chained lines, checkpoints MACed in the HSM with
+# {AUDIT_HMAC_KEY}. Check it with `ekm-proxy audit verify --config hsm-config/dev.toml`.
+[logging]
+audit_file = "dev-audit.jsonl"
+audit_hmac_key = "{AUDIT_HMAC_KEY}"
+audit_required = true
 
 [[xks.key_store]]
 name = "dev"

@@ -16,7 +16,7 @@ use base64::alphabet;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 
-use crate::audit::{self, AuditEvent, LogSafe};
+use crate::audit::{self, Audit, AuditEvent, LogSafe, Unrecorded};
 use crate::metrics::RequestMetrics;
 
 /// Which base64 alphabet a field uses.
@@ -212,24 +212,32 @@ pub fn record(span: &tracing::Span, facts: &RequestFacts) {
     }
 }
 
+/// The metric outcome of a request whose audit event could not be written while
+/// `logging.audit_required` is set (the front answers its internal error instead).
+pub const UNRECORDED: &str = "AuditUnrecorded";
+
 /// End a request: one metric observation, and one line (the audit event for a key operation).
+///
+/// `Err(Unrecorded)` when the audit event could not be written and `logging.audit_required` is
+/// set: the front must then answer an error instead of the result it holds (fail closed).
 pub fn finish(
     metrics: &RequestMetrics,
+    audit: &Audit,
     front: &'static str,
     facts: &RequestFacts,
     ending: Ending<'_>,
     started: Instant,
-) {
+) -> Result<(), Unrecorded> {
     let elapsed = started.elapsed();
     let op = if facts.op.is_empty() {
         "unknown"
     } else {
         facts.op
     };
-    metrics.observe(front, op, ending.outcome, elapsed.as_secs_f64());
     let latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+    let mut recorded = Ok(());
     if facts.audit {
-        audit::record(&AuditEvent {
+        recorded = audit.record(&AuditEvent {
             front,
             tenant: &facts.tenant,
             op,
@@ -270,6 +278,13 @@ pub fn finish(
             "request"
         );
     }
+    let outcome = if recorded.is_err() {
+        UNRECORDED
+    } else {
+        ending.outcome
+    };
+    metrics.observe(front, op, outcome, elapsed.as_secs_f64());
+    recorded
 }
 
 #[cfg(test)]
@@ -361,13 +376,15 @@ mod tests {
             let _entered = span.enter();
             record(&span, &facts);
             tracing::info!("inside");
-            finish(
+            let recorded = finish(
                 &metrics,
+                &Audit::to_log(),
                 "azure",
                 &facts,
                 Ending::failed("Forbidden", Some("r1")),
                 Instant::now(),
             );
+            assert_eq!(recorded, Ok(()));
         });
         let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<serde_json::Value> = text

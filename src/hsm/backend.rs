@@ -25,9 +25,11 @@ use super::settings::HsmSettings;
 use super::worker::{
     Control, Job, OpTimers, OpenError, Reply, Shared, TokenSummary, Work, open_logged_in,
 };
+use crate::core::state::StateMark;
 use crate::core::{
     AeadDecrypt, AeadEncrypt, AeadSealed, Backend, CryptoError, GCM_TAG_LEN, HealthStatus,
-    HsmHealth, KeyInfo, KeyUnwrap, KeyWrap, Plaintext, WrapAlgorithm, WrapPath, WrapSupport,
+    HsmHealth, KeyInfo, KeyType, KeyUnwrap, KeyWrap, Plaintext, WrapAlgorithm, WrapPath,
+    WrapSupport,
 };
 use crate::metrics::{CacheMetrics, HsmMetrics};
 
@@ -478,6 +480,36 @@ impl Backend for Pkcs11Backend {
 
     async fn key_info(&self, key: &str) -> Result<KeyInfo, CryptoError> {
         Ok(self.entry(key).await?.info.clone())
+    }
+
+    async fn fleet_state(&self) -> Result<Vec<StateMark>, CryptoError> {
+        self.call(|reply| Work::ReadState { reply }).await
+    }
+
+    async fn hmac_sha256(&self, key: &str, data: Vec<u8>) -> Result<[u8; 32], CryptoError> {
+        let entry = self.entry(key).await?;
+        let info = &entry.info;
+        let hmac_type = match &info.key_type {
+            KeyType::GenericSecret => true,
+            // Some vendors type HMAC keys by hash (CKK_SHA256_HMAC).
+            KeyType::Other(name) => name == "SHA256_HMAC",
+            _ => false,
+        };
+        if !hmac_type || !info.usage.sign {
+            return Err(CryptoError::InvalidKeyUsage(format!(
+                "{} is {} with usage {}, not a generic secret key that may sign (create it with \
+                 `ekm-proxy keys create --type hmac-sha256`)",
+                info.label,
+                info.key_spec(),
+                info.usage.names().join(",")
+            )));
+        }
+        self.call(|reply| Work::Mac {
+            key: entry,
+            data,
+            reply,
+        })
+        .await
     }
 
     async fn random(&self, len: usize) -> Result<Vec<u8>, CryptoError> {

@@ -51,15 +51,19 @@ pub enum KeyKind {
     Rsa3072,
     /// RSA key pair, 4096-bit modulus.
     Rsa4096,
+    /// Generic secret of 256 bits for `CKM_SHA256_HMAC` (`CKM_GENERIC_SECRET_KEY_GEN`), may sign
+    /// and verify only: the audit chain's checkpoint key.
+    HmacSha256,
 }
 
 impl KeyKind {
     /// Every kind with its command-line name.
-    pub const ALL: [(KeyKind, &'static str); 4] = [
+    pub const ALL: [(KeyKind, &'static str); 5] = [
         (KeyKind::Aes256, "aes256"),
         (KeyKind::Rsa2048, "rsa2048"),
         (KeyKind::Rsa3072, "rsa3072"),
         (KeyKind::Rsa4096, "rsa4096"),
+        (KeyKind::HmacSha256, "hmac-sha256"),
     ];
 
     /// The command-line name (`aes256`, `rsa3072`, ...).
@@ -78,7 +82,7 @@ impl KeyKind {
     /// The RSA modulus size, for key pairs.
     fn rsa_bits(self) -> Option<u64> {
         match self {
-            KeyKind::Aes256 => None,
+            KeyKind::Aes256 | KeyKind::HmacSha256 => None,
             KeyKind::Rsa2048 => Some(2048),
             KeyKind::Rsa3072 => Some(3072),
             KeyKind::Rsa4096 => Some(4096),
@@ -118,11 +122,12 @@ impl KeySpec {
     /// the first and third, the private half the others).
     pub fn new(label: impl Into<String>, kind: KeyKind) -> Self {
         let rsa = kind.rsa_bits().is_some();
+        let hmac = kind == KeyKind::HmacSha256;
         Self {
             label: label.into(),
             kind,
-            encrypt: true,
-            decrypt: true,
+            encrypt: !hmac,
+            decrypt: !hmac,
             wrap: rsa,
             unwrap: rsa,
             extractable: false,
@@ -500,6 +505,24 @@ fn generate(session: &Session, spec: &KeySpec) -> Result<ObjectHandle, HsmError>
             .map_err(|e| HsmError::pkcs11("C_GenerateKeyPair", &e))?;
         return Ok(private);
     }
+    if spec.kind == KeyKind::HmacSha256 {
+        // Signs and verifies (the checkpoint MAC and its check), nothing else.
+        template.retain(|a| !matches!(a, Attribute::Sign(_)));
+        template.extend([
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(CkKeyType::GENERIC_SECRET),
+            Attribute::Sign(true),
+            Attribute::Verify(true),
+            Attribute::Encrypt(false),
+            Attribute::Decrypt(false),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::ValueLen(Ulong::new(32)),
+        ]);
+        return session
+            .generate_key(&Mechanism::GenericSecretKeyGen, &template)
+            .map_err(|e| HsmError::pkcs11("C_GenerateKey", &e));
+    }
     template.extend([
         Attribute::Encrypt(spec.encrypt),
         Attribute::Decrypt(spec.decrypt),
@@ -581,7 +604,11 @@ fn init_user_pin(
     result
 }
 
-fn user_login(session: &Session, token: &str, user_pin: &SecretString) -> Result<(), HsmError> {
+pub(crate) fn user_login(
+    session: &Session,
+    token: &str,
+    user_pin: &SecretString,
+) -> Result<(), HsmError> {
     let pin = AuthPin::from(user_pin.expose());
     match session.login(UserType::User, Some(&pin)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),

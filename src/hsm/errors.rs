@@ -133,6 +133,10 @@ pub(crate) enum Op {
     ReadAttributes,
     TokenInfo,
     ListKeys,
+    /// Reading the fleet state objects.
+    ReadState,
+    /// HMAC inside the HSM (audit checkpoints).
+    Mac,
     OpenSession,
     Login,
 }
@@ -150,6 +154,8 @@ impl Op {
             Op::ReadAttributes => "read_attributes",
             Op::TokenInfo => "token_info",
             Op::ListKeys => "list_keys",
+            Op::ReadState => "read_state",
+            Op::Mac => "mac",
             Op::OpenSession => "open_session",
             Op::Login => "login",
         }

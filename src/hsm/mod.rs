@@ -13,6 +13,8 @@
 //! - `gcm`: `CKM_AES_GCM` with the vendor's IV convention ([`GcmIvMode`]).
 //! - `keywrap`: AES Key Wrap (RFC 3394/5649) and RSA-OAEP inside the HSM, and the start-up
 //!   trial of what the token supports.
+//! - `mac`: HMAC-SHA-256 inside the HSM, for the audit chain's checkpoints.
+//! - [`state`]: the fleet state (disabled keys and key stores, kill switch) as data objects.
 //! - `errors`: [`HsmError`] and the single `CKR_*` → `CryptoError` mapping.
 //! - [`backend`]: [`Pkcs11Backend`], the async handle implementing `core::Backend`.
 //! - [`bootstrap`]: idempotent token and key creation (dev setup, tests, `keys create`).
@@ -25,10 +27,12 @@ mod errors;
 mod gcm;
 mod keys;
 mod keywrap;
+mod mac;
 mod module;
 mod pool;
 mod recovery;
 pub mod settings;
+pub mod state;
 mod worker;
 
 pub use backend::Pkcs11Backend;

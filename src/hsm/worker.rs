@@ -31,10 +31,13 @@ use super::errors::{
 use super::gcm;
 use super::keys::{self, KeyCache, KeyEntry};
 use super::keywrap;
+use super::mac;
 use super::module::Module;
 use super::pool::WorkerState;
 use super::recovery::TokenState;
 use super::settings::{GcmIvMode, TokenSelector};
+use super::state;
+use crate::core::state::StateMark;
 use crate::core::{
     AeadSealed, CryptoError, GCM_TAG_LEN, KeyInfo, Plaintext, WrapAlgorithm, WrapPath,
 };
@@ -139,6 +142,8 @@ pub(crate) struct OpTimers {
     find_key: Histogram,
     token_info: Histogram,
     list_keys: Histogram,
+    read_state: Histogram,
+    mac: Histogram,
     open_session: Histogram,
     login: Histogram,
 }
@@ -154,6 +159,8 @@ impl OpTimers {
             find_key: metrics.op(Op::FindKey.as_str()),
             token_info: metrics.op(Op::TokenInfo.as_str()),
             list_keys: metrics.op(Op::ListKeys.as_str()),
+            read_state: metrics.op(Op::ReadState.as_str()),
+            mac: metrics.op(Op::Mac.as_str()),
             open_session: metrics.op(Op::OpenSession.as_str()),
             login: metrics.op(Op::Login.as_str()),
         }
@@ -169,6 +176,8 @@ impl OpTimers {
             Op::FindKey | Op::ReadAttributes => &self.find_key,
             Op::TokenInfo => &self.token_info,
             Op::ListKeys => &self.list_keys,
+            Op::ReadState => &self.read_state,
+            Op::Mac => &self.mac,
             Op::OpenSession => &self.open_session,
             Op::Login => &self.login,
         }
@@ -261,6 +270,16 @@ pub(crate) enum Work {
     ListKeys {
         reply: Reply<Vec<KeyInfo>>,
     },
+    /// Read the fleet state objects.
+    ReadState {
+        reply: Reply<Vec<StateMark>>,
+    },
+    /// HMAC-SHA-256 of `data` with `key` (audit checkpoints).
+    Mac {
+        key: Arc<KeyEntry>,
+        data: Vec<u8>,
+        reply: Reply<[u8; 32]>,
+    },
 }
 
 impl Work {
@@ -275,6 +294,8 @@ impl Work {
             Work::Lookup { reply, .. } => drop(reply.send(Err(error))),
             Work::TokenInfo { reply } => drop(reply.send(Err(error))),
             Work::ListKeys { reply } => drop(reply.send(Err(error))),
+            Work::ReadState { reply } => drop(reply.send(Err(error))),
+            Work::Mac { reply, .. } => drop(reply.send(Err(error))),
         }
     }
 
@@ -288,6 +309,8 @@ impl Work {
             Work::Lookup { .. } => Op::FindKey,
             Work::TokenInfo { .. } => Op::TokenInfo,
             Work::ListKeys { .. } => Op::ListKeys,
+            Work::ReadState { .. } => Op::ReadState,
+            Work::Mac { .. } => Op::Mac,
         }
     }
 }
@@ -733,6 +756,20 @@ impl Worker {
                     let classes = [ObjectClass::SECRET_KEY, ObjectClass::PRIVATE_KEY];
                     let found = keys::list(s, &classes, shared.keys.allow_exportable_keys())?;
                     Ok(found.into_iter().map(|(_, info)| info).collect())
+                });
+                let _ = reply.send(r);
+            }
+            Work::ReadState { reply } => {
+                let r = self.with_session(Op::ReadState, |shared, s| {
+                    // Logged out, the private state objects would be invisible: "nothing disabled".
+                    ensure_user(shared, s)?;
+                    state::read(s)
+                });
+                let _ = reply.send(r);
+            }
+            Work::Mac { key, data, reply } => {
+                let r = self.with_key(Op::Mac, &key, |s, handle, _| {
+                    mac::hmac_sha256(s, handle, &data)
                 });
                 let _ = reply.send(r);
             }

@@ -35,6 +35,17 @@ pub fn load_ca_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, Tl
     load::ca_bundle(path)
 }
 
+/// `notAfter` of the leaf (first) certificate of a PEM chain file, as Unix time, for the expiry
+/// metric; `None` when the file cannot be read or parsed (the listener's own load reports why).
+pub fn leaf_not_after(cert_chain: &std::path::Path) -> Option<i64> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let bytes = std::fs::read(cert_chain).ok()?;
+    let leaf = CertificateDer::pem_slice_iter(&bytes).next()?.ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 /// How many TLS 1.2 session-ID resumption entries the server remembers. Each entry is a few
 /// hundred bytes; a few thousand covers many more concurrent KMS connections than we expect,
 /// and the cache evicts the oldest entries when full (it is never a reason to fail).

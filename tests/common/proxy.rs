@@ -44,6 +44,8 @@ pub struct ProxyOptions {
     pub server_keys: String,
     /// Lines added to `[security]`.
     pub security_keys: String,
+    /// Lines added to `[logging]` (e.g. `audit_file = "…"`).
+    pub logging_keys: String,
     /// Also start a plain-HTTP listener named `plain`.
     pub plain_http: bool,
     /// TOML appended last: the `[gcp]` section and its sub-tables (see [`GcpSection`]), or empty.
@@ -304,6 +306,7 @@ kill_switch_file = "{kill}"
 
 [logging]
 level = "warn"
+{logging}
 
 [[xks.key_store]]
 name = "dev"
@@ -332,6 +335,7 @@ secret = "{SECRET_2}"
         hsm_defaults = hsm_defaults(&o.hsm_keys),
         kill = dir.join("KILL").display(),
         security = o.security_keys,
+        logging = o.logging_keys,
         ks = o.key_store_keys,
         tables = o.tables,
         gcp = o.gcp,

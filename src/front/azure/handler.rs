@@ -18,9 +18,11 @@ use zeroize::Zeroizing;
 use super::error::{AzureError, Code, from_crypto};
 use super::settings::{AzureSettings, PrefixSettings, valid_key_id};
 use super::wire::{self, API_VERSION, MAX_CONTEXT_FIELD, RequestContext};
+use crate::audit::Audit;
 use crate::auth::Principal;
 use crate::auth::client_cert::PresentedCertificate;
 use crate::authz::{Facts, Permit};
+use crate::core::state::StoreId;
 use crate::core::{
     Backend, HealthStatus, KeyService, KeyStatus, KeyType, Operation, WrapAlgorithm,
 };
@@ -45,6 +47,7 @@ pub struct AzureFront<B: Backend> {
     service: Arc<KeyService<B>>,
     metrics: RequestMetrics,
     proxy_name: String,
+    audit: Audit,
 }
 
 /// The operation a path names.
@@ -103,7 +106,14 @@ impl<B: Backend> AzureFront<B> {
             service,
             metrics,
             proxy_name: format!("ekm-proxy {}", env!("CARGO_PKG_VERSION")),
+            audit: Audit::to_log(),
         }
+    }
+
+    /// Send audit events to `audit` (default: the operational log).
+    pub fn with_audit(mut self, audit: Audit) -> Self {
+        self.audit = audit;
+        self
     }
 
     /// Replace prefixes, certificate policies, keys and rules (SIGHUP). In-flight requests finish
@@ -170,12 +180,21 @@ impl<B: Backend> AzureFront<B> {
         };
         match result {
             Ok(response) => {
-                pipeline::finish(&self.metrics, FRONT, &facts, Ending::ok(), started);
-                response
+                let ending = Ending::ok();
+                match pipeline::finish(&self.metrics, &self.audit, FRONT, &facts, ending, started) {
+                    Ok(()) => response,
+                    // Fail closed: no result leaves without its audit line.
+                    Err(_) => {
+                        AzureError::new(Code::InternalError, "the audit trail cannot be written")
+                            .to_response()
+                    }
+                }
             }
             Err(e) => {
                 let ending = Ending::failed(e.code.as_str(), e.rule.as_deref());
-                pipeline::finish(&self.metrics, FRONT, &facts, ending, started);
+                // A refusal goes out whether or not its line could be written.
+                let _ =
+                    pipeline::finish(&self.metrics, &self.audit, FRONT, &facts, ending, started);
                 e.to_response()
             }
         }
@@ -243,6 +262,9 @@ impl<B: Backend> AzureFront<B> {
             return self.info().await;
         };
         let permit = authorize(prefix, principal, context, key, op)?;
+        if let Some(why) = self.service.store_refusal(&StoreId::azure(&prefix.name)) {
+            return Err(AzureError::new(Code::Forbidden, why));
+        }
         match routed.op {
             Op::Metadata(_) => self.metadata(&permit).await,
             Op::WrapKey(_) => self.wrap(&permit, body).await,

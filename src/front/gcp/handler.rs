@@ -17,8 +17,10 @@ use super::error::{Code, GcpError, Reason, from_crypto};
 use super::ops::{Access, Body};
 use super::settings::{GcpKeySettings, GcpSettings};
 use super::wire::KeyOpRequest;
+use crate::audit::Audit;
 use crate::auth::Principal;
 use crate::auth::jwt::{JwtError, JwtSetupError, JwtVerifier};
+use crate::core::state::StoreId;
 use crate::core::{Backend, CryptoError, KeyService};
 use crate::front::pipeline::{self, Base64, Ending, FieldError, JsonError, RequestFacts};
 use crate::front::{ConnInfo, Request, Response, json_response};
@@ -50,6 +52,7 @@ pub struct GcpFront<B: Backend> {
     metrics: RequestMetrics,
     jwt_metrics: JwtMetrics,
     ids: RequestIds,
+    audit: Audit,
 }
 
 /// The two operations of the API.
@@ -85,7 +88,14 @@ impl<B: Backend> GcpFront<B> {
             metrics,
             jwt_metrics,
             ids: RequestIds::new(),
+            audit: Audit::to_log(),
         })
+    }
+
+    /// Send audit events to `audit` (default: the operational log).
+    pub fn with_audit(mut self, audit: Audit) -> Self {
+        self.audit = audit;
+        self
     }
 
     /// Replace issuers, keys, grants and limits (SIGHUP). The verifier is rebuilt, so verified
@@ -204,6 +214,13 @@ impl<B: Backend> GcpFront<B> {
                     "key is disabled by the operator",
                 ));
             }
+            if let Some(why) = self.service.store_refusal(&StoreId::gcp()) {
+                break 'request Err(GcpError::new(
+                    Code::FailedPrecondition,
+                    Reason::KeyDisabled,
+                    why,
+                ));
+            }
             let body = match Body::parse(req.body(), key_path) {
                 Ok(body) => body,
                 Err(e) => break 'request Err(e),
@@ -227,8 +244,17 @@ impl<B: Backend> GcpFront<B> {
         };
         match result {
             Ok(body) => {
-                pipeline::finish(&self.metrics, FRONT, &facts, Ending::ok(), started);
-                body.into_response(&request_id)
+                let ending = Ending::ok();
+                match pipeline::finish(&self.metrics, &self.audit, FRONT, &facts, ending, started) {
+                    Ok(()) => body.into_response(&request_id),
+                    // Fail closed: no result leaves without its audit line.
+                    Err(_) => GcpError::new(
+                        Code::Internal,
+                        Reason::Internal,
+                        "the audit trail cannot be written",
+                    )
+                    .to_response(&request_id),
+                }
             }
             Err(e) => {
                 let detail = e.reason.as_str();
@@ -237,7 +263,9 @@ impl<B: Backend> GcpFront<B> {
                     why: Some(&e.message),
                     ..Ending::failed(e.code.as_str(), e.rule.as_deref())
                 };
-                pipeline::finish(&self.metrics, FRONT, &facts, ending, started);
+                // A refusal goes out whether or not its line could be written.
+                let _ =
+                    pipeline::finish(&self.metrics, &self.audit, FRONT, &facts, ending, started);
                 e.to_response(&request_id)
             }
         }

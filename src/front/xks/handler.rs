@@ -12,8 +12,10 @@ use tracing::Instrument;
 use super::error::{XksError, XksErrorName as N};
 use super::request::{Api, XksRequest};
 use super::settings::{KeyStoreSettings, XksSettings};
+use crate::audit::Audit;
 use crate::auth::Principal;
 use crate::auth::sigv4::{SigV4Verifier, SignedRequest};
+use crate::core::state::StoreId;
 use crate::core::{Backend, KeyService};
 use crate::front::pipeline::{self, Ending, RequestFacts};
 use crate::front::{ConnInfo, Request, Response};
@@ -44,6 +46,7 @@ pub struct XksFront<B: Backend> {
     pub(super) state: ArcSwap<State>,
     pub(super) service: Arc<KeyService<B>>,
     metrics: RequestMetrics,
+    audit: Audit,
     pub(super) model: String,
 }
 
@@ -58,8 +61,15 @@ impl<B: Backend> XksFront<B> {
             state: ArcSwap::from_pointee(build_state(settings)),
             service,
             metrics,
+            audit: Audit::to_log(),
             model: format!("ekm-proxy {}", env!("CARGO_PKG_VERSION")),
         }
+    }
+
+    /// Send audit events to `audit` (default: the operational log).
+    pub fn with_audit(mut self, audit: Audit) -> Self {
+        self.audit = audit;
+        self
     }
 
     /// Replace key stores, credentials, policy and limits (SIGHUP). In-flight requests finish
@@ -149,12 +159,19 @@ impl<B: Backend> XksFront<B> {
         pipeline::record(&span, &facts);
         match result {
             Ok(response) => {
-                pipeline::finish(&self.metrics, FRONT, &facts, Ending::ok(), started);
-                response
+                let ending = Ending::ok();
+                match pipeline::finish(&self.metrics, &self.audit, FRONT, &facts, ending, started) {
+                    Ok(()) => response,
+                    // Fail closed: no result leaves without its audit line.
+                    Err(_) => XksError::new(N::Internal, "the audit trail cannot be written")
+                        .to_response(),
+                }
             }
             Err(e) => {
                 let ending = Ending::failed(e.name.as_str(), e.rule.as_deref());
-                pipeline::finish(&self.metrics, FRONT, &facts, ending, started);
+                // A refusal goes out whether or not its line could be written.
+                let _ =
+                    pipeline::finish(&self.metrics, &self.audit, FRONT, &facts, ending, started);
                 e.to_response()
             }
         }
@@ -168,6 +185,13 @@ impl<B: Backend> XksFront<B> {
         req: &XksRequest<'_>,
     ) -> Result<Response, XksError> {
         let key = api.key().unwrap_or_default();
+        // Disabled fleet-wide (`ekm-proxy keystore disable`): like `enabled = false`, every API.
+        if let Some(why) = self
+            .service
+            .store_refusal(&StoreId::xks(&store.settings.name))
+        {
+            return Err(XksError::new(N::InvalidState, why));
+        }
         match req {
             XksRequest::Health(_) => self.get_health_status(store).await,
             XksRequest::Metadata(md) => self.get_key_metadata(store, principal, key, md).await,
