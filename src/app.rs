@@ -397,7 +397,8 @@ impl Running {
     }
 
     /// Apply a new configuration without dropping connections: SigV4 credentials, key stores,
-    /// Cloud EKM issuers, keys and grants, policy, limits, disabled keys and TLS certificates.
+    /// Cloud EKM issuers, keys and grants, policy, limits, request-rate quotas, disabled keys and
+    /// TLS certificates.
     /// Listener addresses, HSM settings and adding or removing a front need a restart; a change
     /// there is logged and ignored.
     pub fn reload(&self, new: &Settings) -> Result<(), StartError> {

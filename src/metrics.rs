@@ -51,12 +51,15 @@ pub struct FleetMetrics {
     cert_expiry: IntGaugeVec,
 }
 
-/// `ekm_requests_total`, `ekm_request_duration_seconds`, `ekm_auth_failures_total`.
+/// `ekm_requests_total`, `ekm_request_duration_seconds`, `ekm_auth_failures_total`,
+/// `ekm_quota_{admitted,throttled}_total`.
 #[derive(Clone)]
 pub struct RequestMetrics {
     total: IntCounterVec,
     duration: HistogramVec,
     auth_failures: IntCounterVec,
+    quota_admitted: IntCounterVec,
+    quota_throttled: IntCounterVec,
     tls_handshake_failures: IntCounter,
     connections_closed: IntCounterVec,
     in_flight: IntGauge,
@@ -130,6 +133,22 @@ impl Metrics {
                     "Authentication failures by front end and reason",
                 ),
                 &["front", "reason"],
+            )?,
+            quota_admitted: IntCounterVec::new(
+                Opts::new(
+                    "ekm_quota_admitted_total",
+                    "Requests a request-rate quota admitted, by front end and quota (key store, \
+                     service account or 'default', Azure prefix)",
+                ),
+                &["front", "quota"],
+            )?,
+            quota_throttled: IntCounterVec::new(
+                Opts::new(
+                    "ekm_quota_throttled_total",
+                    "Requests refused with the protocol's throttling error because their \
+                     request-rate quota was exhausted, by front end and quota",
+                ),
+                &["front", "quota"],
             )?,
             tls_handshake_failures: IntCounter::new(
                 "ekm_tls_handshake_failures_total",
@@ -311,6 +330,8 @@ impl Metrics {
         registry.register(Box::new(requests.total.clone()))?;
         registry.register(Box::new(requests.duration.clone()))?;
         registry.register(Box::new(requests.auth_failures.clone()))?;
+        registry.register(Box::new(requests.quota_admitted.clone()))?;
+        registry.register(Box::new(requests.quota_throttled.clone()))?;
         registry.register(Box::new(requests.tls_handshake_failures.clone()))?;
         registry.register(Box::new(requests.connections_closed.clone()))?;
         registry.register(Box::new(requests.in_flight.clone()))?;
@@ -432,6 +453,25 @@ impl RequestMetrics {
         self.auth_failures.with_label_values(&[front, reason]).inc();
     }
 
+    /// Give a configured quota its two series at 0, so `/metrics` lists it (and `rate()` sees its
+    /// first increase) before any request used it. Called when a front is built or reloaded.
+    pub fn quota_declared(&self, front: &str, quota: &str) {
+        self.quota_admitted.with_label_values(&[front, quota]);
+        self.quota_throttled.with_label_values(&[front, quota]);
+    }
+
+    /// Count one request admitted by `quota`.
+    pub fn quota_admitted(&self, front: &str, quota: &str) {
+        self.quota_admitted.with_label_values(&[front, quota]).inc();
+    }
+
+    /// Count one request refused by `quota`.
+    pub fn quota_throttled(&self, front: &str, quota: &str) {
+        self.quota_throttled
+            .with_label_values(&[front, quota])
+            .inc();
+    }
+
     /// Count one failed TLS handshake.
     pub fn tls_handshake_failure(&self) {
         self.tls_handshake_failures.inc();
@@ -509,6 +549,8 @@ mod tests {
     fn renders_families() {
         let m = Metrics::standalone();
         m.requests.observe("xks", "encrypt", "ok", 0.0002);
+        m.requests.quota_declared("azure", "pool-a");
+        m.requests.quota_throttled("xks", "tenant-1");
         m.hsm.logins.inc();
         m.cache.hit("key");
         m.jwt.jwks_fetch("google", "ok");
@@ -518,6 +560,9 @@ mod tests {
         let text = String::from_utf8(m.render()).unwrap();
         assert!(text.contains("ekm_requests_total{front=\"xks\",op=\"encrypt\",outcome=\"ok\"} 1"));
         assert!(text.contains("ekm_hsm_logins_total 1"));
+        assert!(text.contains("ekm_quota_admitted_total{front=\"azure\",quota=\"pool-a\"} 0"));
+        assert!(text.contains("ekm_quota_throttled_total{front=\"azure\",quota=\"pool-a\"} 0"));
+        assert!(text.contains("ekm_quota_throttled_total{front=\"xks\",quota=\"tenant-1\"} 1"));
         assert!(text.contains("ekm_cache_hits_total{cache=\"key\"} 1"));
         assert!(text.contains("ekm_jwks_fetches_total{issuer=\"google\",outcome=\"ok\"} 1"));
         assert!(text.contains("ekm_jwks_keys{issuer=\"google\"} 2"));

@@ -697,3 +697,156 @@ operations = ["encrypt"]
         "'encrypt' is not metadata, wrap or unwrap"
     );
 }
+
+#[test]
+fn quotas_parse_on_key_stores_service_accounts_and_prefixes() {
+    // An integer rate is a rate too.
+    let text = good_config().replace(
+        r#"keys = ["*"]"#,
+        "keys = [\"*\"]\nquota = { rate = 500, burst = 1000 }",
+    );
+    let settings = ekm_proxy::config::from_str(&text, Path::new("t.toml"), Path::new("/")).unwrap();
+    assert_eq!(
+        settings.xks.key_stores[0].quota,
+        Some(ekm_proxy::core::TokenBucket {
+            rate_per_sec: 500.0,
+            burst: 1000
+        })
+    );
+    let unlimited =
+        ekm_proxy::config::from_str(&good_config(), Path::new("t.toml"), Path::new("/")).unwrap();
+    assert_eq!(
+        unlimited.xks.key_stores[0].quota, None,
+        "no quota: unlimited"
+    );
+
+    let sa = "service-1@gcp-sa-ekms.iam.gserviceaccount.com";
+    let key_extra = format!(
+        r#"{GOOD_GRANT}
+[gcp.quota]
+rate = 0.5
+burst = 2
+[[gcp.quota_override]]
+service_account = "{sa}"
+rate = 100.0
+burst = 200
+"#
+    );
+    let dir = jwks_dir();
+    let settings = ekm_proxy::config::from_str(
+        &gcp_config("", GOOD_REASONS, &key_extra),
+        Path::new("t.toml"),
+        dir.path(),
+    )
+    .unwrap();
+    let quotas = settings.gcp.unwrap().quotas;
+    let (limit, label) = quotas.for_service_account(sa).unwrap();
+    assert_eq!((limit.rate_per_sec, limit.burst, label), (100.0, 200, sa));
+    let (limit, label) = quotas
+        .for_service_account("service-2@gcp-sa-ekms.iam.gserviceaccount.com")
+        .unwrap();
+    assert_eq!(
+        (limit.rate_per_sec, limit.burst, label),
+        (0.5, 2, "default")
+    );
+}
+
+#[test]
+fn quota_problems_are_reported_with_their_paths() {
+    let store = |name: &str, prefix: &str, quota: &str| {
+        format!(
+            "[[xks.key_store]]\nname = \"{name}\"\npath_prefix = \"{prefix}\"\nregions = [\"*\"]\nkeys = [\"*\"]\nquota = {quota}\n{GOOD_CREDENTIAL}"
+        )
+    };
+    let text = format!(
+        "{}\n{}\n{}\n{}",
+        good_config(),
+        store("zero", "/zero", "{ rate = 0, burst = 0 }"),
+        store("negative", "/negative", "{ rate = -1.5, burst = -3 }"),
+        store("huge", "/huge", "{ rate = nan, burst = 5000000000 }"),
+    );
+    let err = ekm_proxy::config::from_str(&text, Path::new("t.toml"), Path::new("/")).unwrap_err();
+    let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+    for i in 1..=3 {
+        for key in ["rate", "burst"] {
+            let path = format!("xks.key_store[{i}].quota.{key}");
+            assert!(paths.contains(&path.as_str()), "{path} missing: {err}");
+        }
+    }
+
+    let key_extra = format!(
+        r#"{GOOD_GRANT}
+[gcp.quota]
+rate = inf
+burst = 0
+[[gcp.quota_override]]
+service_account = "not-an-email"
+rate = 1
+burst = 1
+[[gcp.quota_override]]
+service_account = "someone@elsewhere.example"
+rate = 1
+burst = 1
+[[gcp.quota_override]]
+service_account = "service-1@gcp-sa-ekms.iam.gserviceaccount.com"
+rate = 1
+burst = 1
+[[gcp.quota_override]]
+service_account = "service-1@gcp-sa-ekms.iam.gserviceaccount.com"
+rate = 0
+burst = 1
+"#
+    );
+    let dir = jwks_dir();
+    let err = ekm_proxy::config::from_str(
+        &gcp_config("", GOOD_REASONS, &key_extra),
+        Path::new("t.toml"),
+        dir.path(),
+    )
+    .unwrap_err();
+    let at = |path: &str| {
+        err.problems
+            .iter()
+            .find(|p| p.path == path)
+            .unwrap_or_else(|| panic!("no problem at {path}: {err}"))
+            .message
+            .clone()
+    };
+    at("gcp.quota.rate");
+    at("gcp.quota.burst");
+    assert!(at("gcp.quota_override[0].service_account").contains("email"));
+    assert!(at("gcp.quota_override[1].service_account").contains("matches no issuer"));
+    assert!(at("gcp.quota_override[3].service_account").contains("duplicate"));
+    at("gcp.quota_override[3].rate");
+    assert!(
+        !err.problems
+            .iter()
+            .any(|p| p.path.starts_with("gcp.quota_override[2]")),
+        "{err}"
+    );
+
+    let text = format!(
+        r#"{base}
+[azure]
+[[azure.prefix]]
+name = "p"
+path_prefix = "/azure"
+allowed_subjects = ["mhsm.example"]
+keys = ["*"]
+quota = {{ rate = 0.0, burst = 0 }}
+"#,
+        base = good_config()
+    );
+    let err = ekm_proxy::config::from_str(&text, Path::new("t.toml"), Path::new("/")).unwrap_err();
+    let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+    assert!(paths.contains(&"azure.prefix[0].quota.rate"), "{err}");
+    assert!(paths.contains(&"azure.prefix[0].quota.burst"), "{err}");
+
+    // A misspelt key inside the table is refused, not ignored.
+    let typo = good_config().replace(
+        r#"keys = ["*"]"#,
+        "keys = [\"*\"]\nquota = { rate = 1, burts = 1 }",
+    );
+    let err = ekm_proxy::config::from_str(&typo, Path::new("t.toml"), Path::new("/")).unwrap_err();
+    assert!(err.to_string().contains("burts"), "{err}");
+}

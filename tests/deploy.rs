@@ -144,6 +144,8 @@ fn unknown_names(dir: &Path, families: &BTreeMap<String, String>) -> Vec<(String
 fn touch_every_labelled_family(m: &Metrics) {
     m.requests.observe(LABEL, LABEL, LABEL, 0.0);
     m.requests.auth_failure(LABEL, LABEL);
+    m.requests.quota_admitted(LABEL, LABEL);
+    m.requests.quota_throttled(LABEL, LABEL);
     m.requests.connection_closed(LABEL);
     m.hsm.op(LABEL).observe(0.0);
     m.hsm.op_error(LABEL, LABEL);

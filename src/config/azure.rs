@@ -1,13 +1,13 @@
 //! Validation of the `[azure]` section into [`AzureSettings`]: path prefixes (the API's character
 //! and length rules), each prefix's certificate policy (an optional CA bundle narrower than the
-//! listener's, the allowed subjects), exposed keys and rules. Every problem is reported with its
-//! key path.
+//! listener's, the allowed subjects), exposed keys, rules and request-rate quota. Every problem is
+//! reported with its key path.
 
 use std::collections::HashSet;
 use std::path::Path;
 
 use super::raw::{RawAzure, RawAzurePrefix};
-use super::validate::{Collector, exposed_keys, policy_rule, resolve};
+use super::validate::{Collector, exposed_keys, policy_rule, quota, resolve};
 use crate::auth::client_cert::CertificateAuth;
 use crate::authz::{Policy, Rule};
 use crate::core::Operation;
@@ -114,6 +114,10 @@ fn prefix(
             )
         })
         .collect();
+    let quota = p
+        .quota
+        .as_ref()
+        .and_then(|q| quota(q, &format!("{at}.quota"), c));
     (c.problems.len() == before)
         .then_some(auth)
         .flatten()
@@ -124,5 +128,6 @@ fn prefix(
             keys,
             policy: Policy::new(rules),
             enabled: p.enabled.unwrap_or(true),
+            quota,
         })
 }

@@ -1,19 +1,21 @@
 //! Validation of the `[gcp]` section into [`GcpSettings`]: the key URI prefix, token issuers
 //! (JWKS source, audiences, algorithms), the default and per-key Key Access Justification
-//! policies, and the keys with their grants. Every problem is reported with its key path.
+//! policies, the keys with their grants, and the per-service-account request-rate quotas. Every
+//! problem is reported with its key path.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
-use super::raw::{RawAccessReasons, RawGcp, RawGcpKey, RawIssuer};
-use super::validate::{Collector, resolve};
+use super::raw::{RawAccessReasons, RawGcp, RawGcpKey, RawIssuer, RawQuotaOverride};
+use super::validate::{Collector, quota, resolve, token_bucket};
 use crate::auth::jwt::{IssuerSettings, JwksSource, JwtSettings, check_jwks_file, parse_algorithm};
 use crate::authz::Pattern;
 use crate::authz::access_reason::{AccessReasonPolicy, KnownReason};
 use crate::authz::grants::{Grant, KeyAccess};
 use crate::core::Operation;
-use crate::front::gcp::settings::{GcpKeySettings, GcpLimits, GcpSettings, key_path_ok};
+use crate::core::quota::TokenBucket;
+use crate::front::gcp::settings::{GcpKeySettings, GcpLimits, GcpQuotas, GcpSettings, key_path_ok};
 
 /// Default verified-token cache size.
 const DEFAULT_TOKEN_CACHE: u64 = 10_000;
@@ -100,6 +102,10 @@ pub(super) fn gcp(
             key(k, &at, default_reasons.as_ref(), health_key, c)
         })
         .collect();
+    let quotas = GcpQuotas {
+        default: raw.quota.as_ref().and_then(|q| quota(q, "gcp.quota", c)),
+        overrides: quota_overrides(&raw.quota_override, &raw.issuer, c),
+    };
     (c.problems.len() == before).then(|| GcpSettings {
         prefix: raw.path_prefix.clone(),
         jwt: JwtSettings {
@@ -108,7 +114,50 @@ pub(super) fn gcp(
         },
         keys,
         limits,
+        quotas,
     })
+}
+
+/// `[[gcp.quota_override]]`: one per service account, each naming an account some issuer accepts
+/// (an override nobody can authenticate as is a typo, found now rather than under load).
+fn quota_overrides(
+    raw: &[RawQuotaOverride],
+    issuers: &[RawIssuer],
+    c: &mut Collector,
+) -> HashMap<String, TokenBucket> {
+    let mut out = HashMap::new();
+    let mut seen = HashSet::new();
+    for (i, o) in raw.iter().enumerate() {
+        let at = format!("gcp.quota_override[{i}]");
+        let account = o.service_account.as_str();
+        if account.is_empty() || !account.contains('@') {
+            c.add(
+                format!("{at}.service_account"),
+                "must be a service account email (the token's 'email' claim)",
+            );
+        } else if !seen.insert(account) {
+            c.add(
+                format!("{at}.service_account"),
+                format!("duplicate quota override for '{account}'"),
+            );
+        } else if !issuers.iter().any(|issuer| {
+            issuer
+                .service_accounts
+                .iter()
+                .any(|glob| Pattern::new(glob).matches(account))
+        }) {
+            c.add(
+                format!("{at}.service_account"),
+                format!(
+                    "'{account}' matches no issuer's service_accounts: its tokens are refused, so the override never applies"
+                ),
+            );
+        }
+        if let Some(limit) = token_bucket(o.rate, o.burst, &at, c) {
+            out.entry(account.to_owned()).or_insert(limit);
+        }
+    }
+    out
 }
 
 fn issuer(r: &RawIssuer, at: &str, base: &Path, c: &mut Collector) -> Option<IssuerSettings> {

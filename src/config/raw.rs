@@ -234,12 +234,36 @@ pub struct RawKeyStore {
     pub max_plaintext_bytes: Option<usize>,
     /// Largest AAD (bytes).
     pub max_aad_bytes: Option<usize>,
+    /// Request-rate quota of the whole key store (absent: unlimited).
+    pub quota: Option<RawQuota>,
     /// `[[xks.key_store.credential]]`
     #[serde(default)]
     pub credential: Vec<RawCredential>,
     /// `[[xks.key_store.rule]]`
     #[serde(default)]
     pub rule: Vec<RawRule>,
+}
+
+/// `quota = { rate = …, burst = … }` (XKS key store, `[gcp]`, Azure prefix).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuota {
+    /// Requests per second on average.
+    pub rate: f64,
+    /// Requests admitted back to back (signed, so a negative value is reported at its path).
+    pub burst: i64,
+}
+
+/// `[[gcp.quota_override]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuotaOverride {
+    /// The service account (exact `email` claim) these settings apply to.
+    pub service_account: String,
+    /// Requests per second on average.
+    pub rate: f64,
+    /// Requests admitted back to back.
+    pub burst: i64,
 }
 
 /// `[[xks.key_store.credential]]`
@@ -300,6 +324,9 @@ pub struct RawAzurePrefix {
     pub keys: Vec<String>,
     /// Serve (default) or answer 403 to every key operation.
     pub enabled: Option<bool>,
+    /// Request-rate quota of each client certificate subject under this prefix (absent:
+    /// unlimited).
+    pub quota: Option<RawQuota>,
     /// `[[azure.prefix.rule]]`
     #[serde(default)]
     pub rule: Vec<RawRule>,
@@ -317,6 +344,11 @@ pub struct RawGcp {
     pub max_aad_bytes: Option<usize>,
     /// Verified-token cache entries; 0 disables the cache.
     pub token_cache_capacity: Option<u64>,
+    /// Request-rate quota of each service account without an override (absent: unlimited).
+    pub quota: Option<RawQuota>,
+    /// `[[gcp.quota_override]]`: per-service-account quotas.
+    #[serde(default)]
+    pub quota_override: Vec<RawQuotaOverride>,
     /// `[[gcp.issuer]]`
     #[serde(default)]
     pub issuer: Vec<RawIssuer>,

@@ -6,11 +6,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{RawConfig, RawKeyStore, RawListener, RawRule};
+use super::raw::{RawConfig, RawKeyStore, RawListener, RawQuota, RawRule};
 use super::{ConfigError, CoreSettings, LogFormat, LoggingSettings, Problem, Settings};
 use crate::auth::sigv4::{RegionPolicy, SigV4Credential};
 use crate::authz::{Pattern, Policy, Rule};
 use crate::core::framing::AadFraming;
+use crate::core::quota::TokenBucket;
 use crate::core::{KeyServiceSettings, Operation};
 use crate::front::xks::settings::{AAD_CEILING, MAX_METADATA, SPEC_MIN_AAD, SPEC_MIN_PLAINTEXT};
 use crate::front::xks::{KeyAllowList, KeyStoreSettings, XksLimits, XksSettings};
@@ -743,6 +744,10 @@ fn key_store(
         }
         rules.push(rule);
     }
+    let quota = ks
+        .quota
+        .as_ref()
+        .and_then(|q| quota(q, &format!("{at}.quota"), c));
     (c.problems.len() == before).then(|| KeyStoreSettings {
         name: ks.name.clone(),
         prefix: ks.path_prefix.clone(),
@@ -754,6 +759,45 @@ fn key_store(
         policy: Policy::new(rules),
         limits,
         enabled: ks.enabled.unwrap_or(true),
+        quota,
+    })
+}
+
+/// A `quota = { rate, burst }` table at `at`.
+pub(super) fn quota(q: &RawQuota, at: &str, c: &mut Collector) -> Option<TokenBucket> {
+    token_bucket(q.rate, q.burst, at, c)
+}
+
+/// Quota settings whose keys live at `at.rate` and `at.burst`: a finite rate above 0 (a zero
+/// rate would never refill; to refuse everything, disable the key store or prefix instead) and a
+/// burst of at least 1 (with 0 no request could ever pass).
+pub(super) fn token_bucket(
+    rate: f64,
+    burst: i64,
+    at: &str,
+    c: &mut Collector,
+) -> Option<TokenBucket> {
+    let before = c.problems.len();
+    if !(rate.is_finite() && rate > 0.0) {
+        c.add(
+            format!("{at}.rate"),
+            format!("{rate} is not a number of requests per second above 0 (e.g. 500 or 0.5)"),
+        );
+    }
+    let burst = match u32::try_from(burst) {
+        Ok(b) if b >= 1 => Some(b),
+        _ => {
+            c.add(
+                format!("{at}.burst"),
+                format!("{burst} is not between 1 and {}", u32::MAX),
+            );
+            None
+        }
+    };
+    let burst = burst?;
+    (c.problems.len() == before).then_some(TokenBucket {
+        rate_per_sec: rate,
+        burst,
     })
 }
 

@@ -6,8 +6,11 @@
 //! facts (tenant, key, principal, request id) before it runs the operation, so the operation
 //! returns a plain `Result` and nothing flows back up beside it.
 //!
-//! Depends on `audit`, `metrics` and the `base64`/`serde_json` crates; never on `hsm`, `core`'s
-//! backend or a particular front.
+//! It also holds the one place a request meets its rate quota ([`admit`]): right after
+//! authentication, before the body is parsed, in every front.
+//!
+//! Depends on `audit`, `metrics`, `core::quota` and the `base64`/`serde_json` crates; never on
+//! `hsm`, `core`'s backend or a particular front.
 
 use std::time::Instant;
 
@@ -17,6 +20,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 
 use crate::audit::{self, Audit, AuditEvent, LogSafe, Unrecorded};
+use crate::core::quota::{Quotas, Throttled, TokenBucket};
 use crate::metrics::RequestMetrics;
 
 /// Which base64 alphabet a field uses.
@@ -170,6 +174,39 @@ impl<'a> Ending<'a> {
             ..Self::default()
         }
     }
+}
+
+/// The quota one request is measured against.
+#[derive(Debug, Clone, Copy)]
+pub struct Quota<'a> {
+    /// The bucket's settings.
+    pub limit: TokenBucket,
+    /// Whose bucket: one per key store, service account or certificate subject under a prefix.
+    pub identity: &'a str,
+    /// The quota's name in metrics and messages (bounded: a key store, a configured service
+    /// account or `default`, an Azure prefix; never a free-form caller name).
+    pub label: &'a str,
+}
+
+/// Ask `quotas` whether the request may go ahead now, counting the answer under the quota's
+/// label. Answers at once: a throttled request is refused, never queued or delayed.
+pub fn admit(
+    quotas: &Quotas,
+    metrics: &RequestMetrics,
+    front: &'static str,
+    quota: Quota<'_>,
+) -> Result<(), Throttled> {
+    let answer = quotas.admit(quota.identity, quota.limit, Instant::now());
+    match answer {
+        Ok(()) => metrics.quota_admitted(front, quota.label),
+        Err(Throttled::Exhausted) => metrics.quota_throttled(front, quota.label),
+        Err(Throttled::TooManyCallers) => {
+            metrics.quota_throttled(front, quota.label);
+            // Unusual enough to say so once per refusal: the bucket map is full of busy callers.
+            tracing::warn!(front, quota = %audit::bounded(quota.label), "quota refused a new caller: too many callers are being rate-limited at once");
+        }
+    }
+    answer
 }
 
 /// One request's span: every line logged while handling the request carries its front and,

@@ -113,7 +113,12 @@ impl TestProxy {
 
     /// A proxy on an existing token.
     pub async fn start_on(token: TestToken, options: ProxyOptions) -> Self {
-        let pki = Pki::new();
+        Self::start_on_pki(token, Pki::new(), options).await
+    }
+
+    /// A proxy on an existing token with a PKI made beforehand (for options that name its files,
+    /// e.g. another mTLS listener in `tables`).
+    pub async fn start_on_pki(token: TestToken, pki: Pki, options: ProxyOptions) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("ekm-proxy.toml");
         std::fs::write(

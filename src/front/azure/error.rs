@@ -25,7 +25,7 @@ pub enum Code {
     NotFound,
     /// 405: not POST.
     MethodNotAllowed,
-    /// 429: the HSM's queue is full.
+    /// 429: the caller's request-rate quota is exhausted, or the HSM's queue is full.
     TooManyRequests,
     /// 500
     InternalError,

@@ -3,8 +3,9 @@
 //! is a plain function returning `Result<Response, AzureError>`.
 //!
 //! Order per request: route (prefix, operation, key id rules) → POST only → `api-version` →
-//! client certificate (the prefix's CA and subjects) → body and `request_context` → key exposure →
-//! per-prefix switch → rules → `core::KeyService` → base64url answer.
+//! client certificate (the prefix's CA and subjects) → the subject's request-rate quota → body
+//! and `request_context` → key exposure → per-prefix switch → rules → `core::KeyService` →
+//! base64url answer.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,11 +23,12 @@ use crate::audit::Audit;
 use crate::auth::Principal;
 use crate::auth::client_cert::PresentedCertificate;
 use crate::authz::{Facts, Permit};
+use crate::core::quota::{Quotas, Throttled, scoped_identity};
 use crate::core::state::StoreId;
 use crate::core::{
     Backend, HealthStatus, KeyService, KeyStatus, KeyType, Operation, WrapAlgorithm,
 };
-use crate::front::pipeline::{self, Base64, Ending, JsonError, RequestFacts};
+use crate::front::pipeline::{self, Base64, Ending, JsonError, Quota, RequestFacts};
 use crate::front::{ConnInfo, Request, Response, json_response};
 use crate::metrics::RequestMetrics;
 
@@ -46,6 +48,8 @@ pub struct AzureFront<B: Backend> {
     state: ArcSwap<State>,
     service: Arc<KeyService<B>>,
     metrics: RequestMetrics,
+    /// One bucket per (prefix, certificate subject). Outside `State`: a reload keeps the levels.
+    quotas: Quotas,
     proxy_name: String,
     audit: Audit,
 }
@@ -99,12 +103,14 @@ impl<B: Backend> AzureFront<B> {
         service: Arc<KeyService<B>>,
         metrics: RequestMetrics,
     ) -> Self {
+        declare_quotas(&metrics, settings);
         Self {
             state: ArcSwap::from_pointee(State {
                 settings: settings.clone(),
             }),
             service,
             metrics,
+            quotas: Quotas::new(),
             proxy_name: format!("ekm-proxy {}", env!("CARGO_PKG_VERSION")),
             audit: Audit::to_log(),
         }
@@ -116,9 +122,11 @@ impl<B: Backend> AzureFront<B> {
         self
     }
 
-    /// Replace prefixes, certificate policies, keys and rules (SIGHUP). In-flight requests finish
-    /// with the state they started with.
+    /// Replace prefixes, certificate policies, keys, rules and quotas (SIGHUP). In-flight
+    /// requests finish with the state they started with; a subject whose prefix's quota changed
+    /// gets a full bucket at the new burst, the others keep their level.
     pub fn reload(&self, settings: &AzureSettings) {
+        declare_quotas(&self.metrics, settings);
         self.state.store(Arc::new(State {
             settings: settings.clone(),
         }));
@@ -240,6 +248,15 @@ impl<B: Backend> AzureFront<B> {
                 AzureError::new(Code::Unauthorized, e.to_string())
             })?;
         facts.principal = principal.name().to_owned();
+        // After the certificate, so an unauthenticated flood cannot drain a caller's bucket;
+        // before the body is parsed or the HSM touched, so a throttled request costs next to
+        // nothing.
+        if let Err(e) = self.admit(routed.prefix, &principal) {
+            // A refused key operation is audited like any other refusal (without the request id:
+            // it lives in the body, which a throttled request never gets parsed).
+            facts.audit = routed.op.key().is_some();
+            return Err(e);
+        }
         let body: wire::ContextOnlyRequest<'_> =
             pipeline::parse_json(req.body()).map_err(json_error)?;
         let context = Context::from_wire(body.request_context)?;
@@ -248,6 +265,36 @@ impl<B: Backend> AzureFront<B> {
         facts.pool = Some(context.pool_name.clone());
         facts.audit = routed.op.key().is_some();
         Ok((principal, context))
+    }
+
+    /// The prefix's quota: every authenticated request of one certificate subject under the
+    /// prefix, `/info` probes included, takes one token from that subject's bucket.
+    fn admit(&self, prefix: &PrefixSettings, principal: &Principal) -> Result<(), AzureError> {
+        let Some(limit) = prefix.quota else {
+            return Ok(());
+        };
+        // Subjects match case-insensitively, so one caller is one bucket however its
+        // certificate spells its name.
+        let identity = scoped_identity(&prefix.name, &principal.name().to_ascii_lowercase());
+        let quota = Quota {
+            limit,
+            identity: &identity,
+            // The prefix, not the subject: one series per configured prefix, whatever names the
+            // certificates carry (the audit line names the subject).
+            label: &prefix.name,
+        };
+        pipeline::admit(&self.quotas, &self.metrics, FRONT, quota).map_err(|t| {
+            let message = match t {
+                Throttled::Exhausted => format!(
+                    "request rate quota of prefix '{}' exceeded for this client certificate; retry with backoff",
+                    prefix.name
+                ),
+                Throttled::TooManyCallers => {
+                    "too many callers are being rate-limited at once; retry with backoff".to_owned()
+                }
+            };
+            AzureError::new(Code::TooManyRequests, message)
+        })
     }
 
     async fn run(
@@ -378,6 +425,13 @@ impl<B: Backend> AzureFront<B> {
         let encoded = Zeroizing::new(pipeline::encode(&plaintext, Base64::UrlNoPad));
         let resp = json(&wire::ValueResponse { value: &encoded });
         Ok(resp)
+    }
+}
+
+/// Give every configured quota its metric series before the first request.
+fn declare_quotas(metrics: &RequestMetrics, settings: &AzureSettings) {
+    for prefix in settings.prefixes.iter().filter(|p| p.quota.is_some()) {
+        metrics.quota_declared(FRONT, &prefix.name);
     }
 }
 

@@ -1,9 +1,10 @@
 //! Validated settings of the Azure Managed HSM front end: one entry per path prefix (a tenant or
-//! an MHSM pool), each with its certificate policy, exposed keys and rules. Built by `config`;
-//! swapped whole on reload.
+//! an MHSM pool), each with its certificate policy, exposed keys, rules and request-rate quota.
+//! Built by `config`; swapped whole on reload.
 
 use crate::auth::client_cert::CertificateAuth;
 use crate::authz::Policy;
+use crate::core::quota::TokenBucket;
 use crate::front::xks::KeyAllowList;
 
 /// Longest path prefix the API allows (characters, without the leading `/`).
@@ -39,6 +40,9 @@ pub struct PrefixSettings {
     pub policy: Policy,
     /// When false every key operation answers 403 (per-prefix kill switch).
     pub enabled: bool,
+    /// Request-rate quota of each client certificate identity (subject) under this prefix: one
+    /// bucket per subject, counted in metrics under the prefix's name; `None`: unlimited.
+    pub quota: Option<TokenBucket>,
 }
 
 /// Whether `prefix` (with its leading `/`) is a valid path prefix: 1 to 64 characters of

@@ -134,6 +134,8 @@ pub enum Reason {
     UnwrapFailed,
     /// An operation, algorithm or size the proxy or the HSM does not support.
     Unsupported,
+    /// The caller's request-rate quota is exhausted.
+    QuotaExceeded,
     /// The HSM's queue is full.
     HsmBusy,
     /// The HSM did not answer in time.
@@ -167,6 +169,7 @@ impl Reason {
             Reason::InvalidKeyUsage => "INVALID_KEY_USAGE",
             Reason::UnwrapFailed => "UNWRAP_FAILED",
             Reason::Unsupported => "UNSUPPORTED",
+            Reason::QuotaExceeded => "QUOTA_EXCEEDED",
             Reason::HsmBusy => "HSM_BUSY",
             Reason::HsmTimeout => "HSM_TIMEOUT",
             Reason::HsmUnavailable => "HSM_UNAVAILABLE",

@@ -1,5 +1,5 @@
-//! The Cloud EKM request handler: routing within the front, Bearer-token authentication, key
-//! lookup, validation, per-key authorization with Key Access Justifications, the wrap or unwrap
+//! The Cloud EKM request handler: routing within the front, Bearer-token authentication, the
+//! service account's request-rate quota, key lookup, validation, per-key authorization with Key Access Justifications, the wrap or unwrap
 //! in the HSM, the response, and one log line + audit line + metric per request.
 
 use std::collections::HashMap;
@@ -20,9 +20,10 @@ use super::wire::KeyOpRequest;
 use crate::audit::Audit;
 use crate::auth::Principal;
 use crate::auth::jwt::{JwtError, JwtSetupError, JwtVerifier};
+use crate::core::quota::{Quotas, Throttled};
 use crate::core::state::StoreId;
 use crate::core::{Backend, CryptoError, KeyService};
-use crate::front::pipeline::{self, Base64, Ending, FieldError, JsonError, RequestFacts};
+use crate::front::pipeline::{self, Base64, Ending, FieldError, JsonError, Quota, RequestFacts};
 use crate::front::{ConnInfo, Request, Response, json_response};
 use crate::metrics::{JwtMetrics, RequestMetrics};
 
@@ -53,6 +54,8 @@ pub struct GcpFront<B: Backend> {
     jwt_metrics: JwtMetrics,
     ids: RequestIds,
     audit: Audit,
+    /// One bucket per service account. Outside `State`: a reload keeps the levels.
+    quotas: Quotas,
 }
 
 /// The two operations of the API.
@@ -82,13 +85,16 @@ impl<B: Backend> GcpFront<B> {
         metrics: RequestMetrics,
         jwt_metrics: JwtMetrics,
     ) -> Result<Self, JwtSetupError> {
+        let state = build_state(settings, &jwt_metrics)?;
+        declare_quotas(&metrics, settings);
         Ok(Self {
-            state: ArcSwap::from_pointee(build_state(settings, &jwt_metrics)?),
+            state: ArcSwap::from_pointee(state),
             service,
             metrics,
             jwt_metrics,
             ids: RequestIds::new(),
             audit: Audit::to_log(),
+            quotas: Quotas::new(),
         })
     }
 
@@ -98,14 +104,16 @@ impl<B: Backend> GcpFront<B> {
         self
     }
 
-    /// Replace issuers, keys, grants and limits (SIGHUP). The verifier is rebuilt, so verified
-    /// tokens from the old configuration are dropped with it; key sets are not: a `jwks_file`
-    /// must parse now, and an unchanged JWKS URL keeps its last good set. An error leaves the
-    /// running state untouched.
+    /// Replace issuers, keys, grants, limits and quotas (SIGHUP). The verifier is rebuilt, so
+    /// verified tokens from the old configuration are dropped with it; key sets are not: a
+    /// `jwks_file` must parse now, and an unchanged JWKS URL keeps its last good set. A service
+    /// account whose quota changed gets a full bucket at its new burst, the others keep their
+    /// level. An error leaves the running state untouched.
     pub fn reload(&self, settings: &GcpSettings) -> Result<(), JwtSetupError> {
         let previous = self.state.load_full();
         let verifier =
             JwtVerifier::replacing(&settings.jwt, self.jwt_metrics.clone(), &previous.verifier)?;
+        declare_quotas(&self.metrics, settings);
         self.state.store(Arc::new(state_with(settings, verifier)));
         Ok(())
     }
@@ -199,6 +207,13 @@ impl<B: Backend> GcpFront<B> {
                 facts.tenant.clone_from(issuer);
             }
             pipeline::record(&span, &facts);
+            // After authentication, so a forged flood cannot drain a service account's bucket;
+            // before the key lookup and the body, so a throttled request costs next to nothing.
+            if let Err(e) = self.admit(&state, &principal) {
+                // A refused request for a key is audited like a refused token.
+                facts.audit = true;
+                break 'request Err(e);
+            }
             let Some(key) = state.key(key_path) else {
                 break 'request Err(GcpError::new(
                     Code::NotFound,
@@ -271,6 +286,32 @@ impl<B: Backend> GcpFront<B> {
         }
     }
 
+    /// The service account's quota: every authenticated request of the account, key health
+    /// checks included, takes one token from the account's bucket.
+    fn admit(&self, state: &State, principal: &Principal) -> Result<(), GcpError> {
+        let account = principal.name();
+        let Some((limit, label)) = state.settings.quotas.for_service_account(account) else {
+            return Ok(());
+        };
+        let quota = Quota {
+            limit,
+            identity: account,
+            label,
+        };
+        pipeline::admit(&self.quotas, &self.metrics, FRONT, quota).map_err(|t| {
+            let message = match t {
+                Throttled::Exhausted => format!(
+                    "request rate quota '{label}' exceeded for service account {account}; retry with backoff"
+                ),
+                Throttled::TooManyCallers => {
+                    "too many callers are being rate-limited at once; retry with backoff".to_owned()
+                }
+            };
+            GcpError::new(Code::ResourceExhausted, Reason::QuotaExceeded, message)
+                .with("quota", label)
+        })
+    }
+
     async fn authenticate(
         &self,
         state: &State,
@@ -312,6 +353,13 @@ impl OkBody {
             resp.headers_mut().insert("x-request-id", v);
         }
         resp
+    }
+}
+
+/// Give every configured quota its metric series before the first request.
+fn declare_quotas(metrics: &RequestMetrics, settings: &GcpSettings) {
+    for label in settings.quotas.labels() {
+        metrics.quota_declared(FRONT, label);
     }
 }
 

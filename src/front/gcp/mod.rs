@@ -1,7 +1,7 @@
 //! Google Cloud External Key Manager (Cloud EKM) wrap/unwrap API.
 //!
 //! Flow per request: route (`<prefix>/<key path>:wrap|:unwrap`, POST only) → Bearer JWT
-//! (`auth::jwt`) → key lookup → proto3 JSON (`wire`) → per-key grants and Key Access
+//! (`auth::jwt`) → the service account's request-rate quota → key lookup → proto3 JSON (`wire`) → per-key grants and Key Access
 //! Justifications (`authz::grants`) → `core::KeyService` AES-256-GCM with the blob format and AAD
 //! binding of [`blob`] → wire response, with every failure mapped once by [`error`].
 //!
@@ -15,4 +15,4 @@ pub mod settings;
 pub mod wire;
 
 pub use handler::GcpFront;
-pub use settings::{GcpKeySettings, GcpLimits, GcpSettings};
+pub use settings::{GcpKeySettings, GcpLimits, GcpQuotas, GcpSettings};

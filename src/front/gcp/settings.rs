@@ -1,9 +1,12 @@
 //! Validated settings of the Google Cloud EKM front end: the key URI prefix, the token issuers,
-//! the external keys (HSM key versions, grants, justification policy) and size limits. Built by
-//! `config`; swapped whole on reload.
+//! the external keys (HSM key versions, grants, justification policy), size limits and the
+//! per-service-account request-rate quotas. Built by `config`; swapped whole on reload.
+
+use std::collections::HashMap;
 
 use crate::auth::jwt::JwtSettings;
 use crate::authz::grants::KeyAccess;
+use crate::core::quota::TokenBucket;
 
 /// Default largest wrap plaintext / unwrap blob. Cloud KMS wraps its own ciphertext of a
 /// 32-byte key (well under 1 KiB); 64 KiB leaves room without inviting abuse.
@@ -24,6 +27,45 @@ pub struct GcpSettings {
     pub keys: Vec<GcpKeySettings>,
     /// Size limits.
     pub limits: GcpLimits,
+    /// Request-rate quotas, per service account.
+    pub quotas: GcpQuotas,
+}
+
+/// The metric label (and message name) of the default per-service-account quota. Service
+/// accounts under it are not labels of their own: an issuer's allow-list may admit any number of
+/// them (every project's Cloud EKM service agent), and metric series are never dropped.
+pub const DEFAULT_QUOTA_LABEL: &str = "default";
+
+/// Request-rate quotas of Cloud EKM callers: one bucket per service account (the token's
+/// verified `email`), with its override's settings or the default's.
+#[derive(Debug, Clone, Default)]
+pub struct GcpQuotas {
+    /// Settings for every service account without an override; `None`: those are unlimited.
+    pub default: Option<TokenBucket>,
+    /// Settings by exact service account `email`, instead of the default.
+    pub overrides: HashMap<String, TokenBucket>,
+}
+
+impl GcpQuotas {
+    /// The settings and metric label that apply to `service_account`, if any quota does: its
+    /// override (labelled with the account itself) or the default ([`DEFAULT_QUOTA_LABEL`]).
+    pub fn for_service_account<'a>(
+        &'a self,
+        service_account: &'a str,
+    ) -> Option<(TokenBucket, &'a str)> {
+        match self.overrides.get_key_value(service_account) {
+            Some((account, limit)) => Some((*limit, account.as_str())),
+            None => self.default.map(|limit| (limit, DEFAULT_QUOTA_LABEL)),
+        }
+    }
+
+    /// Every label a configured quota counts under.
+    pub fn labels(&self) -> impl Iterator<Item = &str> {
+        self.default
+            .map(|_| DEFAULT_QUOTA_LABEL)
+            .into_iter()
+            .chain(self.overrides.keys().map(String::as_str))
+    }
 }
 
 /// Size limits (decoded bytes).

@@ -1,6 +1,7 @@
-//! The XKS request handler: routing within the front, SigV4, then the shared pipeline: the body
-//! parsed (`request`), the operation run (`ops`), one metric and one log (or audit) line per
-//! request, with the request's facts learned stage by stage rather than passed down to be filled.
+//! The XKS request handler: routing within the front, SigV4, the key store's request-rate quota,
+//! then the shared pipeline: the body parsed (`request`), the operation run (`ops`), one metric
+//! and one log (or audit) line per request, with the request's facts learned stage by stage
+//! rather than passed down to be filled.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -15,9 +16,10 @@ use super::settings::{KeyStoreSettings, XksSettings};
 use crate::audit::Audit;
 use crate::auth::Principal;
 use crate::auth::sigv4::{SigV4Verifier, SignedRequest};
+use crate::core::quota::{Quotas, Throttled};
 use crate::core::state::StoreId;
 use crate::core::{Backend, KeyService};
-use crate::front::pipeline::{self, Ending, RequestFacts};
+use crate::front::pipeline::{self, Ending, Quota, RequestFacts};
 use crate::front::{ConnInfo, Request, Response};
 use crate::metrics::RequestMetrics;
 
@@ -47,6 +49,8 @@ pub struct XksFront<B: Backend> {
     pub(super) service: Arc<KeyService<B>>,
     metrics: RequestMetrics,
     audit: Audit,
+    /// One bucket per key store, by name. Outside `State`: a reload keeps the levels.
+    quotas: Quotas,
     pub(super) model: String,
 }
 
@@ -57,11 +61,13 @@ impl<B: Backend> XksFront<B> {
         service: Arc<KeyService<B>>,
         metrics: RequestMetrics,
     ) -> Self {
+        declare_quotas(&metrics, settings);
         Self {
             state: ArcSwap::from_pointee(build_state(settings)),
             service,
             metrics,
             audit: Audit::to_log(),
+            quotas: Quotas::new(),
             model: format!("ekm-proxy {}", env!("CARGO_PKG_VERSION")),
         }
     }
@@ -72,9 +78,11 @@ impl<B: Backend> XksFront<B> {
         self
     }
 
-    /// Replace key stores, credentials, policy and limits (SIGHUP). In-flight requests finish
-    /// with the state they started with.
+    /// Replace key stores, credentials, policy, limits and quotas (SIGHUP). In-flight requests
+    /// finish with the state they started with; a key store whose quota changed gets a full
+    /// bucket at its new burst, the others keep their level.
     pub fn reload(&self, settings: &XksSettings) {
+        declare_quotas(&self.metrics, settings);
         self.state.store(Arc::new(build_state(settings)));
     }
 
@@ -141,20 +149,29 @@ impl<B: Backend> XksFront<B> {
             key: api.key().unwrap_or_default().to_owned(),
             ..RequestFacts::default()
         };
-        let result = match self.authenticate(store, &req) {
-            Err(e) => Err(e),
-            Ok(principal) => {
-                facts.principal = principal.name().to_owned();
-                match XksRequest::parse(api, req.body()) {
-                    Err(e) => Err(e),
-                    Ok(parsed) => {
-                        facts.request_id = parsed.request_id();
-                        facts.audit = parsed.is_key_operation();
-                        pipeline::record(&span, &facts);
-                        self.execute(store, &principal, api, &parsed).await
-                    }
-                }
+        // Each stage returns what it learned; the facts stay here, in the request's scope.
+        let result = 'request: {
+            let principal = match self.authenticate(store, &req) {
+                Ok(principal) => principal,
+                Err(e) => break 'request Err(e),
+            };
+            facts.principal = principal.name().to_owned();
+            // After authentication, so a forged flood cannot drain the key store's bucket; before
+            // the body is parsed or the HSM touched, so a throttled request costs next to nothing.
+            if let Err(e) = self.admit(store) {
+                // A refused key operation is audited like any other refusal (without the request
+                // id: it lives in the body, which a throttled request never gets parsed).
+                facts.audit = api.key().is_some();
+                break 'request Err(e);
             }
+            let parsed = match XksRequest::parse(api, req.body()) {
+                Ok(parsed) => parsed,
+                Err(e) => break 'request Err(e),
+            };
+            facts.request_id = parsed.request_id();
+            facts.audit = parsed.is_key_operation();
+            pipeline::record(&span, &facts);
+            self.execute(store, &principal, api, &parsed).await
         };
         pipeline::record(&span, &facts);
         match result {
@@ -200,6 +217,31 @@ impl<B: Backend> XksFront<B> {
         }
     }
 
+    /// The key store's quota: every authenticated request to the store, health checks included,
+    /// takes one token from the store's bucket.
+    fn admit(&self, store: &KeyStore) -> Result<(), XksError> {
+        let Some(limit) = store.settings.quota else {
+            return Ok(());
+        };
+        let name = store.settings.name.as_str();
+        let quota = Quota {
+            limit,
+            identity: name,
+            label: name,
+        };
+        pipeline::admit(&self.quotas, &self.metrics, FRONT, quota).map_err(|t| {
+            let message = match t {
+                Throttled::Exhausted => {
+                    format!("request rate quota of key store '{name}' exceeded; retry with backoff")
+                }
+                Throttled::TooManyCallers => {
+                    "too many callers are being rate-limited at once; retry with backoff".to_owned()
+                }
+            };
+            XksError::new(N::Throttling, message)
+        })
+    }
+
     fn authenticate(&self, store: &KeyStore, req: &Request) -> Result<Principal, XksError> {
         let signed = SignedRequest {
             method: req.method().as_str(),
@@ -220,6 +262,13 @@ impl<B: Backend> XksFront<B> {
                     format!("signature verification failed: {}", e.reason()),
                 )
             })
+    }
+}
+
+/// Give every configured quota its metric series before the first request.
+fn declare_quotas(metrics: &RequestMetrics, settings: &XksSettings) {
+    for store in settings.key_stores.iter().filter(|s| s.quota.is_some()) {
+        metrics.quota_declared(FRONT, &store.name);
     }
 }
 

@@ -1,9 +1,11 @@
 //! Validated settings of the XKS front end: logical key stores (path prefix, credentials, regions,
-//! keys, policy, limits, AAD framing). Built by `config`; swapped whole on reload.
+//! keys, policy, limits, request-rate quota, AAD framing). Built by `config`; swapped whole on
+//! reload.
 
 use crate::auth::sigv4::{RegionPolicy, SigV4Credential};
 use crate::authz::{Pattern, Policy};
 use crate::core::framing::AadFraming;
+use crate::core::quota::TokenBucket;
 
 /// The spec's minimum plaintext size a proxy must accept (bytes).
 pub const SPEC_MIN_PLAINTEXT: usize = 4300;
@@ -105,4 +107,7 @@ pub struct KeyStoreSettings {
     pub limits: XksLimits,
     /// When false the whole key store answers InvalidStateException (per-store kill switch).
     pub enabled: bool,
+    /// Request-rate quota shared by every request to this key store (one bucket per store);
+    /// `None`: unlimited.
+    pub quota: Option<TokenBucket>,
 }
