@@ -12,6 +12,8 @@
 //! - [`core`]: protocol-neutral key operations, key state and framing over the [`core::Backend`] seam.
 //! - [`hsm`]: the PKCS#11 backend; the only module that imports the PKCS#11 bindings.
 //! - [`config`], [`app`]: configuration parsing/validation and the composition root.
+//! - [`connect_info`], [`policy_explain`]: commands that read the configuration only (never the
+//!   HSM): what each cloud needs to connect, and why a sample request is allowed or denied.
 //! - [`metrics`], [`audit`]: leaves every module may use.
 //! - `dev`, `client`, `bench` (cargo feature `tools`, on by default, off in the production
 //!   build): the dev profile (token, keys, certificates, JWT signer), XKS and Cloud EKM clients,
@@ -45,5 +47,6 @@ pub mod fuzzing;
 pub mod hsm;
 pub mod logging;
 pub mod metrics;
+pub mod policy_explain;
 pub mod secret;
 pub mod server;
