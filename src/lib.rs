@@ -13,6 +13,8 @@
 //! - [`hsm`]: the PKCS#11 backend; the only module that imports the PKCS#11 bindings.
 //! - [`config`], [`app`]: configuration parsing/validation and the composition root;
 //!   [`background`]: the tasks it starts (fleet-state polling, audit checkpoints).
+//! - [`connect_info`], [`policy_explain`]: commands that read the configuration only (never the
+//!   HSM): what each cloud needs to connect, and why a sample request is allowed or denied.
 //! - [`metrics`], [`audit`]: leaves every module may use.
 //! - `dev`, `client`, `bench` (cargo feature `tools`, on by default, off in the production
 //!   build): the dev profile (token, keys, certificates, JWT signer), XKS and Cloud EKM clients,
@@ -48,5 +50,6 @@ pub mod fuzzing;
 pub mod hsm;
 pub mod logging;
 pub mod metrics;
+pub mod policy_explain;
 pub mod secret;
 pub mod server;

@@ -1,5 +1,6 @@
-//! The `ekm-proxy` command: serve, validate configuration, inspect keys, set up the dev profile,
-//! and benchmark. Exit codes: 0 success, 1 runtime failure, 64 configuration error.
+//! The `ekm-proxy` command: serve, validate configuration, explain the policy, inspect keys, set
+//! up the dev profile, and benchmark. Exit codes: 0 success, 1 runtime failure, 64 configuration
+//! error (`policy explain`: 0 allow, 1 deny, 64 bad configuration or request file).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +51,11 @@ enum Command {
         #[arg(long)]
         with_secret: bool,
     },
+    /// Explain authorization decisions from the configuration alone (no HSM needed).
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// List, create, import, disable and enable keys on the configured token.
     Keys {
         #[command(subcommand)]
@@ -89,6 +95,23 @@ enum Command {
     /// Benchmark a server over HTTPS with signed XKS requests, and the raw HSM lane (BENCHMARKS.md).
     #[cfg(feature = "tools")]
     Bench(Box<ekm_proxy::bench::BenchArgs>),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Decide a sample request as the server would, and show the rule or grant that decided.
+    /// Exit 0 when allowed, 1 when denied, 64 on a bad configuration or request file.
+    Explain {
+        /// Configuration file (the HSM PIN and SigV4 secrets need not be resolvable).
+        #[arg(long, env = "EKM_PROXY_CONFIG")]
+        config: PathBuf,
+        /// Sample request: a JSON file (see README, "Policy"), or `-` for standard input.
+        #[arg(long)]
+        request: PathBuf,
+        /// Print one JSON object instead of the human-readable report.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -247,6 +270,14 @@ fn main() -> ExitCode {
             name,
             with_secret,
         } => connect_info(&config, name, with_secret),
+        Command::Policy {
+            command:
+                PolicyCommand::Explain {
+                    config,
+                    request,
+                    json,
+                },
+        } => policy_explain(&config, &request, json),
         Command::Keys {
             command: KeysCommand::List { config },
         } => keys_list(&config),
@@ -362,6 +393,25 @@ fn connect_info(path: &std::path::Path, name: Option<String>, with_secret: bool)
         }
         Err(e) => {
             eprintln!("{e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn policy_explain(config: &std::path::Path, request: &std::path::Path, json: bool) -> i32 {
+    match ekm_proxy::policy_explain::run(config, request) {
+        Ok(explanation) => {
+            if json {
+                println!("{}", explanation.to_json());
+            } else {
+                print!("{}", explanation.to_text());
+            }
+            explanation.exit_code()
+        }
+        Err(e) => {
+            // A configuration error's Display ends with its own newline.
+            let text = e.to_string();
+            eprintln!("{}", text.trim_end());
             e.exit_code()
         }
     }

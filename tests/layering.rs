@@ -1,6 +1,7 @@
 //! The dependency rules of DESIGN.md §2, checked on the source text: `cryptoki` only under
 //! `src/hsm/`; no HTTP or wire-JSON types in `core` or `hsm`; `front` never reaches into `hsm`;
-//! `core` never reaches into `front`, `server` or `hsm`.
+//! `core` never reaches into `front`, `server` or `hsm`; `policy explain` never needs the HSM or
+//! a listener.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -112,6 +113,23 @@ fn fronts_never_read_configuration() {
     // Fronts receive their own typed settings from `config`; the arrow never points back.
     let bad = offenders("front", &["crate::config"]);
     assert!(bad.is_empty(), "front depends on config: {bad:#?}");
+}
+
+#[test]
+fn policy_explain_needs_neither_the_hsm_nor_a_listener() {
+    // It must run where only the configuration is (an operator's laptop), and decide with the
+    // fronts' settings and `authz::decide`, not with a front's handlers.
+    let bad = offenders(
+        "policy_explain",
+        &[
+            "crate::hsm",
+            "crate::server",
+            "crate::app",
+            "handler",
+            "wire::",
+        ],
+    );
+    assert!(bad.is_empty(), "policy_explain depends outward: {bad:#?}");
 }
 
 #[test]

@@ -1,5 +1,6 @@
-//! Authorization: decides whether a [`Principal`] may perform an operation on a key, and proves a
-//! positive decision with a [`Permit`], the only value core key operations accept.
+//! Authorization: decides whether a [`crate::auth::Principal`] may perform an operation on a
+//! key, and proves a positive decision with a [`Permit`], the only value core key operations
+//! accept.
 //!
 //! The policy is a list of named rules. A rule applies to some keys (and optionally some
 //! operations) and constrains one request attribute (e.g. `awsPrincipalArn`, `kmsKeyArn`,
@@ -10,19 +11,22 @@
 //! Fronts whose callers are granted access per key (Google Cloud EKM) use [`grants::KeyAccess`]
 //! instead, with the Key Access Justification policy of [`access_reason`].
 //!
+//! Rules and grants are data here; [`decide`] is the one place they are evaluated, for every
+//! front and for `ekm-proxy policy explain`.
+//!
 //! Depends on `auth` (who) and `core::Operation` (what). Knows nothing of HTTP, wire formats or
 //! the HSM.
 
 pub mod access_reason;
+pub mod decide;
 pub mod grants;
 
 use std::fmt;
 
-use crate::auth::Principal;
 use crate::core::Operation;
 
-/// Proof that an operation on a key was authorized. Only [`Policy::authorize`] makes one (its
-/// fields are private), so a core operation holding a `&Permit` knows the check happened.
+/// Proof that an operation on a key was authorized. Only [`decide`] makes one (its fields are
+/// private to `authz`), so a core operation holding a `&Permit` knows the check happened.
 #[derive(Debug, Clone)]
 pub struct Permit {
     principal: String,
@@ -111,18 +115,6 @@ pub struct Policy {
     rules: Vec<Rule>,
 }
 
-/// What the policy decides on: the caller, the key, the operation, and named request attributes.
-pub struct Facts<'a> {
-    /// Who is calling.
-    pub principal: &'a Principal,
-    /// The key asked for.
-    pub key: &'a str,
-    /// The operation asked for.
-    pub op: Operation,
-    /// Request attributes by name (`None` when absent from the request).
-    pub attributes: &'a [(&'a str, Option<&'a str>)],
-}
-
 /// A denial: which rule failed and why. Safe to log and to send as an error message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
@@ -154,58 +146,15 @@ impl Policy {
         self.rules.is_empty()
     }
 
-    /// Decide; on success the returned [`Permit`] is the proof core operations require.
-    pub fn authorize(&self, facts: &Facts<'_>) -> Result<Permit, Denial> {
-        for rule in &self.rules {
-            if !rule.keys.iter().any(|k| k.matches(facts.key)) {
-                continue;
-            }
-            if rule
-                .operations
-                .as_ref()
-                .is_some_and(|ops| !ops.contains(&facts.op))
-            {
-                continue;
-            }
-            let value = facts
-                .attributes
-                .iter()
-                .find(|(name, _)| *name == rule.attribute)
-                .and_then(|(_, v)| *v);
-            match value {
-                None => {
-                    return Err(Denial {
-                        rule: rule.name.clone(),
-                        reason: format!("{} is absent from the request", rule.attribute),
-                    });
-                }
-                Some(v) if !rule.allow.iter().any(|p| p.matches(v)) => {
-                    return Err(Denial {
-                        rule: rule.name.clone(),
-                        reason: format!("{} is not an allowed value", rule.attribute),
-                    });
-                }
-                Some(_) => {}
-            }
-        }
-        Ok(Permit {
-            principal: facts.principal.name().to_owned(),
-            key: facts.key.to_owned(),
-            op: facts.op,
-        })
+    /// The rules, in evaluation order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn principal() -> Principal {
-        Principal::SigV4 {
-            access_key_id: "AKID".into(),
-            region: "us-east-1".into(),
-        }
-    }
 
     #[test]
     fn glob() {
@@ -230,106 +179,5 @@ mod tests {
         ] {
             assert_eq!(Pattern::new(p).matches(v), want, "{p} vs {v}");
         }
-    }
-
-    #[test]
-    fn empty_policy_allows_and_permit_records_request() {
-        let p = principal();
-        let permit = Policy::default()
-            .authorize(&Facts {
-                principal: &p,
-                key: "k1",
-                op: Operation::Encrypt,
-                attributes: &[],
-            })
-            .unwrap();
-        assert_eq!(permit.key(), "k1");
-        assert_eq!(permit.operation(), Operation::Encrypt);
-        assert_eq!(permit.principal(), "AKID");
-    }
-
-    #[test]
-    fn rules_apply_by_key_and_operation_and_name_the_denial() {
-        let policy = Policy::new(vec![
-            Rule {
-                name: "account".into(),
-                keys: vec![Pattern::new("*")],
-                operations: None,
-                attribute: "awsPrincipalArn".into(),
-                allow: vec![Pattern::new("arn:aws:iam::111122223333:*")],
-            },
-            Rule {
-                name: "bind-key".into(),
-                keys: vec![Pattern::new("k1")],
-                operations: Some(vec![Operation::Encrypt, Operation::Decrypt]),
-                attribute: "kmsKeyArn".into(),
-                allow: vec![Pattern::new("arn:aws:kms:us-east-1:111122223333:key/abc")],
-            },
-        ]);
-        let p = principal();
-        let good = [
-            ("awsPrincipalArn", Some("arn:aws:iam::111122223333:root")),
-            (
-                "kmsKeyArn",
-                Some("arn:aws:kms:us-east-1:111122223333:key/abc"),
-            ),
-        ];
-        assert!(
-            policy
-                .authorize(&Facts {
-                    principal: &p,
-                    key: "k1",
-                    op: Operation::Encrypt,
-                    attributes: &good
-                })
-                .is_ok()
-        );
-        let other_key = [
-            ("awsPrincipalArn", Some("arn:aws:iam::111122223333:root")),
-            ("kmsKeyArn", Some("x")),
-        ];
-        // bind-key does not apply to k2.
-        assert!(
-            policy
-                .authorize(&Facts {
-                    principal: &p,
-                    key: "k2",
-                    op: Operation::Encrypt,
-                    attributes: &other_key
-                })
-                .is_ok()
-        );
-        // ...nor to metadata.
-        assert!(
-            policy
-                .authorize(&Facts {
-                    principal: &p,
-                    key: "k1",
-                    op: Operation::KeyMetadata,
-                    attributes: &other_key
-                })
-                .is_ok()
-        );
-        let denied = policy
-            .authorize(&Facts {
-                principal: &p,
-                key: "k1",
-                op: Operation::Decrypt,
-                attributes: &other_key,
-            })
-            .unwrap_err();
-        assert_eq!(denied.rule, "bind-key");
-        assert!(denied.to_string().contains("kmsKeyArn"));
-        let absent = [("awsPrincipalArn", None)];
-        let denied = policy
-            .authorize(&Facts {
-                principal: &p,
-                key: "k2",
-                op: Operation::Encrypt,
-                attributes: &absent,
-            })
-            .unwrap_err();
-        assert_eq!(denied.rule, "account");
-        assert!(denied.reason.contains("absent"));
     }
 }

@@ -9,13 +9,11 @@ use std::path::Path;
 use super::raw::{RawAzure, RawAzurePrefix};
 use super::validate::{Collector, exposed_keys, policy_rule, quota, resolve};
 use crate::auth::client_cert::CertificateAuth;
+use crate::authz::decide::AZURE_ATTRIBUTES;
 use crate::authz::{Policy, Rule};
 use crate::core::Operation;
 use crate::front::azure::settings::{AzureSettings, MAX_PREFIX_LEN, PrefixSettings, valid_prefix};
 use crate::server::tls::load_ca_roots;
-
-/// The request attributes an `[[azure.prefix.rule]]` may constrain.
-pub const RULE_ATTRIBUTES: [&str; 2] = ["clientCertificateSubject", "poolName"];
 
 /// Validate `[azure]`. `other_prefixes` are the paths other fronts claim first (Cloud EKM's
 /// prefix, XKS's API root), which an Azure prefix must not fall under.
@@ -108,7 +106,7 @@ fn prefix(
             policy_rule(
                 r,
                 &format!("{at}.rule[{j}]"),
-                &RULE_ATTRIBUTES,
+                &AZURE_ATTRIBUTES,
                 &OPERATIONS,
                 c,
             )

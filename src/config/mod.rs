@@ -150,14 +150,56 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
     from_str(&text, path, &base)
 }
 
+/// Read, parse and validate `path` for commands that use neither the HSM nor the SigV4 secrets
+/// (`policy explain`): the HSM PIN and SigV4 secrets taken from an environment variable or a file
+/// need not be resolvable, because such commands often run where only the server can read them.
+/// Everything else is validated as [`load`] does, so a file this accepts is one the server
+/// accepts once its secrets resolve. Inline secrets stay as written (and are checked).
+pub fn load_without_secrets(path: &Path) -> Result<Settings, ConfigError> {
+    use secret_source::SecretSource;
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_owned(),
+        problems: vec![Problem {
+            path: "(file)".into(),
+            message: format!("cannot read: {e}"),
+        }],
+    })?;
+    let base = path.parent().map(Path::to_owned).unwrap_or_default();
+    let mut raw = parse(&text, path)?;
+    let external =
+        |s: &SecretSource| matches!(s, SecretSource::Env { .. } | SecretSource::File { .. });
+    if let Some(hsm) = raw.hsm.as_mut()
+        && hsm.user_pin.as_ref().is_some_and(external)
+    {
+        hsm.user_pin = Some(SecretSource::Inline(UNUSED_SECRET.into()));
+    }
+    for credential in raw
+        .xks
+        .key_store
+        .iter_mut()
+        .flat_map(|ks| ks.credential.iter_mut())
+        .filter(|c| external(&c.secret))
+    {
+        credential.secret = SecretSource::Inline(UNUSED_SECRET.into());
+    }
+    validate::validate(raw, path, &base)
+}
+
+/// Stands in for secrets a command never uses; shaped like a valid SigV4 secret (43 characters of
+/// the base64 alphabet) so validation treats it as any other.
+const UNUSED_SECRET: &str = "unusedByThisCommandNeverSentNorVerified0000";
+
 /// Parse and validate configuration text; relative paths are resolved against `base`.
 pub fn from_str(text: &str, source: &Path, base: &Path) -> Result<Settings, ConfigError> {
-    let raw: raw::RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+    validate::validate(parse(text, source)?, source, base)
+}
+
+fn parse(text: &str, source: &Path) -> Result<raw::RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError {
         file: source.to_owned(),
         problems: vec![Problem {
             path: "(syntax)".into(),
             message: e.to_string().replace('\n', " ").trim().to_owned(),
         }],
-    })?;
-    validate::validate(raw, source, base)
+    })
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::raw::{RawConfig, RawKeyStore, RawListener, RawQuota, RawRule};
 use super::{ConfigError, CoreSettings, LogFormat, LoggingSettings, Problem, Settings};
 use crate::auth::sigv4::{RegionPolicy, SigV4Credential};
+use crate::authz::decide::XKS_ATTRIBUTES;
 use crate::authz::{Pattern, Policy, Rule};
 use crate::core::framing::AadFraming;
 use crate::core::quota::TokenBucket;
@@ -715,21 +716,12 @@ fn key_store(
     let mut rules = Vec::new();
     for (j, r) in ks.rule.iter().enumerate() {
         let rat = format!("{at}.rule[{j}]");
-        const ATTRIBUTES: [&str; 7] = [
-            "awsPrincipalArn",
-            "awsSourceVpc",
-            "awsSourceVpce",
-            "kmsKeyArn",
-            "kmsOperation",
-            "kmsRequestId",
-            "kmsViaService",
-        ];
         const OPERATIONS: [Operation; 3] = [
             Operation::KeyMetadata,
             Operation::Encrypt,
             Operation::Decrypt,
         ];
-        let rule = policy_rule(r, &rat, &ATTRIBUTES, &OPERATIONS, c);
+        let rule = policy_rule(r, &rat, &XKS_ATTRIBUTES, &OPERATIONS, c);
         let covers_metadata = rule
             .operations
             .as_ref()

@@ -22,13 +22,14 @@ use super::wire::{self, API_VERSION, MAX_CONTEXT_FIELD, RequestContext};
 use crate::audit::Audit;
 use crate::auth::Principal;
 use crate::auth::client_cert::PresentedCertificate;
-use crate::authz::{Facts, Permit};
+use crate::authz::{Permit, decide};
 use crate::core::quota::{Quotas, Throttled, scoped_identity};
 use crate::core::state::StoreId;
 use crate::core::{
     Backend, HealthStatus, KeyService, KeyStatus, KeyType, Operation, WrapAlgorithm,
 };
 use crate::front::pipeline::{self, Base64, Ending, JsonError, Quota, RequestFacts};
+use crate::front::xks::NotServed;
 use crate::front::{ConnInfo, Request, Response, json_response};
 use crate::metrics::RequestMetrics;
 
@@ -508,6 +509,8 @@ fn parse_wrap(body: &[u8]) -> Result<(WrapAlgorithm, Vec<u8>), AzureError> {
     Ok((alg, value))
 }
 
+/// The prefix's key list, its switch, then its rules (`authz::decide`, the code `policy explain`
+/// runs too).
 fn authorize(
     prefix: &PrefixSettings,
     principal: &Principal,
@@ -515,27 +518,21 @@ fn authorize(
     key: &str,
     op: Operation,
 ) -> Result<Permit, AzureError> {
-    if !prefix.keys.allows(key) {
-        return Err(AzureError::new(Code::KeyNotFound, "key not found"));
-    }
-    if !prefix.enabled {
-        return Err(AzureError::new(
+    prefix.serves(key).map_err(|refusal| match refusal {
+        NotServed::NotExposed => AzureError::new(Code::KeyNotFound, "key not found"),
+        NotServed::Disabled => AzureError::new(
             Code::Forbidden,
             "this path prefix is disabled by the operator",
-        ));
-    }
-    let attributes = [
-        ("clientCertificateSubject", Some(principal.name())),
-        ("poolName", Some(context.pool_name.as_str())),
-    ];
-    prefix
-        .policy
-        .authorize(&Facts {
-            principal,
-            key,
-            op,
-            attributes: &attributes,
-        })
+        ),
+    })?;
+    let request = decide::AzureRequest {
+        principal,
+        key,
+        op,
+        pool_name: &context.pool_name,
+    };
+    decide::azure(&prefix.policy, &request)
+        .outcome
         .map_err(|denial| AzureError::denied(&denial.rule, denial.to_string()))
 }
 

@@ -5,7 +5,7 @@
 use crate::auth::client_cert::CertificateAuth;
 use crate::authz::Policy;
 use crate::core::quota::TokenBucket;
-use crate::front::xks::KeyAllowList;
+use crate::front::xks::{KeyAllowList, NotServed};
 
 /// Longest path prefix the API allows (characters, without the leading `/`).
 pub const MAX_PREFIX_LEN: usize = 64;
@@ -43,6 +43,20 @@ pub struct PrefixSettings {
     /// Request-rate quota of each client certificate identity (subject) under this prefix: one
     /// bucket per subject, counted in metrics under the prefix's name; `None`: unlimited.
     pub quota: Option<TokenBucket>,
+}
+
+impl PrefixSettings {
+    /// Whether the prefix serves `key` at all: first its exposed keys (an unknown key is 404
+    /// whatever the switch), then its switch.
+    pub fn serves(&self, key: &str) -> Result<(), NotServed> {
+        if !self.keys.allows(key) {
+            return Err(NotServed::NotExposed);
+        }
+        if !self.enabled {
+            return Err(NotServed::Disabled);
+        }
+        Ok(())
+    }
 }
 
 /// Whether `prefix` (with its leading `/`) is a valid path prefix: 1 to 64 characters of

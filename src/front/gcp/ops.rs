@@ -15,8 +15,9 @@ use super::settings::GcpKeySettings;
 use super::wire::{self, KeyOpRequest, RequestContext};
 use crate::audit;
 use crate::auth::Principal;
+use crate::authz::Permit;
 use crate::authz::access_reason::AccessReason;
-use crate::authz::grants::{AccessRequest, Granted};
+use crate::authz::decide::{self, AccessRequest};
 use crate::core::{Backend, Operation};
 
 impl<B: Backend> GcpFront<B> {
@@ -144,33 +145,39 @@ impl<B: Backend> GcpFront<B> {
         }
     }
 
+    /// The key's grants, resource pin and justification policy (`authz::decide`, the code
+    /// `policy explain` runs too).
     fn authorize(
         &self,
         req: &Access<'_>,
         op: Operation,
         hsm_key: &str,
     ) -> Result<Granted, GcpError> {
-        req.key
-            .access
-            .authorize(&AccessRequest {
-                principal: req.principal,
-                key: &req.key.path,
-                hsm_key,
-                op,
-                resource_name: req.resource,
-                reason: req.reason,
-                health_check: req.health_check,
-            })
-            .map_err(|denial| {
+        let request = AccessRequest {
+            principal: req.principal,
+            key: &req.key.path,
+            hsm_key,
+            op,
+            resource_name: req.resource,
+            reason: req.reason,
+            health_check: req.health_check,
+        };
+        let decision = decide::cloud_ekm(&req.key.access, &request);
+        // An allowed Cloud EKM request is always decided by a grant.
+        let grant = decision.decided_by.name().unwrap_or_default().to_owned();
+        match decision.outcome {
+            Ok(permit) => Ok(Granted { permit, grant }),
+            Err(denial) => {
                 tracing::warn!(rule = %denial.rule, reason = %audit::bounded(&denial.reason), "request denied by policy");
-                GcpError::new(
+                Err(GcpError::new(
                     Code::PermissionDenied,
                     Reason::AccessDenied,
                     denial.to_string(),
                 )
                 .with("rule", denial.rule.clone())
-                .denied_by(denial.rule)
-            })
+                .denied_by(denial.rule))
+            }
+        }
     }
 }
 
@@ -208,6 +215,12 @@ impl Body {
             .and_then(|c| c.relative_resource_name.as_deref())
             .filter(|r| !r.is_empty())
     }
+}
+
+/// A positive decision: the permit and the grant that allowed it (for the audit line).
+pub(super) struct Granted {
+    pub(super) permit: Permit,
+    pub(super) grant: String,
 }
 
 /// A request ready for the HSM.

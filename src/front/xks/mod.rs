@@ -14,4 +14,4 @@ pub mod settings;
 pub mod wire;
 
 pub use handler::XksFront;
-pub use settings::{KeyAllowList, KeyStoreSettings, XksLimits, XksSettings};
+pub use settings::{KeyAllowList, KeyStoreSettings, NotServed, XksLimits, XksSettings};

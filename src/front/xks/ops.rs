@@ -7,11 +7,11 @@ use zeroize::Zeroizing;
 use super::error::{XksError, XksErrorName as N, from_crypto};
 use super::handler::{KeyStore, XksFront};
 use super::request::{decode_field, decode_optional, frame, require_algorithm};
-use super::settings::MAX_METADATA;
+use super::settings::{MAX_METADATA, NotServed};
 use super::wire::{self, RequestMetadata};
 use crate::audit;
 use crate::auth::Principal;
-use crate::authz::{Facts, Permit};
+use crate::authz::{Permit, decide};
 use crate::core::framing;
 use crate::core::{Backend, CryptoError, GCM_TAG_LEN, KeyStatus, Operation};
 use crate::front::{Response, json_response};
@@ -226,7 +226,8 @@ impl<B: Backend> XksFront<B> {
     }
 }
 
-/// The key store's switch, its key allow-list, then its policy rules.
+/// The key store's switch, its key allow-list, then its policy rules (`authz::decide`, the code
+/// `policy explain` runs too).
 fn authorize(
     store: &KeyStore,
     principal: &Principal,
@@ -234,25 +235,23 @@ fn authorize(
     op: Operation,
     md: &RequestMetadata<'_>,
 ) -> Result<Permit, XksError> {
-    if !store.settings.enabled {
-        return Err(XksError::new(
-            N::InvalidState,
-            "key store is disabled by the operator",
-        ));
-    }
-    if !store.settings.keys.allows(key) {
-        return Err(XksError::new(N::KeyNotFound, "external key not found"));
-    }
-    let attributes = md.attributes();
     store
         .settings
-        .policy
-        .authorize(&Facts {
-            principal,
-            key,
-            op,
-            attributes: &attributes,
-        })
+        .serves(key)
+        .map_err(|refusal| match refusal {
+            NotServed::Disabled => {
+                XksError::new(N::InvalidState, "key store is disabled by the operator")
+            }
+            NotServed::NotExposed => XksError::new(N::KeyNotFound, "external key not found"),
+        })?;
+    let request = decide::XksRequest {
+        principal,
+        key,
+        op,
+        metadata: md.authz(),
+    };
+    decide::xks(&store.settings.policy, &request)
+        .outcome
         .map_err(|denial| {
             tracing::warn!(rule = %denial.rule, reason = %audit::bounded(&denial.reason), "request denied by policy");
             XksError::denied(&denial.rule, denial.to_string())

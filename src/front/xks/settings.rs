@@ -65,6 +65,26 @@ impl KeyAllowList {
     }
 }
 
+/// Why a key store or prefix does not serve a key, before any policy rule is consulted. Each front
+/// maps it onto its own wire error; `policy explain` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotServed {
+    /// The key store or prefix is switched off (`enabled = false`).
+    Disabled,
+    /// The key is not among the exposed keys (or is the health-check key).
+    NotExposed,
+}
+
+impl NotServed {
+    /// The setting that refused, as `policy explain` names it.
+    pub fn setting(self) -> &'static str {
+        match self {
+            NotServed::Disabled => "enabled",
+            NotServed::NotExposed => "keys",
+        }
+    }
+}
+
 /// Size limits (decoded bytes). Each is at least the spec minimum; above it → UnsupportedOperation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct XksLimits {
@@ -110,4 +130,18 @@ pub struct KeyStoreSettings {
     /// Request-rate quota shared by every request to this key store (one bucket per store);
     /// `None`: unlimited.
     pub quota: Option<TokenBucket>,
+}
+
+impl KeyStoreSettings {
+    /// Whether the key store serves `key` at all: first its switch, then its exposed keys (a
+    /// disabled store answers the same for every key, known or not).
+    pub fn serves(&self, key: &str) -> Result<(), NotServed> {
+        if !self.enabled {
+            return Err(NotServed::Disabled);
+        }
+        if !self.keys.allows(key) {
+            return Err(NotServed::NotExposed);
+        }
+        Ok(())
+    }
 }

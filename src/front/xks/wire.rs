@@ -10,6 +10,7 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
+use crate::authz::decide::XksMetadata;
 use crate::front::pipeline::{self, Base64, FieldError};
 
 /// A JSON string field, borrowed from the body unless it contained escapes.
@@ -43,17 +44,22 @@ pub struct RequestMetadata<'a> {
 }
 
 impl<'a> RequestMetadata<'a> {
+    /// The metadata as authorization sees it.
+    pub fn authz(&self) -> XksMetadata<'_> {
+        XksMetadata {
+            aws_principal_arn: self.aws_principal_arn.as_deref(),
+            aws_source_vpc: self.aws_source_vpc.as_deref(),
+            aws_source_vpce: self.aws_source_vpce.as_deref(),
+            kms_key_arn: self.kms_key_arn.as_deref(),
+            kms_operation: self.kms_operation.as_deref(),
+            kms_request_id: self.kms_request_id.as_deref(),
+            kms_via_service: self.kms_via_service.as_deref(),
+        }
+    }
+
     /// The attributes authorization rules may name, in their XKS spelling.
     pub fn attributes(&self) -> [(&'static str, Option<&str>); 7] {
-        [
-            ("awsPrincipalArn", self.aws_principal_arn.as_deref()),
-            ("awsSourceVpc", self.aws_source_vpc.as_deref()),
-            ("awsSourceVpce", self.aws_source_vpce.as_deref()),
-            ("kmsKeyArn", self.kms_key_arn.as_deref()),
-            ("kmsOperation", self.kms_operation.as_deref()),
-            ("kmsRequestId", self.kms_request_id.as_deref()),
-            ("kmsViaService", self.kms_via_service.as_deref()),
-        ]
+        self.authz().attributes()
     }
 }
 
