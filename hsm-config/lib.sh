@@ -57,8 +57,11 @@ fault_profile() {
   lib="$target/libp11_fault.so"
   "$exe" dev init --root "$work" >"$work/dev-init.log" 2>&1 || { cat "$work/dev-init.log" >&2; return 1; }
   cfg="$work/hsm-config/dev.toml"
+  # The audit chain is computed and its checkpoints MACed in the (faulty) HSM as in production,
+  # but written to /dev/null: a 30-minute soak would otherwise write gigabytes of audit lines.
   sed -i -e "s#^module = .*#module = \"$lib\"#" \
-         -e 's#^address = "127.0.0.1:[0-9]*"#address = "127.0.0.1:0"#' "$cfg"
+         -e 's#^address = "127.0.0.1:[0-9]*"#address = "127.0.0.1:0"#' \
+         -e 's#^audit_file = .*#audit_file = "/dev/null"#' "$cfg"
   control="$P11_FAULT_DIR/ekm-dev.json"
   stats="$P11_FAULT_DIR/ekm-dev.stats.json"
   faults '{}'

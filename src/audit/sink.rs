@@ -56,6 +56,8 @@ struct Inner {
 /// The chained audit file.
 pub struct ChainSink {
     settings: ChainSettings,
+    /// Only a regular file is rotated (never rename `/dev/null` or a FIFO).
+    regular: bool,
     inner: Mutex<Inner>,
     metrics: AuditMetrics,
 }
@@ -108,12 +110,14 @@ impl ChainSink {
         metrics: AuditMetrics,
     ) -> std::io::Result<Self> {
         let (file, last, bytes) = open_append(&settings.path)?;
+        let regular = file.metadata()?.is_file();
         let (next_seq, prev, head, chain_kind) = match last {
             Some(head) => (head.seq + 1, head.hash, Some(head), "continued"),
             None => (0, GENESIS, None, "new chain"),
         };
         let sink = Self {
             settings,
+            regular,
             inner: Mutex::new(Inner {
                 file,
                 next_seq,
@@ -206,7 +210,7 @@ impl ChainSink {
 
     /// Whether the file has grown past `max_bytes`.
     pub fn rotation_due(&self) -> bool {
-        self.settings.max_bytes > 0 && self.lock().bytes >= self.settings.max_bytes
+        self.regular && self.settings.max_bytes > 0 && self.lock().bytes >= self.settings.max_bytes
     }
 
     /// Rename the current file to `<stem>.<UTC time>.<ext>` and continue the chain in a fresh
