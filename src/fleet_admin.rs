@@ -113,7 +113,7 @@ pub fn resolve_store(settings: &Settings, name: &str) -> Result<StoreId, AdminEr
     }
 }
 
-/// Set (`on = false`: disable, engage) or clear the mark of `target`; returns the line to print.
+/// Disable or engage (`disable`), or enable or release, `target` fleet-wide; returns the line to print.
 pub fn set_state(
     settings: &Settings,
     target: &StateTarget,
@@ -123,26 +123,21 @@ pub fn set_state(
 ) -> Result<String, AdminError> {
     let hsm = &settings.hsm;
     let record = StateRecord {
+        active: disable,
         by: by.to_owned(),
         at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         reason: reason.to_owned(),
     };
-    let report = crate::hsm::state::write(
-        &hsm.module,
-        &hsm.token,
-        &hsm.user_pin,
-        target,
-        disable.then_some(&record),
-    )
-    .map_err(|e| AdminError::Hsm(e.to_string()))?;
+    let report = crate::hsm::state::write(&hsm.module, &hsm.token, &hsm.user_pin, target, &record)
+        .map_err(|e| AdminError::Hsm(e.to_string()))?;
     let poll = settings.core.state_poll.as_secs();
     Ok(match (target, disable) {
         (StateTarget::KillSwitch, true) => format!(
             "kill switch ENGAGED fleet-wide by {by}: every replica refuses every key operation within {poll} s"
         ),
-        (StateTarget::KillSwitch, false) if report.destroyed == 0 => {
+        (StateTarget::KillSwitch, false) if !report.was_active => {
             "the fleet kill switch was not engaged".to_owned()
         }
         (StateTarget::KillSwitch, false) => {
@@ -151,7 +146,7 @@ pub fn set_state(
         (t, true) => {
             format!("{t} disabled fleet-wide by {by}: every replica refuses it within {poll} s")
         }
-        (t, false) if report.destroyed == 0 => format!("{t} was not disabled"),
+        (t, false) if !report.was_active => format!("{t} was not disabled"),
         (t, false) => format!("{t} enabled by {by}: replicas serve it again within {poll} s"),
     })
 }

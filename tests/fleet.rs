@@ -200,6 +200,10 @@ async fn a_key_disabled_through_the_cli_stops_every_replica_until_enabled() {
     assert_eq!(states[0]["by"], "alice@ops");
     assert_eq!(states[0]["reason"], "incident 42");
     assert_eq!(states[1]["change"], "cleared");
+    assert_eq!(
+        states[1]["by"], "bob@ops",
+        "the release names who enabled the key"
+    );
     c.stop().await;
     b.stop().await;
     a.stop().await;

@@ -225,6 +225,8 @@ impl ChainSink {
                 .create(true)
                 .append(true)
                 .open(&self.settings.path)?;
+            // A fresh file nobody else can have open yet; the old one's lock ends with its handle.
+            file.try_lock().map_err(std::io::Error::other)?;
             inner.file = file;
             inner.bytes = 0;
             rotated
@@ -297,6 +299,17 @@ fn open_append(path: &Path) -> std::io::Result<(File, Option<Head>, u64)> {
         .read(true)
         .append(true)
         .open(path)?;
+    // One writer per chain, taken before anything is written: a second replica (or a second
+    // process on this host) appending to the same file would interleave two chains into one that
+    // never verifies.
+    if file.metadata()?.is_file() {
+        file.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => std::io::Error::other(
+                "another process is writing this audit file (each replica needs its own logging.audit_file)",
+            ),
+            std::fs::TryLockError::Error(e) => e,
+        })?;
+    }
     let len = file.metadata()?.len();
     if len == 0 {
         return Ok((file, None, 0));
@@ -383,6 +396,17 @@ mod tests {
         }
         assert!(all[4].contains(r#""chain":"continued""#));
         assert!(all[0].contains(r#""chain":"new chain""#));
+    }
+
+    #[test]
+    fn a_second_writer_of_the_same_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = crate::metrics::Metrics::standalone().audit;
+        let first = ChainSink::open(settings(dir.path()), "a", metrics.clone()).unwrap();
+        let second = ChainSink::open(settings(dir.path()), "b", metrics.clone()).unwrap_err();
+        assert!(second.to_string().contains("another process"), "{second}");
+        drop(first);
+        assert!(ChainSink::open(settings(dir.path()), "c", metrics).is_ok());
     }
 
     #[test]

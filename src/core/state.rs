@@ -2,8 +2,9 @@
 //! key stores (an XKS key store, the Cloud EKM front, an Azure prefix) and the fleet-wide kill
 //! switch.
 //!
-//! Each entry is a [`StateMark`]: its presence means "disabled" (or "engaged"), and it records who
-//! set it, when and why. The HSM layer stores one PKCS#11 data object per mark (never key
+//! Each entry is a [`StateMark`]: a target that is disabled (or engaged) when its record is
+//! `active`, with who set it, when and why. Enabling replaces the record with an inactive one
+//! naming who enabled it, so both changes reach the audit trail with their author. The HSM layer stores one PKCS#11 data object per mark (never key
 //! material); `ekm-proxy keys|keystore|killswitch` write them, and every replica polls them into a
 //! [`FleetState`] that [`super::KeyService`] consults on every key operation.
 //!
@@ -115,9 +116,12 @@ impl fmt::Display for StateTarget {
     }
 }
 
-/// Who switched a target off, when, and why. Stored as the data object's value.
+/// Who switched a target off (or back on), when, and why. Stored as the data object's value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateRecord {
+    /// Whether the target is switched off (disabled, engaged). A record without the field (or
+    /// unreadable) counts as active: an object of this application disables unless it says not.
+    pub active: bool,
     /// The operator (`user@host` of whoever ran the command, or `--by`).
     pub by: String,
     /// Seconds since the Unix epoch.
@@ -130,12 +134,13 @@ pub struct StateRecord {
 pub const MAX_RECORD_BYTES: usize = 4096;
 
 impl StateRecord {
-    /// The stored form: `by=…\nat=…\nreason=…\n`. Newlines inside values become spaces so the
+    /// The stored form: `active=1|0\nby=…\nat=…\nreason=…\n`. Newlines inside values become spaces so the
     /// form stays line-oriented.
     pub fn encode(&self) -> Vec<u8> {
         let clean = |s: &str| s.replace(['\n', '\r'], " ");
         let mut text = format!(
-            "by={}\nat={}\nreason={}\n",
+            "active={}\nby={}\nat={}\nreason={}\n",
+            u8::from(self.active),
             clean(&self.by),
             self.at,
             clean(&self.reason)
@@ -156,12 +161,14 @@ impl StateRecord {
         let bytes = &bytes[..bytes.len().min(MAX_RECORD_BYTES)];
         let text = String::from_utf8_lossy(bytes);
         let mut record = StateRecord {
+            active: true,
             by: String::new(),
             at: 0,
             reason: String::new(),
         };
         for line in text.lines() {
             match line.split_once('=') {
+                Some(("active", v)) => record.active = v != "0",
                 Some(("by", v)) => record.by = v.to_owned(),
                 Some(("at", v)) => record.at = v.parse().unwrap_or(0),
                 Some(("reason", v)) => record.reason = v.to_owned(),
@@ -211,49 +218,48 @@ impl FleetState {
 
     /// Whether `target` is switched off, and by whom.
     pub fn get(&self, target: &StateTarget) -> Option<&StateRecord> {
-        self.marks.get(target)
+        self.marks.get(target).filter(|r| r.active)
     }
 
-    /// Every mark, in a stable order.
+    /// Every target switched off, in a stable order.
     pub fn marks(&self) -> impl Iterator<Item = StateMark> + '_ {
-        self.marks.iter().map(|(t, r)| StateMark {
-            target: t.clone(),
-            record: r.clone(),
-        })
+        self.marks
+            .iter()
+            .filter(|(_, r)| r.active)
+            .map(|(t, r)| StateMark {
+                target: t.clone(),
+                record: r.clone(),
+            })
     }
 
     /// Number of marks of each kind: (keys, stores, kill switch engaged).
     pub fn counts(&self) -> (usize, usize, bool) {
-        let keys = self
-            .marks
-            .keys()
+        let active = || self.marks.iter().filter(|(_, r)| r.active).map(|(t, _)| t);
+        let keys = active()
             .filter(|t| matches!(t, StateTarget::Key(_)))
             .count();
-        let stores = self
-            .marks
-            .keys()
+        let stores = active()
             .filter(|t| matches!(t, StateTarget::Store(_)))
             .count();
-        (
-            keys,
-            stores,
-            self.marks.contains_key(&StateTarget::KillSwitch),
-        )
+        (keys, stores, self.get(&StateTarget::KillSwitch).is_some())
     }
 
-    /// What changed from `before` to `self`.
+    /// What changed from `before` to `self`: targets switched off (or re-marked with a new
+    /// record), and targets switched back on, with the record naming who did it (the enabling
+    /// record, or the last disabling one when the object was deleted outright).
     pub fn changes_since(&self, before: &FleetState) -> Vec<StateChange> {
         let mut out = Vec::new();
-        for (target, record) in &self.marks {
-            if before.marks.get(target) != Some(record) {
+        for (target, record) in self.marks.iter().filter(|(_, r)| r.active) {
+            if before.get(target) != Some(record) {
                 out.push(StateChange::Set(StateMark {
                     target: target.clone(),
                     record: record.clone(),
                 }));
             }
         }
-        for (target, record) in &before.marks {
-            if !self.marks.contains_key(target) {
+        for (target, old) in before.marks.iter().filter(|(_, r)| r.active) {
+            if self.get(target).is_none() {
+                let record = self.marks.get(target).unwrap_or(old);
                 out.push(StateChange::Cleared(StateMark {
                     target: target.clone(),
                     record: record.clone(),
@@ -294,6 +300,7 @@ mod tests {
         StateMark {
             target,
             record: StateRecord {
+                active: true,
                 by: by.into(),
                 at: 1_764_550_923,
                 reason: "incident 42".into(),
@@ -333,17 +340,21 @@ mod tests {
     #[test]
     fn records_round_trip_and_cannot_inject_lines() {
         let r = StateRecord {
+            active: false,
             by: "alice@host".into(),
             at: 42,
             reason: "line1\nat=0\nby=mallory".into(),
         };
         let back = StateRecord::decode(&r.encode());
+        assert!(!back.active);
         assert_eq!(back.by, "alice@host");
         assert_eq!(back.at, 42);
         assert_eq!(back.reason, "line1 at=0 by=mallory");
         let garbage = StateRecord::decode(b"\xff\xfe junk");
         assert_eq!((garbage.by.as_str(), garbage.at), ("", 0));
+        assert!(garbage.active, "an unreadable record still disables");
         let long = StateRecord {
+            active: true,
             by: "b".into(),
             at: 1,
             reason: "é".repeat(MAX_RECORD_BYTES),
@@ -371,6 +382,20 @@ mod tests {
             ]
         );
         assert!(after.changes_since(&after).is_empty());
+        // Enabling leaves an inactive record naming who enabled: the change names them.
+        let mut enabled = mark(StateTarget::Key("k1".into()), "dave");
+        enabled.record.active = false;
+        let later = FleetState::from_marks([enabled.clone()]);
+        assert_eq!(
+            later.changes_since(&after),
+            vec![
+                StateChange::Cleared(enabled),
+                StateChange::Cleared(mark(StateTarget::Store(StoreId::xks("dev")), "carol")),
+            ]
+        );
+        assert_eq!(later.counts(), (0, 0, false));
+        assert_eq!(later.marks().count(), 0);
+        assert!(later.get(&StateTarget::Key("k1".into())).is_none());
         assert_eq!(after.counts(), (1, 1, false));
         assert_eq!(before.counts(), (1, 0, true));
         assert!(!FleetState::default().loaded);
@@ -384,6 +409,7 @@ mod tests {
             "engaged by alice@ops-1 at 2025-12-01T01:02:03Z: incident 42"
         );
         let anon = StateRecord {
+            active: true,
             by: String::new(),
             at: 0,
             reason: String::new(),

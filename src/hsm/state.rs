@@ -3,10 +3,11 @@
 //!
 //! The objects are private token objects with `CKA_APPLICATION = "ekm-proxy/state/v1"`,
 //! `CKA_LABEL` = the target (`key:<label>`, `keystore:<store>`, `killswitch`) and `CKA_VALUE` =
-//! the record (who, when, why; never key material). Presence of an object is what disables; the
-//! write path creates the new object before destroying older ones, so a target being re-marked
-//! never looks enabled, and "enable" destroys every object of the label (healing duplicates two
-//! concurrent writers may have made). Data objects are defined by PKCS#11 v2.40 §4.5 and kept by
+//! the record (active or not, who, when, why; never key material). An object whose record is
+//! active disables its target. Every write creates the new object before destroying the older
+//! ones of the label (healing duplicates two concurrent writers may have made), so a target being
+//! re-marked never looks enabled; "enable" leaves an inactive record naming who enabled it, so
+//! every replica can audit the author of both changes. Data objects are defined by PKCS#11 v2.40 §4.5 and kept by
 //! every HSM that keeps keys; nothing here is vendor-specific.
 //!
 //! Reads run on a worker's read-only session (the poll); writes open their own read-write
@@ -90,20 +91,20 @@ pub(crate) fn read(session: &Session) -> Result<Vec<StateMark>, Fault> {
 /// What [`write`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriteReport {
-    /// Objects created (0 or 1).
-    pub created: usize,
-    /// Older objects of the same target destroyed.
-    pub destroyed: usize,
+    /// Whether the target was switched off before.
+    pub was_active: bool,
+    /// Whether a record was written (enabling a target that is not disabled writes nothing).
+    pub written: bool,
 }
 
-/// Set (`Some(record)`) or clear (`None`) the mark of `target` on the token, in a read-write
-/// session of its own. Setting replaces any earlier record of the target.
+/// Record `record` for `target` on the token (active: disable or engage; inactive: enable or
+/// release), replacing earlier records, in a read-write session of its own.
 pub fn write(
     module: &Path,
     token: &TokenSelector,
     user_pin: &SecretString,
     target: &StateTarget,
-    record: Option<&StateRecord>,
+    record: &StateRecord,
 ) -> Result<WriteReport, HsmError> {
     let label = target.label();
     let (session, module) = open_user_session(module, token, user_pin)?;
@@ -112,8 +113,26 @@ pub fn write(
     let older = session
         .find_objects(&search)
         .map_err(|e| HsmError::pkcs11("C_FindObjects", &e))?;
-    let mut created = 0;
-    if let Some(record) = record {
+    let mut was_active = false;
+    for handle in &older {
+        let value = session
+            .get_attributes(*handle, &[AttributeType::Value])
+            .map_err(|e| HsmError::pkcs11("C_GetAttributeValue", &e))?;
+        for attr in value {
+            if let Attribute::Value(bytes) = attr {
+                was_active |= StateRecord::decode(&bytes).active;
+            }
+        }
+    }
+    if !record.active && !was_active {
+        drop(session);
+        drop(module);
+        return Ok(WriteReport {
+            was_active,
+            written: false,
+        });
+    }
+    {
         let mut object = template().to_vec();
         object.extend([
             Attribute::Private(true),
@@ -123,16 +142,16 @@ pub fn write(
         session
             .create_object(&object)
             .map_err(|e| HsmError::pkcs11("C_CreateObject", &e))?;
-        created = 1;
     }
-    let mut destroyed = 0;
     for handle in older {
         destroy(&session, handle)?;
-        destroyed += 1;
     }
     drop(session);
     drop(module);
-    Ok(WriteReport { created, destroyed })
+    Ok(WriteReport {
+        was_active,
+        written: true,
+    })
 }
 
 /// Every mark on the token, in a session of its own (`ekm-proxy state show`).
