@@ -155,6 +155,7 @@ fn touch_every_labelled_family(m: &Metrics) {
     m.jwt.jwks_fetch(LABEL, LABEL);
     m.jwt.jwks_keys(LABEL, 0);
     m.jwt.jwks_refresh_rate_limited(LABEL);
+    m.fleet.certificate_expiry(LABEL, 0);
 }
 
 /// Real traffic on the XKS front: a health check (HSM round trip) and a badly signed request.
