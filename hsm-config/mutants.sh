@@ -43,9 +43,11 @@ tests_for() {
   case "$1" in
     src/auth/sigv4*|src/front/xks/*) echo "--test xks --test fuzz_corpus" ;;
     src/auth/jwt*|src/front/gcp/*) echo "--test gcp --test gcp_audit --test fuzz_corpus" ;;
-    src/audit.rs) echo "--test gcp_audit --test xks" ;;
-    src/config/*|src/app.rs) echo "--test config" ;;
-    src/server/listener.rs|src/server/mod.rs|src/metrics.rs) echo "--test connections --test tls" ;;
+    src/audit/*) echo "--test gcp_audit --test xks --test audit_chain" ;;
+    src/config/*) echo "--test config" ;;
+    src/app.rs) echo "--test config --test xks --test fleet --test audit_chain" ;;
+    # xks: the lingering close's drain (rejected client certificates get the alert, not a reset).
+    src/server/listener.rs|src/server/mod.rs|src/metrics.rs) echo "--test connections --test tls --test xks" ;;
     src/fuzzing.rs) echo "--test fuzz_corpus" ;;
     src/hsm/*) echo "--test hsm --test faults --test keys" ;;
     src/authz/*) echo "--test gcp --test xks --test config" ;;

@@ -362,10 +362,13 @@ async fn a_replica_that_must_audit_does_not_start_without_its_hmac_key() {
             >= 1.0
     );
     let text = std::fs::read_to_string(&proxy.config_path).unwrap();
-    let required = text.replace(
-        "audit_checkpoint_ms = 200",
-        "audit_checkpoint_ms = 200\naudit_required = true",
-    );
+    // Its own audit file: the running proxy holds the lock on the first one.
+    let required = text
+        .replace(
+            "audit_checkpoint_ms = 200",
+            "audit_checkpoint_ms = 200\naudit_required = true",
+        )
+        .replace("audit.jsonl", "audit-required.jsonl");
     assert_ne!(text, required);
     let path = proxy.dir.path().join("required.toml");
     std::fs::write(&path, required).unwrap();

@@ -571,3 +571,41 @@ impl<S: Socket> AsyncWrite for Lingering<S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn an_address_gets_its_slots_back_one_at_a_time() {
+        let limits = PerIpLimit::new(2);
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let a = limits.acquire(ip).unwrap();
+        let b = limits.acquire(ip).unwrap();
+        assert!(limits.acquire(ip).is_none());
+        // The same client over a dual-stack socket is the same address.
+        assert!(
+            limits
+                .acquire("::ffff:192.0.2.7".parse().unwrap())
+                .is_none()
+        );
+        assert!(limits.acquire("192.0.2.8".parse().unwrap()).is_some());
+        drop(a);
+        let c = limits.acquire(ip).unwrap();
+        assert!(
+            limits.acquire(ip).is_none(),
+            "closing one connection frees one slot, not the address's whole count"
+        );
+        drop((b, c));
+        assert!(
+            limits.lock().is_empty(),
+            "an address with no connection left keeps no entry"
+        );
+        let unlimited = PerIpLimit::new(0);
+        let held: Vec<_> = (0..5).map(|_| unlimited.acquire(ip).unwrap()).collect();
+        assert_eq!(held.len(), 5);
+        assert!(unlimited.lock().is_empty());
+    }
+}
