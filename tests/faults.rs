@@ -64,6 +64,15 @@ impl Env {
     /// `hsm_extra` lines override [`HSM_BASE`]; `before` sets the module up before the proxy
     /// starts (an IV convention, say).
     async fn start_with(hsm_extra: &str, before: impl FnOnce(&mut FaultyHsm)) -> Self {
+        Self::start_full(hsm_extra, "", before).await
+    }
+
+    /// [`Env::start_with`], plus `server_keys` lines in `[server]`.
+    async fn start_full(
+        hsm_extra: &str,
+        server_keys: &str,
+        before: impl FnOnce(&mut FaultyHsm),
+    ) -> Self {
         let token = TestToken::new();
         let mut hsm = FaultyHsm::new(&token);
         before(&mut hsm);
@@ -82,6 +91,7 @@ impl Env {
             .map(|l| format!("{l}\n"))
             .collect();
         options.hsm_keys = hsm.hsm_keys(&format!("{base}{hsm_extra}"));
+        options.server_keys = server_keys.to_owned();
         let proxy = TestProxy::start_on(token, options).await;
         let xks = proxy.tls_client().await;
         let gcp = GcpClient::new(&proxy);
@@ -620,6 +630,19 @@ async fn added_latency_is_survived() {
         .set(json!({ "latency_us": { "C_Encrypt": 2000, "C_Decrypt": 2000 } }));
     let out = env.encrypt_ok(b"slow but sure").await;
     assert_eq!(env.decrypt_ok(&out).await, b"slow but sure");
+}
+
+/// A connection with a request in flight is busy, not idle: a request slower than
+/// `server.idle_timeout_secs` is answered, not cut off by the idle watchdog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_slower_than_the_idle_timeout_is_answered() {
+    let mut env =
+        Env::start_full("op_timeout_ms = 6000\n", "idle_timeout_secs = 1\n", |_| {}).await;
+    env.hsm
+        .set(json!({ "latency_us": { "C_Encrypt": 3_000_000 } }));
+    let out = env.encrypt_ok(b"slower than the idle timeout").await;
+    env.hsm.clear();
+    assert_eq!(env.decrypt_ok(&out).await, b"slower than the idle timeout");
 }
 
 // ---------------------------------------------------------------------------------------------
