@@ -579,6 +579,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_an_unanswered_keep_alive_ping_counts_as_a_keepalive_timeout() {
+        /// An error with a cause, as hyper wraps the h2 error.
+        #[derive(Debug)]
+        struct Wrapped(std::io::Error);
+        impl std::fmt::Display for Wrapped {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("connection error")
+            }
+        }
+        impl std::error::Error for Wrapped {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let other = |m: &str| std::io::Error::other(m.to_owned());
+        assert!(is_keepalive_timeout(&other("keep-alive timed out")));
+        assert!(is_keepalive_timeout(&Wrapped(other(
+            "keep-alive timed out"
+        ))));
+        assert!(!is_keepalive_timeout(&other("connection reset by peer")));
+        assert!(!is_keepalive_timeout(&Wrapped(other(
+            "unexpected end of file"
+        ))));
+    }
+
+    #[test]
     fn an_address_gets_its_slots_back_one_at_a_time() {
         let limits = PerIpLimit::new(2);
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
