@@ -76,6 +76,9 @@ faults() { printf '%s\n' "$1" >"$control.tmp" && mv "$control.tmp" "$control"; }
 # about 16 GB) and say nothing a failure investigation needs; every other line is kept.
 start_proxy() {
   local log="$1" tls=""
+  # The log exists before the proxy starts: with --no-ok-lines it is created by the filter,
+  # which may start after the first poll below (and a missing file fails the pipeline).
+  : >"$log"
   if [ "${2:-}" = "--no-ok-lines" ]; then
     # Process substitution keeps $! the proxy's own pid (RSS sampling, signals).
     "$exe" serve --config "$cfg" > >(grep --line-buffered -v 'outcome=ok' >"$log") 2>&1 &
@@ -85,8 +88,8 @@ start_proxy() {
   server_pid=$!
   admin=""
   for _ in $(seq 1 200); do
-    tls="$(sed -n 's/.*listening listener=tls addr=\([0-9.:]*\).*/\1/p' "$log" | head -n1)"
-    admin="$(sed -n 's/.*admin listening addr=\([0-9.:]*\).*/\1/p' "$log" | head -n1)"
+    tls="$(sed -n 's/.*listening listener=tls addr=\([0-9.:]*\).*/\1/p' "$log" | head -n1 || true)"
+    admin="$(sed -n 's/.*admin listening addr=\([0-9.:]*\).*/\1/p' "$log" | head -n1 || true)"
     [ -n "$tls" ] && [ -n "$admin" ] && break
     kill -0 "$server_pid" 2>/dev/null || break
     sleep 0.1
