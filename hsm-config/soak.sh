@@ -6,8 +6,9 @@
 #
 # Prints a Markdown report (and writes it to --report FILE) and exits non-zero when any request
 # hung (no answer within 10 s), RSS grew by 10 % or more after warm-up, the sessions open on the
-# token at the end differ from the start, or an answer was neither a success nor one of the
-# protocols' retryable errors (XKS 500/503/429, Cloud EKM 503/504/429).
+# token at the end differ from the start, an answer was neither a success nor one of the
+# protocols' retryable errors (XKS 500/503/429, Cloud EKM 503/504/429), the proxy did not stop
+# cleanly on SIGTERM, or its audit chain (written to the work dir) does not verify with the HSM.
 #
 #   hsm-config/soak.sh                      # the 30-minute soak (release build)
 #   hsm-config/soak.sh --minutes 2 --outage-secs 10 --debug   # the short version CI runs
@@ -60,6 +61,12 @@ fault_profile "$work" "$profile"
 sed -i -e 's#^\[hsm\]#[hsm]\nhung_call_ms = 4000\nrecovery_backoff_max_ms = 2000#' \
   -e "s#^session_key_copies = .*#session_key_copies = $copies#" "$cfg"
 grep -q "^session_key_copies = $copies" "$cfg" || { echo "soak: could not set session_key_copies" >&2; exit 1; }
+# The audit chain goes to a real file (rotated at logging.audit_max_bytes) and is verified with
+# the HSM's MAC key after a graceful stop: every decision made through the faults must be on an
+# unbroken chain covered by HSM checkpoints. About 350 bytes per request (a 30-minute release
+# soak writes a few GB into the work dir).
+sed -i -e "s#^audit_file = .*#audit_file = \"$work/audit.jsonl\"#" "$cfg"
+grep -q "^audit_file = \"$work/audit.jsonl\"" "$cfg" || { echo "soak: could not set audit_file" >&2; exit 1; }
 start_proxy "$work/server.log" --no-ok-lines
 port="$tls_port"
 
@@ -137,12 +144,21 @@ sessions_end="$(open_sessions)"
 recoveries="$(curl -s "http://$admin/metrics" | grep '^ekm_hsm_recoveries_total' | tr '\n' ' ')"
 replaced="$(metric ekm_hsm_workers_replaced_total)"
 ready="$(curl -s -o /dev/null -w '%{http_code}' "http://$admin/readyz")"
+# Graceful stop (SIGTERM writes the last checkpoint), then the chain across all its files.
+faults '{}'
+kill -TERM "$server_pid" 2>/dev/null || true
+stopped=0
+wait "$server_pid" 2>/dev/null || stopped=$?
+server_pid=""
+audit_rc=0
+"$exe" audit verify --config "$cfg" >"$work/audit-verify.txt" 2>&1 || audit_rc=$?
 
 status=0
 python3 - "$work" "$minutes" "$outage" "$rss_start" "${rss_warm:-$rss_start}" "$rss_end" \
-  "$sessions_start" "$sessions_end" "$ready" "$recoveries" "${replaced:-0}" "$profile" "$copies" >"$work/report.md" <<'PY' || status=$?
+  "$sessions_start" "$sessions_end" "$ready" "$recoveries" "${replaced:-0}" "$profile" "$copies" \
+  "$stopped" "$audit_rc" >"$work/report.md" <<'PY' || status=$?
 import json, sys, pathlib
-work, minutes, outage, rss0, rssw, rss1, s0, s1, ready, recov, replaced, profile, copies = sys.argv[1:]
+work, minutes, outage, rss0, rssw, rss1, s0, s1, ready, recov, replaced, profile, copies, stopped, audit_rc = sys.argv[1:]
 work = pathlib.Path(work)
 retryable = {"xks": {"500", "503", "429"}, "gcp": {"503", "504", "429"}}
 rows, problems = [], []
@@ -172,6 +188,9 @@ if tot_hung: problems.append(f"{tot_hung} requests hung (no answer within 10 s)"
 if growth >= 10: problems.append(f"RSS grew {growth:.1f} % after warm-up")
 if s0 != s1: problems.append(f"sessions open on the token: {s0} at the start, {s1} at the end")
 if ready != "200": problems.append(f"/readyz answered {ready} at the end")
+if stopped != "0": problems.append(f"shutdown: the proxy exited with status {stopped} on SIGTERM")
+audit_report = (work / "audit-verify.txt").read_text().strip()
+if audit_rc != "0": problems.append(f"audit: `ekm-proxy audit verify` exit {audit_rc}: {audit_report[-800:]}")
 print(f"# Soak report: {minutes} min, c=32, outage {outage} s ({profile} build, session_key_copies = {copies})\n")
 print("| scenario | sent | answered | 200 | errors by class | hung | p99 ms (successes) |")
 print("|---|---:|---:|---:|---|---:|---:|")
@@ -182,6 +201,8 @@ print(f"RSS: {rss0/1024:.1f} MiB at start, {rssw/1024:.1f} MiB after warm-up, {r
       f"({growth:+.1f} % after warm-up).")
 print(f"Sessions open on the token: {s0} at the start, {s1} at the end. /readyz at the end: {ready}.")
 print(f"Recoveries: {recov.strip() or 'none'}; workers replaced: {replaced}.\n")
+print("Audit chain after a graceful stop (`ekm-proxy audit verify`, MACs checked in the HSM):\n")
+print("```\n" + audit_report + "\n```\n")
 samples = [l.split("\t") for l in (work / "rss.tsv").read_text().splitlines() if l.count("\t") == 2]
 if samples:
     step = max(1, len(samples) // 12)
@@ -189,13 +210,14 @@ if samples:
         f"{t}: {int(k)/1024:.1f}, {n}" for t, k, n in samples[::step]) + "\n")
 print("Events:\n")
 print("```\n" + (work / "events.txt").read_text() + "```")
-checks = 5  # hung, RSS, sessions, readiness, retryable answers
+checks = 7  # hung, RSS, sessions, readiness, retryable answers, clean shutdown, audit chain
 failed = len({p.split(":")[0] if ":" in p else p for p in problems}) if problems else 0
 failed = min(failed, checks)
 if problems:
     print("\n**FAILED:**\n" + "\n".join(f"- {p}" for p in problems))
 else:
-    print("\n**PASSED**: nothing hung, RSS flat after warm-up, no session leaked, every error retryable.")
+    print("\n**PASSED**: nothing hung, RSS flat after warm-up, no session leaked, every error retryable,\n"
+          "clean shutdown, the audit chain verifies.")
 print(f"\nsoak: {checks - failed} passed, {failed} failed")
 sys.exit(1 if problems else 0)
 PY
