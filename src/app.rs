@@ -306,10 +306,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
 
 /// This replica's name in audit lines: host name and process id.
 fn instance_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "unknown-host".into());
-    format!("{host}/{}", std::process::id())
+    format!("{}/{}", crate::host::name(), std::process::id())
 }
 
 /// The audit handle: the chained file with its checkpoint task when `logging.audit_file` is set,

@@ -43,22 +43,8 @@ pub fn operator(by: Option<&str>) -> String {
     let user = ["SUDO_USER", "USER", "LOGNAME"]
         .iter()
         .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
-        .unwrap_or_else(|| format!("uid-{}", current_uid()));
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "unknown-host".into());
-    format!("{user}@{host}")
-}
-
-fn current_uid() -> String {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|v| v.split_whitespace().next().map(str::to_owned))
-        })
-        .unwrap_or_else(|| "unknown".into())
+        .unwrap_or_else(|| format!("uid-{}", crate::host::uid()));
+    format!("{user}@{}", crate::host::name())
 }
 
 /// The key store `name` names in the configuration: an XKS key store name, `gcp` (the Cloud EKM

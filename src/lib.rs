@@ -15,7 +15,8 @@
 //!   [`background`]: the tasks it starts (fleet-state polling, audit checkpoints).
 //! - [`connect_info`], [`policy_explain`]: commands that read the configuration only (never the
 //!   HSM): what each cloud needs to connect, and why a sample request is allowed or denied.
-//! - [`metrics`], [`audit`]: leaves every module may use.
+//! - [`metrics`], [`audit`], [`host`]: leaves every module may use (`host`: the host name and
+//!   user id audit records name).
 //! - `dev`, `client`, `bench` (cargo feature `tools`, on by default, off in the production
 //!   build): the dev profile (token, keys, certificates, JWT signer), XKS and Cloud EKM clients,
 //!   and the benchmark.
@@ -47,6 +48,7 @@ pub mod fleet_admin;
 pub mod front;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod host;
 pub mod hsm;
 pub mod logging;
 pub mod metrics;
