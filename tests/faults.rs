@@ -645,6 +645,58 @@ async fn a_request_slower_than_the_idle_timeout_is_answered() {
     assert_eq!(env.decrypt_ok(&out).await, b"slower than the idle timeout");
 }
 
+/// A request still waiting for the HSM when `server.request_timeout_ms` passes gets each
+/// protocol's deadline answer then (XKS 503 DependencyTimeoutException, Cloud EKM 504
+/// DEADLINE_EXCEEDED), naming the request deadline rather than the HSM's, and the proxy serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_deadline_is_answered_in_each_protocol() {
+    let mut env = Env::start_full(
+        "op_timeout_ms = 6000\n",
+        "request_timeout_ms = 1000\n",
+        |_| {},
+    )
+    .await;
+    env.hsm
+        .set(json!({ "latency_us": { "C_Encrypt": 2_000_000 } }));
+    let r = env.encrypt(b"too late").await;
+    assert_eq!(r.status, 503, "XKS: {}", body_text(&r));
+    assert_eq!(
+        r.error_name().as_deref(),
+        Some("DependencyTimeoutException"),
+        "XKS: {}",
+        body_text(&r)
+    );
+    assert!(
+        body_text(&r).contains("request deadline exceeded"),
+        "XKS: {}",
+        body_text(&r)
+    );
+    let r = env.wrap(b"too late").await;
+    assert_eq!(r.status, 504, "Cloud EKM: {}", body_text(&r));
+    assert_eq!(
+        gcp_status(&r),
+        "DEADLINE_EXCEEDED",
+        "Cloud EKM: {}",
+        body_text(&r)
+    );
+    assert!(
+        body_text(&r).contains("request deadline exceeded"),
+        "Cloud EKM: {}",
+        body_text(&r)
+    );
+    env.hsm.clear();
+    // The slow calls still hold the workers for up to 2 s: retry until one is free.
+    let mut served = false;
+    for _ in 0..20 {
+        if env.encrypt(b"on time").await.status == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(served, "the proxy serves again once the HSM is fast");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Keys coming and going
 // ---------------------------------------------------------------------------------------------

@@ -2767,6 +2767,37 @@ async fn malformed_requests_are_400_and_never_take_the_proxy_down() {
         vec![7u8; 1024]
     );
 
+    // The blob limit is max_plaintext_bytes plus the largest blob overhead: header (3), a key
+    // version of up to 255 bytes, IV (12) and tag (16). At 1024 + 286 bytes a blob is parsed
+    // (this one names a key version that does not exist); one byte more is refused by size.
+    for (len, reason) in [
+        (1024 + 286, "UNKNOWN_KEY_VERSION"),
+        (1024 + 287, "INVALID_FIELD"),
+    ] {
+        let r = e
+            .gcp
+            .op(
+                KEY,
+                "unwrap",
+                &token,
+                &unwrap_body(&vec![1u8; len], None, Some(ctx.clone())),
+            )
+            .await;
+        let v = assert_rpc(
+            &r,
+            400,
+            "INVALID_ARGUMENT",
+            Some(reason),
+            &format!("{len}-byte blob"),
+        );
+        assert_eq!(
+            v.to_string()
+                .contains("exceeds this proxy's limit of 1310 bytes"),
+            reason == "INVALID_FIELD",
+            "{len}-byte blob: {v}"
+        );
+    }
+
     // A body beyond the server's limit (256 KiB by default) is refused before it is parsed.
     // A fresh connection: the server may close one whose body it did not read.
     e.gcp.reconnect();

@@ -258,7 +258,13 @@ impl Drop for TestProxy {
 
 fn config_text(token: &TestToken, pki: &Pki, o: &ProxyOptions, dir: &std::path::Path) -> String {
     let mut t = String::new();
-    writeln!(t, "[server]\nrequest_timeout_ms = 5000\n{}", o.server_keys).unwrap();
+    // A test's own request deadline replaces the default one (TOML refuses a key set twice).
+    let deadline = if o.server_keys.contains("request_timeout_ms") {
+        ""
+    } else {
+        "request_timeout_ms = 5000\n"
+    };
+    writeln!(t, "[server]\n{deadline}{}", o.server_keys).unwrap();
     writeln!(
         t,
         r#"[[listener]]
