@@ -324,7 +324,9 @@ async fn a_mismatched_iv_convention_fails_loudly_and_never_seals_under_a_zero_iv
 /// meanwhile on both fronts, health and readiness follow, and everything comes back by itself with
 /// the keys reloaded and no session leaked.
 async fn removal_then_recovery(after_restore: &str, level: &str) {
-    let mut env = Env::start("").await;
+    // A 1 s recovery backoff: the restore below lands between two attempts (see there).
+    let mut env =
+        Env::start("recovery_backoff_initial_ms = 1000\nrecovery_backoff_max_ms = 2000\n").await;
     let before = env.encrypt_ok(b"sealed before the outage").await;
     let r = env.wrap(b"x").await;
     assert_eq!(r.status, 200, "{}", body_text(&r));
@@ -366,6 +368,17 @@ async fn removal_then_recovery(after_restore: &str, level: &str) {
     );
     assert_eq!(env.metric("ekm_hsm_token_down").await, 1.0);
 
+    // Restore just after a failed recovery attempt, so the next attempt (a backoff later) meets
+    // the restored token at its first rung and counts the level this restore needs. Restoring
+    // at a random moment may land inside an attempt, between its failed slot probe and its
+    // module re-initialisation, which then recovers at level "module" whatever the token needed.
+    let failures = env.metric("ekm_hsm_recovery_failures_total").await;
+    poll_until(
+        "a recovery attempt fails during the outage",
+        || env.metric("ekm_hsm_recovery_failures_total"),
+        |f| *f > failures,
+    )
+    .await;
     env.hsm
         .set(json!({ "removed": false, "after_restore": after_restore }));
     env.await_recovered(2).await;
@@ -375,7 +388,14 @@ async fn removal_then_recovery(after_restore: &str, level: &str) {
         "the key works again after the recovery"
     );
     let series = format!("ekm_hsm_recoveries_total{{level=\"{level}\"}}");
-    assert!(env.metric(&series).await >= 1.0, "{series} counted");
+    if env.metric(&series).await < 1.0 {
+        let (_, all) = env.proxy.admin_get("/metrics").await;
+        let recoveries: Vec<&str> = all
+            .lines()
+            .filter(|l| l.starts_with("ekm_hsm_recover"))
+            .collect();
+        panic!("{series} not counted; {recoveries:#?}");
+    }
     assert_eq!(env.metric("ekm_hsm_token_down").await, 0.0);
     assert!(env.metric("ekm_hsm_fail_fast_total").await > 0.0);
 }
