@@ -41,8 +41,11 @@ export CARGO_PROFILE_DEV_DEBUG=0
 # The test targets that exercise each file (unit tests always run).
 tests_for() {
   case "$1" in
-    src/auth/sigv4*|src/front/xks/*) echo "--test xks --test fuzz_corpus" ;;
-    src/auth/jwt*|src/front/gcp/*) echo "--test gcp --test gcp_audit --test fuzz_corpus" ;;
+    src/auth/sigv4*) echo "--test xks --test fuzz_corpus" ;;
+    src/auth/jwt*) echo "--test gcp --test gcp_audit --test fuzz_corpus" ;;
+    # quota: throttling and its audit line; faults: the request deadline's answer.
+    src/front/xks/*) echo "--test xks --test fuzz_corpus --test quota --test faults" ;;
+    src/front/gcp/*) echo "--test gcp --test gcp_audit --test fuzz_corpus --test quota --test faults" ;;
     src/audit/*) echo "--test gcp_audit --test xks --test audit_chain" ;;
     src/config/*) echo "--test config" ;;
     src/app.rs) echo "--test config --test xks --test fleet --test audit_chain" ;;
