@@ -43,8 +43,9 @@ tests_for() {
   case "$1" in
     src/auth/sigv4*) echo "--test xks --test fuzz_corpus" ;;
     src/auth/jwt*) echo "--test gcp --test gcp_audit --test fuzz_corpus" ;;
-    # quota: throttling and its audit line; faults: the request deadline's answer.
-    src/front/xks/*) echo "--test xks --test fuzz_corpus --test quota --test faults" ;;
+    # quota: throttling and its audit line; faults: the request deadline's answer; audit_chain:
+    # what an XKS decision line records.
+    src/front/xks/*) echo "--test xks --test fuzz_corpus --test quota --test faults --test audit_chain" ;;
     src/front/gcp/*) echo "--test gcp --test gcp_audit --test fuzz_corpus --test quota --test faults" ;;
     src/audit/*) echo "--test gcp_audit --test xks --test audit_chain" ;;
     src/config/*) echo "--test config" ;;

@@ -179,6 +179,22 @@ async fn the_chain_verifies_and_every_tampering_is_found_at_its_line() {
         .collect();
     assert_eq!(parsed[0]["type"], "start");
     assert_eq!(parsed.iter().filter(|v| v["type"] == "decision").count(), 5);
+    // Each decision names the key store and the kmsRequestId the client sent (the test client
+    // makes a distinct one per call, starting with its process id).
+    let decisions: Vec<&Value> = parsed.iter().filter(|v| v["type"] == "decision").collect();
+    let ids: std::collections::HashSet<&str> = decisions
+        .iter()
+        .map(|v| v["request_id"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(ids.len(), decisions.len(), "{decisions:#?}");
+    for d in &decisions {
+        assert_eq!(d["tenant"], "dev", "{d}");
+        let id = d["request_id"].as_str().unwrap_or("");
+        assert!(
+            id.len() == 36 && id.starts_with(&format!("{:08x}-", std::process::id())),
+            "{d}"
+        );
+    }
     assert!(
         parsed
             .iter()
