@@ -2164,6 +2164,32 @@ async fn inputs_above_the_limits_are_unsupported() {
         vec![5; 4300]
     );
 
+    // A requestMetadata field may be as long as the longest ARN (2048 bytes), not longer.
+    for len in [2048, 2049] {
+        let body = json!({"requestMetadata": {
+            "awsPrincipalArn": xks::PRINCIPAL_ARN,
+            "kmsOperation": "CreateKey",
+            "kmsRequestId": "r".repeat(len),
+        }});
+        let r = post(&mut c, &op(KEY, "metadata"), body.to_string()).await;
+        if len == 2048 {
+            assert_eq!(
+                r.status,
+                200,
+                "kmsRequestId of {len}: {}",
+                String::from_utf8_lossy(&r.body)
+            );
+        } else {
+            assert_error(&r, 400, "ValidationException", "kmsRequestId of 2049");
+            assert!(
+                String::from_utf8_lossy(&r.body)
+                    .contains("requestMetadata.kmsRequestId is longer than 2048 bytes"),
+                "{}",
+                String::from_utf8_lossy(&r.body)
+            );
+        }
+    }
+
     // Default limits (another key store): 64 KiB plaintext, and AAD up to the 2-byte prefix.
     let mut big = client_for_prefix(&proxy, "/big").await;
     let out = encrypt_ok(&mut big, KEY, &[1; 65536], Some(&[2; 65535])).await;
