@@ -4,6 +4,7 @@
 #
 #   hsm-config/mutants.sh src/auth/sigv4.rs src/config/validate.rs     # every mutant in the files
 #   hsm-config/mutants.sh --in-diff change.diff src/server/listener.rs # only lines a diff touched
+#   hsm-config/mutants.sh --re 'request.rs:(105|136):' src/front/xks/request.rs  # re-run survivors
 #
 # Runs in place (`cargo mutants --in-place`) so each mutant is an incremental build: use a
 # dedicated git worktree, never one you are editing (an interrupted run can leave a mutant behind;
@@ -14,11 +15,15 @@ cd "$(dirname "$0")/.."
 . hsm-config/lib.sh
 
 diff_args=()
-if [ "${1:-}" = "--in-diff" ]; then
-  diff_args=(--in-diff "$(realpath "$2")")
-  shift 2
-fi
-[ $# -gt 0 ] || { echo "usage: $0 [--in-diff FILE] SRC_FILE..." >&2; exit 64; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --in-diff) diff_args+=(--in-diff "$(realpath "$2")"); shift 2 ;;
+    # Only mutants whose name matches (e.g. the survivors of a run: 'handler.rs:(33|147):').
+    --re) diff_args+=(--re "$2"); shift 2 ;;
+    *) break ;;
+  esac
+done
+[ $# -gt 0 ] || { echo "usage: $0 [--in-diff FILE] [--re REGEX] SRC_FILE..." >&2; exit 64; }
 command -v cargo-mutants >/dev/null || { echo "mutants: install cargo-mutants first (cargo install cargo-mutants)" >&2; exit 1; }
 if ! git diff --quiet -- src; then
   echo "mutants: src/ has uncommitted changes; run this in a clean worktree" >&2
