@@ -79,7 +79,12 @@ fn log_and_audit(change: &StateChange, audit: &Audit) {
     let _ = audit.record_state(&event);
 }
 
-/// Poll the fleet state every `interval` until `stop` resolves.
+/// How soon a replica that has not read the fleet state yet tries again (at most `interval`):
+/// it refuses key operations until it has.
+const UNLOADED_RETRY: Duration = Duration::from_secs(1);
+
+/// Poll the fleet state every `interval` (every [`UNLOADED_RETRY`] until a first read
+/// succeeded) until `stop` resolves.
 pub async fn poll_fleet_state<B: Backend>(
     service: Arc<KeyService<B>>,
     audit: Audit,
@@ -89,9 +94,14 @@ pub async fn poll_fleet_state<B: Backend>(
 ) {
     tokio::pin!(stop);
     loop {
+        let wait = if service.fleet_state().loaded {
+            interval
+        } else {
+            interval.min(UNLOADED_RETRY)
+        };
         tokio::select! {
             () = &mut stop => return,
-            () = tokio::time::sleep(interval) => {}
+            () = tokio::time::sleep(wait) => {}
         }
         refresh_fleet_state(&service, &audit, &metrics).await;
     }

@@ -717,6 +717,25 @@ async fn the_request_deadline_is_answered_in_each_protocol() {
     assert!(served, "the proxy serves again once the HSM is fast");
 }
 
+/// Background work is not held to the request deadline: with every object search on the token
+/// taking 300 ms and `op_timeout_ms = 100`, the replica still reads the fleet state (background
+/// work waits at least 5 s) and serves its cached key. Held to 100 ms, the read never succeeded
+/// and every key operation answered that the fleet state had not been read yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_state_is_read_from_a_slow_hsm_despite_a_tight_request_deadline() {
+    let mut env = Env::start_with("op_timeout_ms = 100\n", |hsm| {
+        hsm.set(json!({ "latency_us": { "C_FindObjectsInit": 300_000 } }))
+    })
+    .await;
+    let r = env.metadata(KEY).await;
+    assert_eq!(r.status, 200, "{}", body_text(&r));
+    assert!(
+        env.metric("ekm_fleet_state_reads_total{outcome=\"ok\"}")
+            .await
+            >= 1.0
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Keys coming and going
 // ---------------------------------------------------------------------------------------------

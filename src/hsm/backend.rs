@@ -36,6 +36,11 @@ use crate::metrics::{CacheMetrics, HsmMetrics};
 /// Largest `random` request served (the HSM's RNG is shared by every caller).
 pub const MAX_RANDOM_LEN: usize = 1024 * 1024;
 
+/// The least deadline of background work (fleet-state reads, audit checkpoint MACs and the
+/// lookup of their key). It is not on a cloud's 250 ms clock, and a tight `op_timeout_ms` on a
+/// busy HSM must not keep a replica from ever reading the fleet state it needs to serve.
+const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The PKCS#11 backend. Cheap to clone (one `Arc`); `Send + Sync`. Workers stop when
 /// [`Pkcs11Backend::shutdown`] is called or the last clone is dropped.
 #[derive(Clone)]
@@ -250,6 +255,15 @@ impl Pkcs11Backend {
     /// The cached entry for `label`, or one `C_FindObjects` on a worker. A label that a recent
     /// search on a healthy token did not find is answered from the negative cache.
     async fn entry(&self, label: &str) -> Result<Arc<KeyEntry>, CryptoError> {
+        self.entry_within(label, self.inner.op_timeout).await
+    }
+
+    /// [`Self::entry`], a lookup on the token waiting at most `timeout`.
+    async fn entry_within(
+        &self,
+        label: &str,
+        timeout: Duration,
+    ) -> Result<Arc<KeyEntry>, CryptoError> {
         let shared = &self.inner.shared;
         if let Some(entry) = shared.keys.get(label) {
             return Ok(entry);
@@ -258,11 +272,26 @@ impl Pkcs11Backend {
             return Err(CryptoError::KeyNotFound);
         }
         let label = label.to_owned();
-        self.call(|reply| Work::Lookup { label, reply }).await
+        self.call_within(timeout, |reply| Work::Lookup { label, reply })
+            .await
     }
 
-    /// Enqueue one job and await its reply within `op_timeout`.
+    /// Enqueue one job of a request and await its reply within `op_timeout`.
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Work) -> Result<T, CryptoError> {
+        self.call_within(self.inner.op_timeout, make).await
+    }
+
+    /// The deadline of background work: `op_timeout`, but at least [`BACKGROUND_TIMEOUT`].
+    fn background_timeout(&self) -> Duration {
+        self.inner.op_timeout.max(BACKGROUND_TIMEOUT)
+    }
+
+    /// Enqueue one job and await its reply within `timeout`.
+    async fn call_within<T>(
+        &self,
+        timeout: Duration,
+        make: impl FnOnce(Reply<T>) -> Work,
+    ) -> Result<T, CryptoError> {
         let inner = &*self.inner;
         if inner.closed.load(Ordering::Acquire) {
             return Err(CryptoError::HsmUnavailable(
@@ -275,7 +304,7 @@ impl Pkcs11Backend {
         }
         let (tx, rx) = oneshot::channel();
         let now = Instant::now();
-        let deadline = now.checked_add(inner.op_timeout).unwrap_or(now);
+        let deadline = now.checked_add(timeout).unwrap_or(now);
         let metrics = &inner.shared.metrics;
         // Count before sending: the worker may dequeue (and decrement) before try_send returns.
         metrics.queue_depth.inc();
@@ -296,7 +325,7 @@ impl Pkcs11Backend {
                 ));
             }
         }
-        match tokio::time::timeout(inner.op_timeout, rx).await {
+        match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(result)) => result,
             // The worker dropped the job: it had expired, or the workers stopped.
             Ok(Err(_)) if Instant::now() >= deadline => Err(CryptoError::HsmTimeout),
@@ -483,11 +512,13 @@ impl Backend for Pkcs11Backend {
     }
 
     async fn fleet_state(&self) -> Result<Vec<StateMark>, CryptoError> {
-        self.call(|reply| Work::ReadState { reply }).await
+        self.call_within(self.background_timeout(), |reply| Work::ReadState { reply })
+            .await
     }
 
     async fn hmac_sha256(&self, key: &str, data: Vec<u8>) -> Result<[u8; 32], CryptoError> {
-        let entry = self.entry(key).await?;
+        let background = self.background_timeout();
+        let entry = self.entry_within(key, background).await?;
         let info = &entry.info;
         let hmac_type = match &info.key_type {
             KeyType::GenericSecret => true,
@@ -504,7 +535,7 @@ impl Backend for Pkcs11Backend {
                 info.usage.names().join(",")
             )));
         }
-        self.call(|reply| Work::Mac {
+        self.call_within(background, |reply| Work::Mac {
             key: entry,
             data,
             reply,
