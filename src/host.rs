@@ -1,4 +1,4 @@
-//! Who and where this process is, for audit records: the host name and the effective user id,
+//! Who and where this process is, for audit records: the host name and the real user id,
 //! read from `/proc` (Linux; the proxy's only target). Never fails: an unreadable value is
 //! named as unknown rather than stopping a command. Must not depend on the HSM, HTTP or config.
 
